@@ -1,0 +1,82 @@
+"""celery_redis_retry: failed Redis writes are recorded in Kafka and replayed by Celery.
+
+The flow, one module per step::
+
+    ops / message       describe the failed write (RedisOp) and its wire format
+    producer / capture  publish it to Kafka in microseconds (publish, on_failure)
+    bridge              Kafka consumer group -> Celery tasks
+    tasks / redis_exec  replay on the target Redis with backoff, or dead-letter it
+    dlq                 inspect and replay what could not be applied
+
+Quick use::
+
+    import celery_redis_retry
+    from celery_redis_retry import ops
+
+    celery_redis_retry.install(app)
+    with celery_redis_retry.on_failure(ops.delete(key), source="UserRepo.delete"):
+        r.delete(key)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import ops
+from .capture import default_producer, on_failure, publish
+from .config import Settings, settings_for
+from .errors import (
+    CapturedWriteError,
+    CommandNotAllowedError,
+    ConfigurationError,
+    DecodeError,
+    EncodeError,
+    PublishError,
+    RedisRetryError,
+    SignatureError,
+)
+from .ops import RedisOp
+from .producer import RetryProducer
+from .wrap import wrap
+
+__version__ = "0.1.0"
+
+
+def install(app: Any) -> Any:
+    """Register the replay tasks and the ``redis_retry_queue`` queue on an existing Celery app.
+
+    The app's other queues and routes are left as they are. Settings are read and
+    validated when the app is configured, so bad ``redis_retry_*`` keys stop a worker
+    at startup. Returns ``app``. Listing ``"celery_redis_retry.tasks"`` in the app's
+    ``include`` setting registers the tasks too, but only ``install`` adds the queue.
+    """
+    from .tasks import attach
+
+    attach(app)
+    from .capture import use_app
+
+    use_app(app)
+    return app
+
+
+__all__ = [
+    "CapturedWriteError",
+    "CommandNotAllowedError",
+    "ConfigurationError",
+    "DecodeError",
+    "EncodeError",
+    "PublishError",
+    "RedisOp",
+    "RedisRetryError",
+    "RetryProducer",
+    "Settings",
+    "SignatureError",
+    "__version__",
+    "default_producer",
+    "install",
+    "on_failure",
+    "ops",
+    "publish",
+    "settings_for",
+    "wrap",
+]

@@ -1,0 +1,367 @@
+"""Step 4 of the flow: the bridge, a Kafka consumer group member that feeds Celery.
+
+For every message of ``redis_retry_topic`` the bridge decodes, verifies and validates
+the op, then hands it to Celery: grouped with other ops for the same target into a
+``celery_redis_retry.replay_batch`` task (see :mod:`celery_redis_retry.dispatch`), or
+as one ``celery_redis_retry.replay`` task when ``redis_retry_batch_size`` is 1. Either
+way ``celery_redis_retry.dead_letter`` is the error callback. Messages that are not
+valid ops become ``rejected`` DLQ records.
+
+Offsets are stored only after Celery accepted the task (with publisher confirms on
+RabbitMQ) or the DLQ confirmed the record, and committed by librdkafka's auto-commit,
+on partition revoke and on shutdown: a committed offset never passes an op that was
+not handed over. When a hand-over fails (Celery broker or DLQ unreachable), the
+partition is rewound to its first op not handed over and paused with a growing
+backoff, then tried again: it is never skipped. Several bridges share the consumer
+group to scale out.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import kafka
+from .config import settings_for
+from .dispatch import Batcher, Consumed, HandoverError, OffsetTracker, Partition, TaskSender
+from .dlq import DeadLetter, DeadLetterWriter, Origin
+from .errors import DecodeError, PublishError, RedisRetryError
+from .message import decode
+from .ops import RedisOp
+
+logger = logging.getLogger(__name__)
+
+
+class BridgeUnavailableError(RedisRetryError):
+    """Kafka or the Celery broker cannot be reached when the bridge starts."""
+
+    reason = "unavailable"
+
+
+@dataclass
+class _Stall:
+    offset: int
+    resume_at: float
+
+
+@dataclass
+class BridgeStats:
+    """Counters since start, logged periodically and on exit."""
+
+    dispatched: int = 0
+    tasks: int = 0
+    rejected: int = 0
+    stalls: int = 0
+    held: int = 0  # times the Celery queue was too long and reading paused
+    started: float = field(default_factory=time.monotonic)
+
+
+def _position(message: kafka.Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a consumed message (always set when it has no error)."""
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    assert topic is not None
+    assert partition is not None
+    assert offset is not None
+    return topic, partition, offset
+
+
+class Bridge:
+    """Consumes ops from Kafka and hands each one to Celery, or to the DLQ if invalid."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        group: str | None = None,
+        batch_size: int | None = None,
+        linger_ms: int | None = None,
+        poll_timeout: float = 1.0,
+        kafka_overrides: Mapping[str, Any] | None = None,
+        max_stall: float = 30.0,
+    ) -> None:
+        self.app = app
+        self.settings = settings_for(app)
+        self.group = group or self.settings.consumer_group
+        self.batch_size = batch_size or self.settings.batch_size
+        linger = self.settings.batch_linger_ms if linger_ms is None else linger_ms
+        self.poll_timeout = poll_timeout
+        self.max_stall = max_stall
+        self.stats = BridgeStats()
+        self._overrides = dict(kafka_overrides or {})
+        self._stopping = False
+        self._batcher = Batcher(self.batch_size, linger / 1000)
+        self._offsets = OffsetTracker()
+        self._sender = TaskSender(app, self.settings.queue, one_task_per_op=self.batch_size == 1)
+        self._ready: list[list[Consumed]] = []  # full batches, sent at the end of the loop
+        self.high_water = self.settings.queue_high_water
+        self._held = False  # reading paused: too many tasks wait in the Celery queue
+        self._next_depth_check = 0.0
+        self._last_depth = 0  # tasks in the Celery queue when last looked at
+        self._sent_since_check = 0
+        self._stalled: dict[Partition, _Stall] = {}
+        self._failures: dict[Partition, int] = {}  # consecutive, per partition
+        # One attempt per hand-over: on failure the partition stalls and is retried with backoff.
+        self._dlq = DeadLetterWriter(self.settings, attempts=1)
+        self._signer = self.settings.signer
+        self._consumer: kafka.Consumer | None = None
+
+    # -- start and stop ------------------------------------------------------------------
+
+    def _use_publisher_confirms(self) -> None:
+        # On RabbitMQ, basic_publish returns before the broker has the message unless
+        # confirms are on; with them, "Celery accepted the task" is really true.
+        scheme = urlsplit(str(self.app.conf.broker_url or "").split(";")[0]).scheme
+        if scheme in ("amqp", "amqps", "pyamqp"):
+            options = dict(self.app.conf.broker_transport_options or {})
+            options.setdefault("confirm_publish", True)
+            self.app.conf.broker_transport_options = options
+
+    def _check_celery_broker(self) -> None:
+        try:
+            with self.app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5, timeout=5)
+        except Exception as exc:
+            raise BridgeUnavailableError(
+                f"cannot reach the Celery broker {self.app.conf.broker_url!r}: {exc}"
+            ) from exc
+
+    def _connect_kafka(self) -> kafka.Consumer:
+        consumer = kafka.new_consumer(
+            self.settings.kafka,
+            self.group,
+            **{**self._overrides, **kafka.FORCED_CONSUMER},
+        )
+        try:
+            consumer.list_topics(timeout=10)
+        except kafka.KafkaException as exc:
+            consumer.close()
+            raise BridgeUnavailableError(
+                f"cannot reach Kafka at {self.settings.kafka.get('bootstrap.servers')!r}: {exc}"
+            ) from exc
+        consumer.subscribe([self.settings.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        return consumer
+
+    def stop(self, *_: Any) -> None:
+        """Ask the loop to finish what is in flight, commit and return."""
+        if not self._stopping:
+            logger.info("bridge stopping: finishing in-flight ops and committing offsets")
+        self._stopping = True
+
+    def run(self) -> BridgeStats:
+        """Run until :meth:`stop` (SIGTERM/SIGINT when installed by the CLI)."""
+        self._use_publisher_confirms()
+        self._check_celery_broker()
+        consumer = self._consumer = self._connect_kafka()
+        logger.info(
+            "bridge consuming %s as group %s -> Celery queue %s",
+            self.settings.topic, self.group, self.settings.queue,
+        )
+        fetch = max(500, self.batch_size)
+        next_report = time.monotonic() + 30
+        try:
+            while not self._stopping:
+                self._resume_due(consumer)
+                self._apply_backpressure(consumer)
+                wait = self._batcher.seconds_to_next()
+                timeout = self.poll_timeout if wait is None else min(self.poll_timeout, wait)
+                for message in consumer.consume(fetch, timeout):
+                    self._handle(consumer, message)
+                self._send_all(consumer, [*self._ready, *self._batcher.due()])
+                self._ready.clear()
+                if time.monotonic() >= next_report:
+                    self._report()
+                    next_report = time.monotonic() + 30
+            self._send_all(consumer, self._batcher.due(everything=True))
+        finally:
+            self._close(consumer)
+        return self.stats
+
+    def install_signal_handlers(self) -> None:
+        """Stop gracefully on SIGTERM and SIGINT."""
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def _close(self, consumer: kafka.Consumer) -> None:
+        try:
+            consumer.commit(asynchronous=False)
+        except kafka.KafkaException as exc:
+            if exc.args[0].code() != kafka.KafkaError._NO_OFFSET:
+                logger.error("final offset commit failed: %s", exc)
+        consumer.close()
+        self._dlq.close()
+        self._sender.close()
+        self._report()
+
+    def _report(self) -> None:
+        stats = self.stats
+        logger.info(
+            "bridge: %d dispatched in %d tasks, %d rejected, %d stalls, %d holds in %.0f s",
+            stats.dispatched, stats.tasks, stats.rejected, stats.stalls, stats.held, time.monotonic() - stats.started,
+        )
+
+    # -- rebalances ----------------------------------------------------------------------
+
+    def _on_assign(self, consumer: kafka.Consumer, partitions: list[kafka.TopicPartition]) -> None:
+        logger.info("assigned %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
+        if self._held:
+            self._held = False  # look at the Celery queue again now, and pause them too if need be
+            self._next_depth_check = 0.0
+
+    def _on_revoke(self, consumer: kafka.Consumer, partitions: list[kafka.TopicPartition]) -> None:
+        # Hand over what waits in batches, then commit, before another bridge takes these.
+        revoked = {(p.topic, p.partition) for p in partitions if p.topic is not None}
+        full = [b for b in self._ready if any((i.topic, i.partition) in revoked for i in b)]
+        self._ready = [b for b in self._ready if b not in full]
+        self._send_all(consumer, [*full, *self._batcher.partitions_waiting(revoked)])
+        for key in revoked:
+            self._stalled.pop(key, None)
+            self._failures.pop(key, None)
+            self._batcher.drop({key})
+            self._offsets.forget(*key)
+        try:
+            consumer.commit(asynchronous=False)
+        except kafka.KafkaException as exc:
+            if exc.args[0].code() != kafka.KafkaError._NO_OFFSET:
+                logger.warning("commit on revoke failed: %s", exc)
+        logger.info("revoked %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
+
+    # -- one message ---------------------------------------------------------------------
+
+    def _handle(self, consumer: kafka.Consumer, message: kafka.Message) -> None:
+        error = message.error()
+        if error is not None:
+            if error.fatal():
+                raise kafka.KafkaException(error)
+            if error.code() != kafka.KafkaError._PARTITION_EOF:
+                logger.warning("Kafka: %s", error.str())
+            return
+        topic, partition, offset = _position(message)
+        if (topic, partition) in self._stalled:
+            return  # rewound: it comes again once the partition resumes
+        self._offsets.consumed(topic, partition, offset)
+        raw: bytes = message.value() or b""
+        op: RedisOp | None = None
+        try:
+            op = decode(raw, max_bytes=self.settings.max_message_bytes, signer=self._signer)
+            self.settings.check_op(op)
+        except DecodeError as exc:
+            try:
+                self._reject(message, raw, op, exc)
+            except HandoverError as failure:
+                self._stall(consumer, [(topic, partition)], failure)
+            else:
+                self._handed_over(consumer, [(topic, partition, offset)])
+            return
+        item = Consumed(topic, partition, offset, raw.decode(), op.id)
+        full = self._batcher.add(op.target, item)
+        if full is not None:
+            self._ready.append(full)
+
+    def _send_all(self, consumer: kafka.Consumer, waiting: Iterable[list[Consumed]]) -> None:
+        # Ops of a partition rewound meanwhile will be read again: do not send them twice.
+        batches = [b for b in ([i for i in w if (i.topic, i.partition) not in self._stalled] for w in waiting) if b]
+        if not batches:
+            return
+        try:
+            self._sender.send(batches)
+        except HandoverError as exc:
+            self._stall(consumer, sorted({(i.topic, i.partition) for b in batches for i in b}), exc)
+            return
+        tasks = sum(len(b) for b in batches) if self.batch_size == 1 else len(batches)
+        self.stats.dispatched += sum(len(b) for b in batches)
+        self.stats.tasks += tasks
+        self._sent_since_check += tasks
+        self._handed_over(consumer, [(i.topic, i.partition, i.offset) for b in batches for i in b])
+
+    def _handed_over(self, consumer: kafka.Consumer, positions: list[tuple[str, int, int]]) -> None:
+        """Store, once per partition, the offset up to which every op is handed over."""
+        safe: dict[Partition, int] = {}
+        for topic, partition, offset in positions:
+            moved = self._offsets.handed_over(topic, partition, offset)
+            if moved is not None:
+                safe[(topic, partition)] = moved
+        if safe:
+            consumer.store_offsets(offsets=[kafka.TopicPartition(t, p, o) for (t, p), o in safe.items()])
+            for key in safe:
+                self._failures.pop(key, None)
+
+    # -- backpressure --------------------------------------------------------------------
+
+    def _apply_backpressure(self, consumer: kafka.Consumer) -> None:
+        """Stop reading Kafka while too many tasks wait in the Celery queue.
+
+        Kafka is the durable buffer: a backlog belongs there, not in the Celery
+        broker's memory. Reading stops at ``redis_retry_queue_high_water`` waiting tasks
+        and starts again at half of it.
+        """
+        if not self.high_water:
+            return
+        now = time.monotonic()
+        # Look every second, and at once when what was sent since could reach the mark.
+        if now < self._next_depth_check and self._last_depth + self._sent_since_check < self.high_water:
+            return
+        self._next_depth_check = now + (0.25 if self._held else 1.0)
+        depth = self._sender.queued_tasks()
+        if depth is None:
+            return
+        self._last_depth, self._sent_since_check = depth, 0
+        if not self._held and depth >= self.high_water:
+            self._held = True
+            self.stats.held += 1
+            consumer.pause(consumer.assignment())
+            logger.warning(
+                "%d tasks wait in Celery queue %s (redis_retry_queue_high_water %d): reading paused",
+                depth, self.settings.queue, self.high_water,
+            )
+        elif self._held and depth <= self.high_water // 2:
+            self._held = False
+            consumer.resume([p for p in consumer.assignment() if (p.topic, p.partition) not in self._stalled])
+            logger.info("Celery queue %s down to %d tasks: reading again", self.settings.queue, depth)
+
+    def _origin(self, message: kafka.Message) -> Origin:
+        return Origin(*_position(message))
+
+    def _reject(self, message: kafka.Message, raw: bytes, op: RedisOp | None, exc: DecodeError) -> None:
+        letter = DeadLetter.for_error(exc, op=op, raw=raw, origin=self._origin(message))
+        try:
+            self._dlq.write(letter, message.key())
+        except PublishError as publish_error:
+            raise HandoverError(str(publish_error)) from publish_error
+        self.stats.rejected += 1
+        logger.warning("message %s[%d]@%d rejected: %s", *_position(message), exc)
+
+    # -- stalled partitions --------------------------------------------------------------
+
+    def _stall(self, consumer: kafka.Consumer, partitions: list[Partition], exc: Exception) -> None:
+        """Rewind each partition to its first op not handed over, and pause it for a while."""
+        self._batcher.drop(set(partitions))
+        for topic, partition in partitions:
+            offset = self._offsets.first_open(topic, partition)
+            self._offsets.forget(topic, partition)
+            if offset is None:
+                continue
+            key = (topic, partition)
+            failures = self._failures[key] = self._failures.get(key, 0) + 1
+            delay = min(self.max_stall, 0.5 * 2 ** min(failures, 10))
+            self._stalled[key] = _Stall(offset, time.monotonic() + delay)
+            self.stats.stalls += 1
+            consumer.pause([kafka.TopicPartition(topic, partition, offset)])
+            logger.error(
+                "%s[%d]@%d not handed over (%s); partition paused for %.1f s, then tried again from there",
+                topic, partition, offset, exc, delay,
+            )
+
+    def _resume_due(self, consumer: kafka.Consumer) -> None:
+        now = time.monotonic()
+        for (topic, number), stall in list(self._stalled.items()):
+            if stall.resume_at <= now:
+                del self._stalled[(topic, number)]
+                partition = kafka.TopicPartition(topic, number, stall.offset)
+                consumer.seek(partition)
+                if not self._held:  # otherwise it resumes with the others
+                    consumer.resume([partition])

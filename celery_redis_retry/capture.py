@@ -1,0 +1,97 @@
+"""Capturing failed writes in application code: ``publish(op)`` and the ``on_failure`` guard.
+
+Both use one default :class:`~celery_redis_retry.producer.RetryProducer` per process,
+configured from the Celery app given to :func:`celery_redis_retry.install` (or Celery's
+current app when none was installed).
+"""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+from typing import Any
+
+import redis.exceptions
+
+from . import policy
+from .errors import RedisRetryError
+from .ops import RedisOp
+from .producer import RetryProducer
+
+_lock = threading.Lock()
+_app: Any = None
+_producer: RetryProducer | None = None
+
+
+def use_app(app: Any) -> None:
+    """Make ``app`` the source of the default producer's settings (called by ``install``)."""
+    global _app, _producer
+    with _lock:
+        if _app is not app:
+            _app, _producer = app, None
+
+
+def default_producer() -> RetryProducer:
+    """The process-wide producer behind :func:`publish` and :func:`on_failure`."""
+    global _producer
+    producer = _producer
+    if producer is None:
+        with _lock:
+            if _producer is None:
+                if _app is None:
+                    from celery import current_app
+
+                    app = current_app._get_current_object()
+                else:
+                    app = _app
+                _producer = RetryProducer.from_app(app)
+            producer = _producer
+    return producer
+
+
+def publish(op: RedisOp) -> str:
+    """Publish ``op`` for replay with the default producer; return its id (non-blocking)."""
+    return default_producer().publish(op)
+
+
+class on_failure:
+    """Publish ``op`` for replay if the block fails with a retryable Redis error.
+
+    ::
+
+        with celery_redis_retry.on_failure(ops.delete(key), source="UserRepo.delete"):
+            r.delete(key)
+
+    A retryable failure (connection lost, timeout, LOADING, READONLY, MASTERDOWN,
+    TRYAGAIN, CLUSTERDOWN, BUSY...) is recorded on the op, the op is published and the
+    exception is swallowed: the write will happen later. Every other exception passes
+    through untouched. If the op cannot be published either, the
+    :class:`~celery_redis_retry.errors.RedisRetryError` that says why is raised from the
+    Redis error, so the caller still learns the write is not safe.
+    After the block, :attr:`op_id` is the published op's id, or None.
+    """
+
+    __slots__ = ("op", "op_id", "producer", "source")
+
+    def __init__(self, op: RedisOp, *, source: str | None = None, producer: RetryProducer | None = None) -> None:
+        self.op = op
+        self.source = source
+        self.producer = producer
+        self.op_id: str | None = None
+
+    def __enter__(self) -> on_failure:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if exc is None or not isinstance(exc, redis.exceptions.RedisError) or not policy.is_retryable(exc):
+            return False
+        op = self.op.with_error(exc)
+        if self.source is not None:
+            op = op.with_source(self.source)
+        try:
+            self.op_id = (self.producer or default_producer()).publish(op)
+        except RedisRetryError as error:
+            raise error from exc
+        return True

@@ -1,0 +1,308 @@
+"""Typed settings, read once from the ``redis_retry_*`` keys of a Celery app's config.
+
+No other module reads ``app.conf``: everything downstream takes a :class:`Settings`.
+Every key is validated here, and a missing or bad one raises
+:class:`~celery_redis_retry.errors.ConfigurationError` naming the key, so a worker, a
+bridge or a web process fails at startup rather than at 3 a.m. on the first outage.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+from .commands import COMMANDS, DEFAULT_ALLOWED
+from .errors import CommandNotAllowedError, ConfigurationError, UnknownScriptError, UnknownTargetError
+from .message import Signer
+from .ops import RedisOp
+from .policy import Backoff
+from .slots import check_single_slot
+
+TARGET_SCHEMES = frozenset(
+    ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
+)
+# Celery brokers that redeliver an unacknowledged message after a visibility timeout.
+_VISIBILITY_TIMEOUT_BROKERS = frozenset(("redis", "rediss", "sentinel", "sqs", "redis+socket"))
+_DEFAULT_VISIBILITY_TIMEOUT = 3600  # kombu's default for Redis and SQS
+
+DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "redis_retry_topic": "redis-retry-queue",
+        "redis_retry_consumer_group": "redis-retry-consumer-group",
+        "redis_retry_queue": "redis-retry",
+        "redis_retry_max_retries": 3,
+        "redis_retry_backoff": True,
+        "redis_retry_backoff_max": 600,
+        "redis_retry_jitter": True,
+        "redis_retry_scripts": {},
+        "redis_retry_signing_keys": {},
+        "redis_retry_allowed_commands": None,
+        "redis_retry_spool_path": None,
+        "redis_retry_spool_max_bytes": 1 << 30,
+        "redis_retry_durable_publish": False,
+        "redis_retry_max_message_bytes": 1_000_000,
+        "redis_retry_dedupe_ttl": 7 * 24 * 3600,
+        "redis_retry_batch_size": 1000,
+        "redis_retry_batch_linger_ms": 5,
+        "redis_retry_queue_high_water": 500,
+    }
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every ``redis_retry_*`` setting, validated. Build with :meth:`from_mapping` or :func:`settings_for`."""
+
+    kafka: Mapping[str, Any]
+    targets: Mapping[str, str]
+    topic: str = "redis-retry-queue"
+    dlq_topic: str = "redis-retry-queue.dlq"
+    consumer_group: str = "redis-retry-consumer-group"
+    queue: str = "redis-retry"
+    max_retries: int = 3
+    backoff: Backoff = field(default_factory=Backoff)
+    scripts: Mapping[str, str] = field(default_factory=dict)
+    signing_keys: Mapping[str, bytes] = field(default_factory=dict)
+    allowed_commands: frozenset[str] = DEFAULT_ALLOWED
+    spool_path: str = ""
+    spool_max_bytes: int = 1 << 30
+    durable_publish: bool = False
+    max_message_bytes: int = 1_000_000
+    dedupe_ttl: int = 7 * 24 * 3600
+    batch_size: int = 1000
+    batch_linger_ms: int = 5
+    queue_high_water: int = 500
+
+    def check_op(self, op: RedisOp) -> None:
+        """Refuse an op these settings would never replay: unknown target, command not allowed."""
+        if op.target not in self.targets:
+            raise UnknownTargetError(
+                f"op {op.id} names target {op.target!r}, not in redis_retry_targets ({', '.join(self.targets)})"
+            )
+        allowed = self.allowed_commands
+        if allowed is not DEFAULT_ALLOWED:  # the builders and the decoder refuse the rest already
+            for command in op.commands:
+                if command[0] not in allowed:
+                    raise CommandNotAllowedError(f"op {op.id}: {command[0]!s} is not in redis_retry_allowed_commands")
+        if op.script is not None and op.script not in self.scripts:
+            raise UnknownScriptError(f"op {op.id}: script {op.script!r} is not registered in redis_retry_scripts")
+        if op.target in self.cluster_targets:
+            check_single_slot(op)
+
+    @functools.cached_property
+    def cluster_targets(self) -> frozenset[str]:
+        """Names of the targets that are Redis Clusters (``redis+cluster://``...)."""
+        return frozenset(n for n, url in self.targets.items() if urlsplit(url).scheme.endswith("+cluster"))
+
+    @property
+    def signer(self) -> Signer | None:
+        """The message signer, or None when ``redis_retry_signing_keys`` is empty."""
+        return Signer(self.signing_keys) if self.signing_keys else None
+
+    @classmethod
+    def from_mapping(cls, conf: Mapping[str, Any]) -> Settings:
+        """Settings from a mapping of ``redis_retry_*`` keys (a Celery ``app.conf`` works)."""
+        return _read(_Reader(conf))
+
+
+class _Reader:
+    """Reads one key at a time and names it in every error."""
+
+    def __init__(self, conf: Mapping[str, Any]) -> None:
+        self.conf = conf
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.conf.get(key)
+        if value is None:
+            return DEFAULTS.get(key) if default is None else default
+        return value
+
+    def required(self, key: str) -> Any:
+        value = self.conf.get(key)
+        if value is None:
+            raise ConfigurationError(f"{key} is required")
+        return value
+
+    def string(self, key: str, default: str | None = None) -> str:
+        value = self.get(key, default)
+        if not isinstance(value, str) or not value:
+            raise ConfigurationError(f"{key} must be a non-empty string, got {value!r}")
+        return value
+
+    def integer(self, key: str, minimum: int) -> int:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigurationError(f"{key} must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    def number(self, key: str) -> float:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigurationError(f"{key} must be a positive number of seconds, got {value!r}")
+        return float(value)
+
+    def boolean(self, key: str) -> bool:
+        value = self.get(key)
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{key} must be True or False, got {value!r}")
+        return value
+
+    def mapping(self, key: str, required: bool = False) -> dict[str, Any]:
+        value = self.required(key) if required else self.get(key)
+        if not isinstance(value, Mapping):
+            raise ConfigurationError(f"{key} must be a dict, got {type(value).__name__}")
+        for name in value:
+            if not isinstance(name, str) or not name:
+                raise ConfigurationError(f"{key} keys must be non-empty strings, got {name!r}")
+        return dict(value)
+
+
+def _kafka(reader: _Reader) -> dict[str, Any]:
+    kafka = reader.mapping("redis_retry_kafka", required=True)
+    if not kafka.get("bootstrap.servers"):
+        raise ConfigurationError("redis_retry_kafka must set 'bootstrap.servers' (e.g. 'kafka1:9092,kafka2:9092')")
+    return kafka
+
+
+def _targets(reader: _Reader) -> dict[str, str]:
+    targets = reader.mapping("redis_retry_targets", required=True)
+    if "default" not in targets:
+        raise ConfigurationError("redis_retry_targets must name a 'default' target")
+    for name, url in targets.items():
+        scheme = urlsplit(url).scheme if isinstance(url, str) else ""
+        if scheme not in TARGET_SCHEMES:
+            raise ConfigurationError(
+                f"redis_retry_targets[{name!r}] must be a Redis URL ({', '.join(sorted(TARGET_SCHEMES))}://...), "
+                f"got {url!r}"
+            )
+    return targets
+
+
+def _backoff(reader: _Reader) -> Backoff:
+    factor = reader.get("redis_retry_backoff")
+    if factor is True:
+        factor = 1.0
+    elif factor is False:
+        factor = None
+    elif isinstance(factor, (int, float)) and factor > 0:
+        factor = float(factor)
+    else:
+        raise ConfigurationError(
+            f"redis_retry_backoff must be True, False or a positive number of seconds, got {factor!r}"
+        )
+    return Backoff(factor, reader.number("redis_retry_backoff_max"), reader.boolean("redis_retry_jitter"))
+
+
+def _scripts(reader: _Reader) -> dict[str, str]:
+    scripts = reader.mapping("redis_retry_scripts")
+    for name, source in scripts.items():
+        if not isinstance(source, str) or not source.strip():
+            raise ConfigurationError(f"redis_retry_scripts[{name!r}] must be Lua source text")
+    return scripts
+
+
+def _signing_keys(reader: _Reader) -> dict[str, bytes]:
+    keys = reader.mapping("redis_retry_signing_keys")
+    out: dict[str, bytes] = {}
+    for key_id, secret in keys.items():
+        secret_bytes = secret.encode() if isinstance(secret, str) else secret
+        if not isinstance(secret_bytes, bytes) or len(secret_bytes) < 16:
+            raise ConfigurationError(f"redis_retry_signing_keys[{key_id!r}] must be a secret of at least 16 bytes")
+        out[key_id] = secret_bytes
+    try:
+        Signer(out) if out else None
+    except ValueError as exc:
+        raise ConfigurationError(f"redis_retry_signing_keys: {exc}") from None
+    return out
+
+
+def _allowed_commands(reader: _Reader) -> frozenset[str]:
+    names = reader.get("redis_retry_allowed_commands")
+    if names is None:
+        return DEFAULT_ALLOWED
+    if isinstance(names, (str, Mapping)) or not isinstance(names, Iterable):
+        raise ConfigurationError("redis_retry_allowed_commands must be a list of command names")
+    names = list(names)  # a generator would be empty by the time the frozenset is built
+    if not all(isinstance(n, str) for n in names):
+        raise ConfigurationError("redis_retry_allowed_commands must be a list of command names")
+    unknown = sorted(n for n in names if n.upper() not in COMMANDS)
+    if unknown:
+        raise ConfigurationError(
+            f"redis_retry_allowed_commands names commands that cannot be replayed: {', '.join(unknown)} "
+            "(only the write commands of celery_redis_retry.commands.COMMANDS)"
+        )
+    return frozenset(n.upper() for n in names)
+
+
+def default_spool_path(topic: str) -> str:
+    """Where the spool lives unless ``redis_retry_spool_path`` says otherwise."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "celery-redis-retry", f"{topic}.spool.sqlite3")
+
+
+def _read(reader: _Reader) -> Settings:
+    topic = reader.string("redis_retry_topic")
+    backoff = _backoff(reader)
+    return Settings(
+        kafka=MappingProxyType(_kafka(reader)),
+        targets=MappingProxyType(_targets(reader)),
+        topic=topic,
+        dlq_topic=reader.string("redis_retry_dlq_topic", default=f"{topic}.dlq"),
+        consumer_group=reader.string("redis_retry_consumer_group"),
+        queue=reader.string("redis_retry_queue"),
+        max_retries=reader.integer("redis_retry_max_retries", 0),
+        backoff=backoff,
+        scripts=MappingProxyType(_scripts(reader)),
+        signing_keys=MappingProxyType(_signing_keys(reader)),
+        allowed_commands=_allowed_commands(reader),
+        spool_path=reader.string("redis_retry_spool_path", default=default_spool_path(topic)),
+        spool_max_bytes=reader.integer("redis_retry_spool_max_bytes", 1 << 16),
+        durable_publish=reader.boolean("redis_retry_durable_publish"),
+        max_message_bytes=reader.integer("redis_retry_max_message_bytes", 1024),
+        dedupe_ttl=reader.integer("redis_retry_dedupe_ttl", 60),
+        batch_size=reader.integer("redis_retry_batch_size", 1),
+        batch_linger_ms=reader.integer("redis_retry_batch_linger_ms", 0),
+        queue_high_water=reader.integer("redis_retry_queue_high_water", 0),
+    )
+
+
+def check_broker_visibility(settings: Settings, conf: Mapping[str, Any]) -> None:
+    """Refuse a backoff cap the Celery broker's visibility timeout would turn into duplicates.
+
+    On Redis and SQS brokers a message not acknowledged within ``visibility_timeout``
+    is delivered again. A retry scheduled ``redis_retry_backoff_max`` seconds ahead is
+    held unacknowledged by the worker until then, so a cap at or above the timeout
+    makes every long retry run twice.
+    """
+    # Celery's own property, as the worker reads it: CELERY_BROKER_URL overrides broker_url.
+    broker_url = getattr(conf, "broker_url", None) or conf.get("broker_url") or ""
+    scheme = urlsplit(str(broker_url).split(";")[0]).scheme
+    if scheme not in _VISIBILITY_TIMEOUT_BROKERS:
+        return
+    options = conf.get("broker_transport_options") or {}
+    timeout = options.get("visibility_timeout", _DEFAULT_VISIBILITY_TIMEOUT)
+    if settings.backoff.maximum >= timeout:
+        raise ConfigurationError(
+            f"redis_retry_backoff_max ({settings.backoff.maximum:g} s) must be below the Celery broker's "
+            f"broker_transport_options['visibility_timeout'] ({timeout} s): a retry held longer than that "
+            "is redelivered and would run twice"
+        )
+
+
+_cache: weakref.WeakKeyDictionary[Any, Settings] = weakref.WeakKeyDictionary()
+
+
+def settings_for(app: Any) -> Settings:
+    """The app's :class:`Settings`, read and validated on first use, then cached on the app."""
+    settings = _cache.get(app)
+    if settings is None:
+        settings = Settings.from_mapping(app.conf)
+        check_broker_visibility(settings, app.conf)
+        _cache[app] = settings
+    return settings

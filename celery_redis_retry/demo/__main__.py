@@ -1,0 +1,7 @@
+"""``python -m celery_redis_retry.demo``: see :mod:`celery_redis_retry.demo.run`."""
+
+import sys
+
+from .run import main
+
+sys.exit(main())

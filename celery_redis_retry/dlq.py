@@ -1,0 +1,260 @@
+"""The one branch of the flow: ops that cannot be applied go to the dead-letter topic.
+
+A DLQ record is one JSON object holding the op (decoded, as in wire format v1) or, for a
+message that could not be decoded, its raw bytes in base64, plus why and when it died::
+
+    {"v": 1, "outcome": "dead" | "rejected", "reason": "retries_exhausted",
+     "op": {...} | null, "raw": "<base64>" | null,
+     "error": {"type": ..., "message": ..., "traceback": ...},
+     "attempts": 4, "first_failure_at": ..., "last_failure_at": ..., "task_id": ...,
+     "origin": {"topic": ..., "partition": ..., "offset": ...}}
+
+The key fields are repeated as Kafka headers (``crr-outcome``, ``crr-reason``,
+``crr-op-id``, ``crr-error-type``, ``crr-attempts``, ``crr-task-id``,
+``crr-origin-topic``, ``crr-origin-partition``, ``crr-origin-offset``) so that tools can
+filter without parsing. Writes are confirmed by the broker, retried, and logged loudly
+when they fail: a dead letter is never dropped in silence.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from . import kafka
+from .config import Settings
+from .errors import DecodeError, PublishError, RedisRetryError
+from .message import Signer, decode, dumps, message_key, op_document
+from .ops import RedisOp
+
+logger = logging.getLogger(__name__)
+
+#: Tracebacks are cut to this many characters (the end is kept: it names the error).
+MAX_TRACEBACK = 8192
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where the op was read from Kafka."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One dead or rejected op, with why and when."""
+
+    outcome: str  # "dead" | "rejected"
+    reason: str
+    op: RedisOp | None = None
+    raw: bytes | None = None  # the message as received, when it could not be decoded
+    error_type: str = ""
+    error_message: str = ""
+    traceback: str = ""
+    attempts: int = 0
+    first_failure_at: float | None = None
+    last_failure_at: float = field(default_factory=time.time)
+    task_id: str | None = None
+    origin: Origin | None = None
+
+    @classmethod
+    def for_error(cls, exc: BaseException, *, op: RedisOp | None, raw: bytes, **fields: Any) -> DeadLetter:
+        """The record of an op (or of ``raw`` bytes that are no op) ended by ``exc``.
+
+        The outcome and reason follow from the error: ``rejected`` for an invalid
+        message, ``dead`` with this package's reason otherwise (see ``_describe``).
+        """
+        outcome, reason = _describe(exc)
+        kind = type(exc)
+        return cls(
+            outcome=outcome,
+            reason=reason,
+            op=op,
+            raw=None if op is not None else raw,
+            error_type=f"{kind.__module__}.{kind.__qualname__}",
+            error_message=str(exc),
+            **fields,
+        )
+
+    @property
+    def op_id(self) -> str | None:
+        return self.op.id if self.op is not None else None
+
+    def document(self) -> dict[str, Any]:
+        """The record as the JSON-ready dict written to the DLQ topic."""
+        origin = self.origin
+        tb = self.traceback
+        return {
+            "v": 1,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "op": op_document(self.op) if self.op is not None else None,
+            "raw": base64.b64encode(self.raw).decode() if self.raw is not None and self.op is None else None,
+            "error": {
+                "type": self.error_type,
+                "message": self.error_message[:4096],
+                "traceback": tb if len(tb) <= MAX_TRACEBACK else "...\n" + tb[-MAX_TRACEBACK:],
+            },
+            "attempts": self.attempts,
+            "first_failure_at": self.first_failure_at,
+            "last_failure_at": self.last_failure_at,
+            "task_id": self.task_id,
+            "origin": None if origin is None else {
+                "topic": origin.topic, "partition": origin.partition, "offset": origin.offset
+            },
+        }
+
+    def headers(self) -> list[tuple[str, str | bytes | None]]:
+        """The key fields as Kafka headers."""
+        values: dict[str, object] = {
+            "crr-outcome": self.outcome,
+            "crr-reason": self.reason,
+            "crr-op-id": self.op_id,
+            "crr-error-type": self.error_type,
+            "crr-attempts": self.attempts,
+            "crr-task-id": self.task_id,
+        }
+        if self.origin is not None:
+            values["crr-origin-topic"] = self.origin.topic
+            values["crr-origin-partition"] = self.origin.partition
+            values["crr-origin-offset"] = self.origin.offset
+        return [(k, str(v).encode()) for k, v in values.items() if v is not None and v != ""]
+
+
+def _describe(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, DecodeError):
+        return "rejected", exc.reason
+    if isinstance(exc, RedisRetryError):
+        return "dead", exc.reason
+    if type(exc).__name__ in ("TimeLimitExceeded", "SoftTimeLimitExceeded"):
+        return "dead", "time_limit"
+    return "dead", "unexpected_error"
+
+
+def letter_for_failure(
+    message: str | bytes,
+    exc: BaseException,
+    *,
+    origin: dict[str, Any] | None,
+    traceback: str,
+    attempts: int,
+    task_id: str | None,
+    max_bytes: int,
+    signer: Signer | None,
+) -> tuple[DeadLetter, bytes | None]:
+    """The DLQ record (and Kafka key) for an op message whose replay ended with ``exc``.
+
+    ``rejected`` for an invalid message (its raw bytes are kept), ``dead`` otherwise,
+    with the reason carried by this package's errors (``retries_exhausted``,
+    ``wrong_type``...), ``time_limit``, or ``unexpected_error``.
+    """
+    raw = message.encode() if isinstance(message, str) else bytes(message)
+    try:
+        op: RedisOp | None = decode(raw, max_bytes=max_bytes, signer=signer)
+    except DecodeError:
+        op = None
+    letter = DeadLetter.for_error(
+        exc,
+        op=op,
+        raw=raw,
+        traceback=traceback,
+        attempts=attempts,
+        first_failure_at=op.created_at if op is not None else None,
+        last_failure_at=time.time(),
+        task_id=task_id,
+        origin=Origin(origin["topic"], origin["partition"], origin["offset"]) if origin else None,
+    )
+    return letter, message_key(op) if op is not None else None
+
+
+def decode_record(value: bytes) -> DeadLetter:
+    """A :class:`DeadLetter` from the bytes of a DLQ record; :class:`DecodeError` if invalid."""
+    try:
+        doc = orjson.loads(value)
+        op = decode(dumps(doc["op"])) if doc.get("op") is not None else None
+        origin = doc.get("origin")
+        error = doc.get("error") or {}
+        return DeadLetter(
+            outcome=doc["outcome"],
+            reason=doc["reason"],
+            op=op,
+            raw=base64.b64decode(doc["raw"]) if doc.get("raw") else None,
+            error_type=error.get("type", ""),
+            error_message=error.get("message", ""),
+            traceback=error.get("traceback", ""),
+            attempts=doc.get("attempts", 0),
+            first_failure_at=doc.get("first_failure_at"),
+            last_failure_at=doc.get("last_failure_at") or 0.0,
+            task_id=doc.get("task_id"),
+            origin=Origin(origin["topic"], origin["partition"], origin["offset"]) if origin else None,
+        )
+    except DecodeError:
+        raise
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DecodeError(f"not a DLQ record: {exc}") from None
+
+
+class DeadLetterWriter:
+    """Writes DLQ records and waits for the broker to confirm each one.
+
+    Dead letters are rare, so each write is synchronous: produce, then wait for the
+    delivery report, which librdkafka gives within ``message.timeout.ms`` after
+    retrying on its own. A failed write is tried again, up to ``attempts`` times, and
+    logged at ERROR each time; if all fail, :class:`PublishError` is raised so the
+    caller can stop (the bridge pauses the partition and tries again later).
+    """
+
+    def __init__(self, settings: Settings, *, attempts: int = 5) -> None:
+        self.settings = settings
+        self.attempts = attempts
+        self._producer: kafka.Producer | None = None
+        self._lock = threading.Lock()
+
+    def _client(self) -> kafka.Producer:
+        if self._producer is None:
+            # A short delivery timeout: a caller waits for each record, and tries again.
+            self._producer = kafka.new_producer(self.settings.kafka, **{"linger.ms": 0, "message.timeout.ms": 10_000})
+        return self._producer
+
+    def write(self, letter: DeadLetter, key: bytes | None = None) -> None:
+        """Write ``letter`` to ``redis_retry_dlq_topic``; raise PublishError if it cannot."""
+        value = dumps(letter.document())
+        headers = letter.headers()
+        name = letter.op_id or "<undecodable>"
+        with self._lock:
+            for attempt in range(1, self.attempts + 1):
+                error = self._write_once(value, key, headers)
+                if error is None:
+                    logger.warning(
+                        "op %s %s (%s): written to %s", name, letter.outcome, letter.reason, self.settings.dlq_topic
+                    )
+                    return
+                logger.error("DLQ write failed for op %s (attempt %d/%d): %s", name, attempt, self.attempts, error)
+        raise PublishError(f"could not write op {name} to {self.settings.dlq_topic}: {error}")
+
+    def _write_once(self, value: bytes, key: bytes | None, headers: list[tuple[str, str | bytes | None]]) -> str | None:
+        reports: list[kafka.KafkaError | None] = []
+        producer = self._client()
+        try:
+            producer.produce(
+                self.settings.dlq_topic, value, key, headers=headers, on_delivery=lambda err, _m: reports.append(err)
+            )
+        except (BufferError, kafka.KafkaException) as exc:
+            return str(exc)
+        while not reports:  # bounded: every message gets a report within message.timeout.ms
+            producer.poll(0.5)
+        return None if reports[0] is None else reports[0].str()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush and drop the producer."""
+        if self._producer is not None:
+            self._producer.flush(timeout)
+            self._producer = None

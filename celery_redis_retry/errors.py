@@ -1,0 +1,152 @@
+"""The one exception tree of celery_redis_retry.
+
+Every error this package raises derives from :class:`RedisRetryError`; none reuses a
+builtin name (``ConnectionError`` and ``TimeoutError`` belong to Python and redis-py).
+Errors that end an op in the dead-letter topic carry a stable ``reason`` string: it is
+what DLQ records, logs and metrics use, so it never changes once released.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RedisRetryError(Exception):
+    """Root of every error raised by celery_redis_retry."""
+
+    reason: str = "error"
+
+
+class ConfigurationError(RedisRetryError):
+    """A ``redis_retry_*`` setting is missing or invalid; the message names the key."""
+
+    reason = "configuration"
+
+
+# -- capture and wire format -------------------------------------------------------------
+
+
+class EncodeError(RedisRetryError):
+    """An op cannot be built or serialized (bad argument type, unknown command...)."""
+
+    reason = "invalid_op"
+
+
+class CrossSlotError(EncodeError):
+    """An op's keys live in different Redis Cluster slots and cannot run atomically."""
+
+    reason = "cross_slot"
+
+
+class DecodeError(RedisRetryError):
+    """Bytes are not a valid op message; the message says what is wrong and where."""
+
+    reason = "malformed"
+
+
+class UnsupportedVersionError(DecodeError):
+    """The message names a wire-format version this release cannot read."""
+
+    reason = "unsupported_version"
+
+
+class SignatureError(DecodeError):
+    """The message is unsigned, signed with an unknown key, or its HMAC does not match."""
+
+    reason = "bad_signature"
+
+
+# Raised both when an op is built or published and when a message is read back.
+
+
+class CommandNotAllowedError(EncodeError, DecodeError):
+    """The command is not in ``redis_retry_allowed_commands`` (or not known at all)."""
+
+    reason = "forbidden_command"
+
+
+class UnknownTargetError(EncodeError, DecodeError):
+    """The op names a target missing from ``redis_retry_targets``."""
+
+    reason = "unknown_target"
+
+
+class UnknownScriptError(EncodeError, DecodeError):
+    """The op names a Lua script that ``redis_retry_scripts`` does not register."""
+
+    reason = "unknown_script"
+
+
+# -- publishing --------------------------------------------------------------------------
+
+
+class PublishError(RedisRetryError):
+    """An op could be neither handed to Kafka nor written to the local spool."""
+
+    reason = "publish_failed"
+
+
+class CapturedWriteError(RedisRetryError):
+    """A write failed and was published for replay (``wrap(..., raise_on_capture=True)``).
+
+    ``op`` is the published op, ``op_id`` its id; ``__cause__`` is the Redis error.
+    The write has *not* happened yet: it will be replayed, or end in the DLQ.
+    """
+
+    reason = "captured"
+
+    def __init__(self, message: str, op: Any) -> None:
+        super().__init__(message)
+        self.op = op
+        self.op_id: str = op.id
+
+
+class SpoolFullError(PublishError):
+    """The local spool reached ``redis_retry_spool_max_bytes``; nothing more fits."""
+
+    reason = "spool_full"
+
+
+# -- replay ------------------------------------------------------------------------------
+
+
+class ReplayError(RedisRetryError):
+    """Base of the reasons a replay ends an op in the dead-letter topic."""
+
+    reason = "replay_failed"
+
+
+class PermanentReplayError(ReplayError):
+    """Redis refused the op in a way no retry can fix (WRONGTYPE, syntax, arity...)."""
+
+    def __init__(self, message: str, *, reason: str = "permanent_error") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+
+
+class RetriesExhaustedError(ReplayError):
+    """The op failed with retryable errors on every one of its attempts."""
+
+    reason = "retries_exhausted"
+
+
+__all__ = [
+    "CapturedWriteError",
+    "CommandNotAllowedError",
+    "ConfigurationError",
+    "CrossSlotError",
+    "DecodeError",
+    "EncodeError",
+    "PermanentReplayError",
+    "PublishError",
+    "RedisRetryError",
+    "ReplayError",
+    "RetriesExhaustedError",
+    "SignatureError",
+    "SpoolFullError",
+    "UnknownScriptError",
+    "UnknownTargetError",
+    "UnsupportedVersionError",
+]

@@ -1,0 +1,298 @@
+"""Steps 5 and 7 of the flow: the Celery tasks that replay ops and dead-letter them.
+
+``celery_redis_retry.replay`` runs one op on its target Redis. A retryable Redis error
+reschedules it with ``self.retry(countdown=...)`` (never a sleep inside the task); a
+permanent one, or the last failed attempt, makes the task fail with a
+:class:`~celery_redis_retry.errors.ReplayError` whose ``reason`` says why. The bridge
+attaches ``celery_redis_retry.dead_letter`` as the error callback (``link_error``): Celery
+calls it in the worker with the failed request, and it writes the DLQ record.
+
+Task names travel inside messages: they never change. Listing this module in a Celery
+app's ``include`` registers both tasks; :func:`celery_redis_retry.install` also adds the
+queue and start-up validation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback as traceback_module
+import weakref
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import redis.exceptions
+from celery import bootsteps, shared_task, signals
+from kombu.entity import Queue
+
+from . import policy
+from .config import Settings, settings_for
+from .dlq import DeadLetterWriter, letter_for_failure
+from .errors import DecodeError, PermanentReplayError, RedisRetryError, ReplayError, RetriesExhaustedError
+from .message import Signer, decode
+from .ops import RedisOp
+from .redis_exec import Applied, Executor, expired
+
+logger = logging.getLogger(__name__)
+
+REPLAY_TASK = "celery_redis_retry.replay"
+REPLAY_BATCH_TASK = "celery_redis_retry.replay_batch"
+DEAD_LETTER_TASK = "celery_redis_retry.dead_letter"
+
+
+class _Runtime:
+    """Per app and per process: the executor (Redis pools) and the DLQ writer."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.pid = os.getpid()
+        self.settings = settings
+        self.signer: Signer | None = settings.signer
+        self.executor = Executor(settings)
+        self.dlq = DeadLetterWriter(settings)
+
+
+_runtimes: weakref.WeakKeyDictionary[Any, _Runtime] = weakref.WeakKeyDictionary()
+
+
+def runtime(app: Any) -> _Runtime:
+    """The :class:`_Runtime` of ``app`` in this process (rebuilt after a fork)."""
+    current = _runtimes.get(app)
+    if current is None or current.pid != os.getpid():
+        current = _runtimes[app] = _Runtime(settings_for(app))
+    return current
+
+
+def read_op(message: str | bytes, rt: _Runtime) -> RedisOp:
+    """Decode, verify and validate a message as the bridge did: the Celery broker is a boundary too."""
+    raw = message.encode() if isinstance(message, str) else message
+    op = decode(raw, max_bytes=rt.settings.max_message_bytes, signer=rt.signer)
+    rt.settings.check_op(op)
+    return op
+
+
+def final_error(op: RedisOp, exc: BaseException, retries: int, limit: int) -> BaseException | None:
+    """What ends ``op`` after ``exc`` on attempt ``retries + 1``, or None to retry it.
+
+    A retryable Redis error is retried while attempts remain, then ends the op with
+    :class:`RetriesExhaustedError`; any other Redis error is permanent; errors of this
+    package already say why; anything else is unexpected and ends the op as it is.
+    """
+    if isinstance(exc, RedisRetryError):
+        return exc
+    error: ReplayError
+    if policy.is_retryable(exc):
+        if retries < limit:
+            return None
+        error = RetriesExhaustedError(
+            f"op {op.id} still failing after {retries + 1} attempts: {type(exc).__name__}: {exc}"
+        )
+    elif isinstance(exc, redis.exceptions.RedisError):
+        error = PermanentReplayError(f"op {op.id}: {type(exc).__name__}: {exc}", reason=policy.permanent_reason(exc))
+    else:
+        return exc
+    error.__cause__ = exc
+    return error
+
+
+def _log_outcome(op: RedisOp, outcome: str) -> None:
+    if outcome == "duplicate":
+        logger.info("op %s was already applied (dedupe marker found)", op.id)
+    elif outcome == "superseded":
+        logger.info("op %s superseded: its %s guard failed, a newer write won; nothing written", op.id,
+                    op.guard.kind if op.guard else "?")
+    else:
+        logger.debug("op %s %s", op.id, outcome)
+
+
+_TASK_OPTIONS: dict[str, Any] = {
+    "bind": True,
+    "acks_late": True,  # a worker killed mid-replay leaves the message to be delivered again...
+    "reject_on_worker_lost": True,  # ...and the dedupe markers make that second run harmless
+    "ignore_result": True,
+    "max_retries": None,  # each op carries its own limit, checked by final_error()
+    # Expected failures are logged by Celery at INFO, without a traceback; the DLQ has it.
+    "throws": (ReplayError, DecodeError),
+}
+
+
+@shared_task(name=REPLAY_TASK, **_TASK_OPTIONS)
+def replay(self: Any, message: str, origin: dict[str, Any] | None = None) -> str:
+    """Run the op in ``message`` (wire format v1) on its target; return its outcome.
+
+    Outcomes: ``applied``, ``duplicate`` (a dedupe marker shows it was applied before),
+    ``superseded`` (its guard failed), ``expired``. Raises
+    :class:`~celery.exceptions.Retry` for a retryable Redis error while attempts
+    remain, else a :class:`~celery_redis_retry.errors.ReplayError` (the error callback
+    then writes the DLQ record).
+    """
+    rt = runtime(self.app)
+    op = read_op(message, rt)
+    why = expired(op)
+    if why is not None:
+        logger.info("op %s expired: %s", op.id, why)
+        return "expired"
+    try:
+        result = rt.executor.run(op)
+    except Exception as exc:
+        retries = self.request.retries
+        limit = rt.settings.max_retries if op.max_retries is None else op.max_retries
+        error = final_error(op, exc, retries, limit)
+        if error is not None:
+            raise error from exc
+        countdown = rt.settings.backoff.countdown(retries)
+        logger.info(
+            "op %s attempt %d/%d failed (%s); retrying in %.2f s",
+            op.id, retries + 1, limit + 1, type(exc).__name__, countdown,
+        )
+        raise self.retry(countdown=countdown, exc=exc) from exc
+    _log_outcome(op, result.outcome)
+    return result.outcome
+
+
+@shared_task(name=REPLAY_BATCH_TASK, **_TASK_OPTIONS)
+def replay_batch(self: Any, messages: list[str], origins: list[list[Any]]) -> dict[str, int]:
+    """Run many ops in pipelined round trips; return how many ended in each outcome.
+
+    This is the first attempt of every op in it. An op that fails falls back to its own
+    path: a retryable error sends it as a ``replay`` task that continues with attempt 2
+    after the usual countdown; anything that ends it is dead-lettered here, with its
+    own DLQ record, exactly as ``replay`` would have.
+    """
+    rt = runtime(self.app)
+    outcomes: Counter[str] = Counter()
+    ready: dict[str, list[tuple[str, list[Any], RedisOp]]] = {}
+    ended: list[tuple[str, list[Any], BaseException]] = []
+    for message, origin in zip(messages, origins, strict=True):
+        try:
+            op = read_op(message, rt)
+        except DecodeError as exc:
+            ended.append((message, origin, exc))
+            continue
+        why = expired(op)
+        if why is not None:
+            logger.info("op %s expired: %s", op.id, why)
+            outcomes["expired"] += 1
+            continue
+        ready.setdefault(op.target, []).append((message, origin, op))
+
+    retry_later: list[tuple[str, list[Any]]] = []
+    for items in ready.values():
+        try:
+            results: list[Applied | Exception] = rt.executor.run_many([op for _, _, op in items])
+        except Exception as exc:  # noqa: BLE001 - the round trip failed: every op falls back
+            results = [exc] * len(items)
+        for (message, origin, op), result in zip(items, results, strict=True):
+            if isinstance(result, Applied):
+                outcomes[result.outcome] += 1
+                _log_outcome(op, result.outcome)
+                continue
+            limit = rt.settings.max_retries if op.max_retries is None else op.max_retries
+            error = final_error(op, result, 0, limit)
+            if error is None:
+                retry_later.append((message, origin))
+            else:
+                ended.append((message, origin, error))
+
+    # Fallbacks first: if the Celery broker refuses them, retrying this whole batch is
+    # safe (markers), while DLQ records written before would be written twice.
+    errback = self.app.signature(DEAD_LETTER_TASK)
+    for message, origin in retry_later:
+        self.app.send_task(
+            REPLAY_TASK, args=(message,), kwargs={"origin": _origin_dict(origin)}, queue=rt.settings.queue,
+            link_error=errback, retries=1, countdown=rt.settings.backoff.countdown(0),
+        )
+    outcomes["retrying"] += len(retry_later)
+    for message, origin, error in ended:
+        _write_dead_letter(
+            rt, message, _origin_dict(origin), error, traceback=_traceback_of(error), attempts=1,
+            task_id=self.request.id,
+        )
+        outcomes["rejected" if isinstance(error, DecodeError) else "dead"] += 1
+    return dict(outcomes)
+
+
+def _origin_dict(origin: list[Any] | dict[str, Any] | None) -> dict[str, Any] | None:
+    if origin is None or isinstance(origin, dict):
+        return origin
+    topic, partition, offset = origin
+    return {"topic": topic, "partition": partition, "offset": offset}
+
+
+def _traceback_of(exc: BaseException) -> str:
+    return "".join(traceback_module.format_exception(exc))
+
+
+def _write_dead_letter(
+    rt: _Runtime, message: str | bytes, origin: dict[str, Any] | None, exc: BaseException, *, traceback: str,
+    attempts: int, task_id: str | None,
+) -> None:
+    letter, key = letter_for_failure(
+        message, exc, origin=origin, traceback=traceback, attempts=attempts, task_id=task_id,
+        max_bytes=rt.settings.max_message_bytes, signer=rt.signer,
+    )
+    rt.dlq.write(letter, key)
+
+
+@shared_task(name=DEAD_LETTER_TASK, ignore_result=True)
+def dead_letter(request: Any, exc: BaseException, traceback: str | None = None) -> None:
+    """Error callback of the replay tasks: write exactly one DLQ record per failed op.
+
+    Celery calls it in the worker that ran the task, with the task's request (its
+    arguments, retries and id), the exception and the formatted traceback. For a
+    failed ``replay_batch`` (which handles its ops' own failures, so this means
+    something unexpected), every op of the batch gets a record.
+    """
+    from celery import current_app
+
+    rt = runtime(current_app._get_current_object())
+    args: Sequence[Any] = request.args or ()
+    if request.task == REPLAY_BATCH_TASK and len(args) == 2:
+        for message, origin in zip(args[0], args[1], strict=True):
+            _write_dead_letter(
+                rt, message, _origin_dict(origin), exc, traceback=traceback or "", attempts=1, task_id=request.id
+            )
+        return
+    origin = (request.kwargs or {}).get("origin") or None
+    _write_dead_letter(
+        rt, args[0] if args else "", origin, exc, traceback=traceback or "", attempts=(request.retries or 0) + 1,
+        task_id=request.id,
+    )
+
+
+@signals.worker_process_shutdown.connect
+def _close_producers(**_: Any) -> None:
+    # A prefork child is going away: flush what tasks published, spool the rest.
+    from .producer import close_all
+
+    close_all(timeout=10.0)
+
+
+class _ValidateSettings(bootsteps.Step):
+    """Worker boot step: refuse to start with bad ``redis_retry_*`` settings."""
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        settings_for(worker.app)
+        super().__init__(worker, **kwargs)
+
+
+def attach(app: Any) -> None:
+    """Add the queue and start-up validation to ``app`` (see ``install``).
+
+    The tasks themselves are shared tasks: importing this module registered them on
+    every Celery app, finalized or not.
+    """
+    if _ValidateSettings not in app.steps["worker"]:
+        app.steps["worker"].add(_ValidateSettings)
+
+    def add_queue(**_: Any) -> None:
+        queue = settings_for(app).queue
+        queues = app.conf.task_queues
+        # Without an explicit task_queues, Celery creates queues on demand (-Q redis-retry).
+        if queues is not None and queue not in {q.name for q in queues}:
+            app.conf.task_queues = [*queues, Queue(queue, routing_key=queue)]  # type: ignore[no-untyped-call]
+
+    if app.configured:
+        add_queue()
+    else:
+        app.on_after_configure.connect(add_queue, weak=False)

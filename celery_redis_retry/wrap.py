@@ -1,0 +1,341 @@
+"""Step 1 of the flow without boilerplate: a redis-py client whose failed writes are captured.
+
+``wrap(client)`` returns a copy of a ``redis.Redis`` client (same connection pool,
+same options, same class plus capture) on which a write command that fails with a
+retryable error is built into an op and published for replay, exactly as the
+:class:`~celery_redis_retry.on_failure` guard would do by hand::
+
+    r = redis.Redis(host="cache", socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    cache = celery_redis_retry.wrap(r)
+    cache.set("user:42", payload, ex=300)   # Redis down: published, returns None
+    cache.get("user:42")                    # reads are never captured: raises
+
+What is captured, and what is not:
+
+* single write commands of :data:`celery_redis_retry.commands.COMMANDS` that the
+  producer's ``redis_retry_allowed_commands`` allow, built with
+  :func:`celery_redis_retry.ops.command` (relative expiries become absolute);
+* ``EVALSHA``/``EVAL`` of a script whose source is registered in
+  ``redis_retry_scripts`` (so ``client.register_script(src)(keys=..., args=...)``
+  works), as :func:`~celery_redis_retry.ops.script` ops that carry its name only;
+* pipelines, as one :func:`~celery_redis_retry.ops.pipeline` op of their write
+  commands (reads are dropped), ``transaction=`` kept;
+* never: reads; writes whose reply *is* the point (LPOP, SPOP, GETDEL, LMOVE...:
+  a replay would throw the popped value away); pipelines that used WATCH (the
+  optimistic check cannot be replayed); pipelines holding a command that is
+  neither a capturable write nor a known read; locks (``client.lock()`` always
+  runs on the plain client); non-retryable errors (WRONGTYPE, syntax...).
+  In all these cases the Redis error is raised as if the client were not wrapped.
+
+A captured call returns None (redis-py's "no result": ``SET`` returns True when it
+wrote, so None never reads as success) and logs a WARNING naming the op id. With
+``raise_on_capture=True`` it raises :class:`CapturedWriteError` instead, carrying the
+op and chained to the Redis error. ``on_capture`` is called with each captured op
+(metrics, tracing, tests). If the op cannot be published either (spool full...), the
+:class:`~celery_redis_retry.errors.RedisRetryError` that says why is raised from the
+Redis error, as ``on_failure`` does.
+
+Opting out per call: the client you passed in is unchanged, use it (or
+``wrapped.uncaptured``, the same object) for writes that must not be replayed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from redis.commands import READ_COMMANDS
+
+from . import ops, policy
+from .commands import COMMANDS
+from .errors import CapturedWriteError, EncodeError, RedisRetryError
+from .ops import RedisOp
+from .producer import RetryProducer
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+#: Table writes that are never captured automatically: the reply is the result the
+#: caller wanted (a popped element, the old value), and a replay would discard it.
+REPLY_CONSUMING = frozenset(
+    ("GETSET", "GETDEL", "SPOP", "LPOP", "RPOP", "ZPOPMIN", "ZPOPMAX", "LMOVE", "RPOPLPUSH")
+)
+#: Commands a pipeline may hold besides writes without preventing its capture.
+_HARMLESS = frozenset(READ_COMMANDS) | {"PING", "ECHO", "TIME", "MULTI", "EXEC"}
+# Frames of these packages are skipped when naming the caller as the op's source.
+_OWN_PACKAGES = ("redis", "celery_redis_retry")
+
+
+def op_summary(op: RedisOp) -> str:
+    """``SET user:42``, ``pipeline of 3 (MULTI/EXEC)``, ``script bump``: for logs and messages."""
+    if op.kind == "script":
+        return f"script {op.script}"
+    if op.kind == "pipeline":
+        return f"pipeline of {len(op.commands)}" + (" (MULTI/EXEC)" if op.transaction else "")
+    key = op.first_key
+    return f"{op.commands[0][0]!s} {key!r:.60}" if isinstance(key, bytes) else f"{op.commands[0][0]!s} {key!s:.60}"
+
+
+class _Capture:
+    """What a wrapped client and its pipelines share: where and how ops are published."""
+
+    def __init__(
+        self,
+        producer: RetryProducer | None,
+        source: str | None,
+        target: str,
+        raise_on_capture: bool,
+        on_capture: Callable[[RedisOp], None] | None,
+    ) -> None:
+        self._producer = producer
+        self.source = source
+        self.target = target
+        self.raise_on_capture = raise_on_capture
+        self.on_capture = on_capture
+        self._scripts: dict[str, str] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def producer(self) -> RetryProducer:
+        if self._producer is not None:
+            return self._producer
+        from .capture import default_producer
+
+        return default_producer()  # looked up each time: install() may come after wrap()
+
+    # -- building ops --------------------------------------------------------------------
+
+    def _script_names(self) -> dict[str, str]:
+        """SHA1 of each registered script's source -> its name (what EVALSHA carries)."""
+        if self._scripts is None:
+            with self._lock:
+                self._scripts = script_names(self.producer.settings.scripts)
+        return self._scripts
+
+    def command_op(self, args: tuple[Any, ...]) -> RedisOp | None:
+        """The op replaying ``args`` (as given to ``execute_command``), or None if not capturable."""
+        if not args or not isinstance(args[0], (str, bytes)):
+            return None
+        name = (args[0].decode() if isinstance(args[0], bytes) else args[0]).upper()
+        if name in ("EVALSHA", "EVAL"):
+            return self._script_op(name, args)
+        if name not in COMMANDS or name in REPLY_CONSUMING:
+            return None
+        if name not in self.producer.settings.allowed_commands:
+            return None
+        try:
+            return ops.command(name, *args[1:])
+        except EncodeError as exc:  # an argument redis-py accepts but the wire format cannot carry
+            logger.warning("%s failed and cannot be captured: %s", name, exc)
+            return None
+
+    def _script_op(self, name: str, args: tuple[Any, ...]) -> RedisOp | None:
+        if len(args) < 3:
+            return None
+        body = args[1]
+        if name == "EVAL":
+            body = hashlib.sha1(body.encode() if isinstance(body, str) else body).hexdigest()  # noqa: S324
+        sha = body.decode() if isinstance(body, bytes) else str(body)
+        script = self._script_names().get(sha.lower())
+        if script is None:
+            return None  # not in redis_retry_scripts: the workers could not run it
+        try:
+            numkeys = int(args[2])
+            return ops.script(script, keys=args[3 : 3 + numkeys], args=args[3 + numkeys :])
+        except (EncodeError, ValueError) as exc:
+            logger.warning("script %s failed and cannot be captured: %s", script, exc)
+            return None
+
+    def pipeline_op(self, commands: Iterable[tuple[Any, ...]], transaction: bool) -> RedisOp | None:
+        """One op of the pipeline's writes, or None if one of its commands forbids capture."""
+        writes: list[RedisOp] = []
+        for args in commands:
+            name = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
+            if name.upper() in _HARMLESS:
+                continue
+            op = self.command_op(args)
+            if op is None or op.kind != "command":
+                return None
+            writes.append(op)
+        if not writes:
+            return None
+        return ops.pipeline(writes, transaction=transaction)
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def captured(self, op: RedisOp | None, exc: BaseException) -> Any:
+        """Publish ``op`` for the failed call and return what the call returns (or raise)."""
+        if op is None:
+            raise exc
+        op = op.with_error(exc).with_source(self.source or _caller())
+        if self.target != "default":
+            op = op.with_target(self.target)
+        try:
+            self.producer.publish(op)
+        except RedisRetryError as error:
+            raise error from exc
+        logger.warning("%s failed (%s: %s); captured for replay as op %s", op_summary(op), type(exc).__name__, exc,
+                       op.id)
+        if self.on_capture is not None:
+            self.on_capture(op)
+        if self.raise_on_capture:
+            raise CapturedWriteError(
+                f"{op_summary(op)} failed ({type(exc).__name__}: {exc}); captured for replay as op {op.id}", op
+            ) from exc
+        return None
+
+
+def _caller() -> str:
+    """``module.function`` of the application code that issued the write (the op's source)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.split(".", 1)[0] not in _OWN_PACKAGES:
+            return f"{module}.{frame.f_code.co_name}"
+        frame = frame.f_back  # type: ignore[assignment]
+    return "celery_redis_retry.wrap"
+
+
+class _CapturingClient:
+    """Mixed in before the client's own class: capture around ``execute_command``."""
+
+    _crr_capture: _Capture
+    _crr_plain: Any
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return super().execute_command(*args, **options)  # type: ignore[misc]
+        except Exception as exc:
+            if not policy.is_retryable(exc):
+                raise
+            return self._crr_capture.captured(self._crr_capture.command_op(args), exc)
+
+    @property
+    def uncaptured(self) -> Any:
+        """The client that was wrapped: its failed writes are not captured."""
+        return self._crr_plain
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)  # type: ignore[misc]
+        pipe.__class__ = _capturing_class(type(pipe), _CapturingPipeline)
+        pipe._crr_capture = self._crr_capture
+        return pipe
+
+    def lock(self, *args: Any, **kwargs: Any) -> Any:
+        # A lock taken later by a replay would be held by nobody: locks are never captured.
+        return self._crr_plain.lock(*args, **kwargs)
+
+    def client(self) -> Any:
+        return _copy_with_capture(self._crr_plain.client(), self._crr_capture)
+
+    def close(self) -> None:
+        # The pool belongs to the wrapped client, which closes it when it goes away.
+        self._crr_plain.close()
+
+    def __del__(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"wrap({self._crr_plain!r})"
+
+
+class _CapturingPipeline:
+    """Mixed in before the pipeline's own class: capture around ``execute``."""
+
+    _crr_capture: _Capture
+    command_stack: list[Any]
+    watching: bool
+    transaction: bool
+    explicit_transaction: bool
+
+    def execute(self, raise_on_error: bool = True) -> Any:
+        # execute() empties the stack whatever happens: keep what it held.
+        stack = list(self.command_stack)
+        watched = self.watching
+        transaction = bool(self.transaction or self.explicit_transaction)
+        try:
+            return super().execute(raise_on_error)  # type: ignore[misc]
+        except Exception as exc:
+            if not policy.is_retryable(exc) or watched or not stack:
+                raise
+            commands = [_stacked_args(entry) for entry in stack]
+            op = None if None in commands else self._crr_capture.pipeline_op(commands, transaction)  # type: ignore[arg-type]
+            return self._crr_capture.captured(op, exc)
+
+
+def _stacked_args(entry: Any) -> tuple[Any, ...] | None:
+    # redis.Redis pipelines stack (args, options) pairs.
+    if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], tuple):
+        return entry[0]
+    return None
+
+
+_classes: dict[tuple[type, type], type] = {}
+
+
+def _capturing_class(base: type, mixin: type) -> type:
+    """``base`` with ``mixin`` in front, made once per class."""
+    cls = _classes.get((base, mixin))
+    if cls is None:
+        if issubclass(base, mixin):
+            return base
+        cls = _classes[(base, mixin)] = type(f"Capturing{base.__name__}", (mixin, base), {"__module__": __name__})
+    return cls
+
+
+def _copy_with_capture(client: Any, capture: _Capture) -> Any:
+    copy: Any = object.__new__(_capturing_class(type(client), _CapturingClient))
+    copy.__dict__.update(client.__dict__)
+    copy._crr_plain = client
+    copy._crr_capture = capture
+    return copy
+
+
+def wrap(
+    client: R,
+    *,
+    producer: RetryProducer | None = None,
+    source: str | None = None,
+    target: str = "default",
+    raise_on_capture: bool = False,
+    on_capture: Callable[[RedisOp], None] | None = None,
+) -> R:
+    """A copy of a redis-py ``client`` whose failed writes are published for replay.
+
+    The copy shares the client's connection pool and options and is an instance of
+    its class (``isinstance(wrapped, redis.Redis)`` holds); ``client`` itself is left
+    as it is. ``producer`` defaults to the process-wide one of the app given to
+    :func:`celery_redis_retry.install`. ``source`` names the code in DLQ records
+    (default: the calling ``module.function``); ``target`` is the entry of
+    ``redis_retry_targets`` this client writes to. See the module documentation for
+    what is captured and what a captured call returns.
+
+    :raises TypeError: for an asyncio client (not supported yet) or a non-client.
+    """
+    plain: Any = client
+    if isinstance(plain, _CapturingClient):
+        plain = plain.uncaptured
+    execute = getattr(plain, "execute_command", None)
+    if execute is None or not hasattr(plain, "__dict__"):
+        raise TypeError(f"wrap() takes a redis-py client, got {type(client).__name__}")
+    if inspect.iscoroutinefunction(execute):
+        raise TypeError("wrap() does not support redis.asyncio clients yet; use the on_failure guard")
+    if not isinstance(target, str) or not target:
+        raise TypeError(f"target must be a non-empty string, got {target!r}")
+    capture = _Capture(producer, source, target, raise_on_capture, on_capture)
+    wrapped: R = _copy_with_capture(plain, capture)
+    return wrapped
+
+
+def script_names(scripts: Mapping[str, str]) -> dict[str, str]:
+    """SHA1 -> name for a ``redis_retry_scripts`` mapping (what wrapped EVALSHA calls are matched with)."""
+    return {hashlib.sha1(src.encode()).hexdigest(): name for name, src in scripts.items()}  # noqa: S324
+
+
+__all__ = ["REPLY_CONSUMING", "CapturedWriteError", "op_summary", "wrap"]
