@@ -1,0 +1,195 @@
+"""The whole loop as real processes: target Redis, Celery broker, worker, bridge, Kafka.
+
+``LoopStack`` wires them together through ``tests/apps/loop_app.py`` (configured from
+environment variables), and gives the test a producer with the very same settings, so a
+test publishes ops exactly as an application would, then reads Redis and the DLQ.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from celery_redis_retry.config import Settings
+from celery_redis_retry.dlq import DeadLetter, decode_record
+from celery_redis_retry.producer import RetryProducer
+from celery_redis_retry.testing import (
+    TEST_CONSUMER_SETTINGS,
+    CeleryCommand,
+    CeleryWorker,
+    KafkaBroker,
+    RedisCluster,
+    RedisServer,
+    read_topic,
+    wait_until,
+)
+
+APPS_DIR = Path(__file__).parent / "apps"
+sys.path.insert(0, str(APPS_DIR))
+
+from loop_scripts import SCRIPTS  # noqa: E402 - lives beside the app, which imports it too
+
+#: Fast group joins and topic discovery for short-lived test groups.
+KAFKA_EXTRA = {**TEST_CONSUMER_SETTINGS, "topic.metadata.refresh.interval.ms": 1000}
+
+
+@dataclass
+class LoopStack:
+    """One isolated copy of the system: its own topic, group, queue, target and spool."""
+
+    kafka: KafkaBroker
+    target: RedisServer | RedisCluster
+    broker_url: str
+    workdir: Path
+    max_retries: int = 3
+    backoff: float = 0.5
+    backoff_max: float = 4.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+    #: The Celery broker's redis-server, when the stack started one.
+    broker: RedisServer | None = None
+    name: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+    worker: CeleryWorker | None = None
+    bridges: list[CeleryCommand] = field(default_factory=list)
+    _producer: RetryProducer | None = None
+
+    @property
+    def topic(self) -> str:
+        return f"ops-{self.name}"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic}.dlq"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "PYTHONPATH": str(APPS_DIR),
+            "CRR_BROKER_URL": self.broker_url,
+            "CRR_BOOTSTRAP": self.kafka.bootstrap_servers,
+            "CRR_KAFKA_EXTRA": json.dumps(KAFKA_EXTRA),
+            "CRR_TARGET_URL": self.target.url,
+            "CRR_TOPIC": self.topic,
+            "CRR_GROUP": f"group-{self.name}",
+            "CRR_QUEUE": f"queue-{self.name}",
+            "CRR_SPOOL": str(self.workdir / "spool.sqlite3"),
+            "CRR_MAX_RETRIES": str(self.max_retries),
+            "CRR_BACKOFF": str(self.backoff),
+            "CRR_BACKOFF_MAX": str(self.backoff_max),
+            **self.extra_env,
+        }
+
+    def settings(self) -> Settings:
+        """The settings loop_app builds from :attr:`env`, for the test's own producer."""
+        env = self.env
+        return Settings.from_mapping(
+            {
+                "redis_retry_kafka": {"bootstrap.servers": env["CRR_BOOTSTRAP"], **KAFKA_EXTRA},
+                "redis_retry_targets": {"default": env["CRR_TARGET_URL"]},
+                "redis_retry_topic": env["CRR_TOPIC"],
+                "redis_retry_scripts": SCRIPTS,
+                "redis_retry_spool_path": str(self.workdir / "test-producer-spool.sqlite3"),
+            }
+        )
+
+    @property
+    def producer(self) -> RetryProducer:
+        if self._producer is None:
+            self._producer = RetryProducer(self.settings(), handle_sigterm=False)
+        return self._producer
+
+    def publish_all(self, ops: Iterable[Any]) -> list[Any]:
+        """Publish ``ops`` and wait until Kafka has every one of them."""
+        published = list(ops)
+        for op in published:
+            self.producer.publish(op)
+        assert self.producer.flush(30) == 0
+        return published
+
+    # -- processes -----------------------------------------------------------------------
+
+    def start_worker(self, concurrency: int = 2) -> CeleryWorker:
+        self.worker = CeleryWorker(
+            "loop_app", queues=[f"queue-{self.name}"], concurrency=concurrency, env=self.env,
+            cwd=str(self.workdir), log_dir=self.workdir,
+        )
+        return self.worker.start(timeout=90)
+
+    def start_bridge(self, *args: str, env: dict[str, str] | None = None) -> CeleryCommand:
+        bridge = CeleryCommand(
+            "loop_app", ["redis-retry", "bridge", *args], env={**self.env, **(env or {})}, cwd=str(self.workdir),
+            log_dir=self.workdir,
+        )
+        self.bridges.append(bridge)
+        return bridge.start(ready_pattern=r"bridge consuming", timeout=90)
+
+    def wait_assigned(self, bridge: CeleryCommand, timeout: float = 60.0) -> None:
+        bridge.wait_for_log(r"assigned " + re.escape(self.topic), timeout=timeout)
+
+    def committed_offsets(self) -> dict[int, int]:
+        """The consumer group's committed offset per partition of the topic (-1001: none)."""
+        from celery_redis_retry import kafka
+
+        consumer = kafka.new_consumer(self.settings().kafka, f"group-{self.name}")
+        try:
+            metadata = consumer.list_topics(self.topic, timeout=10)
+            partitions = [kafka.TopicPartition(self.topic, p) for p in metadata.topics[self.topic].partitions]
+            return {tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=10)}
+        finally:
+            consumer.close()
+
+    def end_offsets(self) -> dict[int, int]:
+        """The high watermark of each partition of the topic."""
+        from celery_redis_retry import kafka
+
+        consumer = kafka.new_consumer(self.settings().kafka, f"watermarks-{self.name}")
+        try:
+            metadata = consumer.list_topics(self.topic, timeout=10)
+            return {
+                p: consumer.get_watermark_offsets(kafka.TopicPartition(self.topic, p), timeout=10)[1]
+                for p in metadata.topics[self.topic].partitions
+            }
+        finally:
+            consumer.close()
+
+    def stop(self) -> None:
+        for bridge in self.bridges:
+            if bridge.running:
+                bridge.stop(timeout=30)
+        if self.worker is not None and self.worker.running:
+            self.worker.stop(timeout=30)
+        if self._producer is not None:
+            self._producer.close(5)
+            self._producer = None
+
+    # -- observations --------------------------------------------------------------------
+
+    def client(self) -> Any:
+        """A redis-py client of the target (a ``RedisCluster`` for a cluster target)."""
+        return self.target.client()
+
+    def wait_for(self, check: Callable[[], Any], timeout: float, what: str) -> Any:
+        """Poll ``check`` until it returns something truthy; fail with the process logs otherwise."""
+        try:
+            return wait_until(check, timeout, interval=0.25, what=what)
+        except TimeoutError as exc:
+            logs = "\n".join(
+                f"--- {p.log_path} ---\n{p.log_tail(30)}" for p in [*self.bridges, self.worker] if p is not None
+            )
+            raise AssertionError(f"{exc}\n{logs}") from exc
+
+    def dead_letters(self, count: int | None = None, timeout: float = 60.0, idle: float = 3.0) -> list[DeadLetter]:
+        records = read_topic(self.kafka.bootstrap_servers, self.dlq_topic, count=count, timeout=timeout, idle=idle)
+        return [decode_record(r.value or b"") for r in records]
+
+    def dlq_is_empty(self, settle: float = 3.0) -> bool:
+        return not read_topic(self.kafka.bootstrap_servers, self.dlq_topic, timeout=settle + 2, idle=settle)
+
+    def worker_log_count(self, pattern: str) -> int:
+        return len(re.findall(pattern, self.worker.log_text())) if self.worker else 0
+

@@ -1,0 +1,178 @@
+"""Batched replay: the bridge's batches and offsets (pure), and the worker's pipelined run (real Redis)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from loop_stack import LoopStack
+
+from celery_redis_retry import ops
+from celery_redis_retry.config import Settings
+from celery_redis_retry.dispatch import Batcher, Consumed, OffsetTracker
+from celery_redis_retry.errors import PermanentReplayError
+from celery_redis_retry.redis_exec import Applied, Executor
+from celery_redis_retry.testing import RedisServer
+
+
+def item(partition: int, offset: int, topic: str = "t") -> Consumed:
+    return Consumed(topic, partition, offset, "{}", f"op-{partition}-{offset}")
+
+
+# -- offsets: never commit past an op not handed over -------------------------------------
+
+
+def test_offsets_advance_only_over_a_contiguous_handed_over_prefix() -> None:
+    tracker = OffsetTracker()
+    for offset in range(10, 15):
+        tracker.consumed("t", 0, offset)
+    assert tracker.handed_over("t", 0, 12) is None  # 10 and 11 still open
+    assert tracker.handed_over("t", 0, 11) is None
+    assert tracker.first_open("t", 0) == 10
+    assert tracker.handed_over("t", 0, 10) == 13  # 10, 11, 12 done: commit up to 13
+    assert tracker.handed_over("t", 0, 14) is None
+    assert tracker.handed_over("t", 0, 13) == 15
+    assert tracker.first_open("t", 0) is None
+    assert len(tracker) == 0
+
+
+def test_partitions_are_tracked_apart_and_forgotten_on_rewind() -> None:
+    tracker = OffsetTracker()
+    tracker.consumed("t", 0, 5)
+    tracker.consumed("t", 1, 7)
+    tracker.consumed("t", 1, 8)
+    assert tracker.handed_over("t", 1, 7) == 8
+    tracker.forget("t", 0)
+    assert tracker.handed_over("t", 0, 5) is None  # rewound meanwhile: nothing to store
+    assert tracker.first_open("t", 1) == 8
+
+
+# -- batches: per target, full or lingering ------------------------------------------------
+
+
+def test_batches_fill_per_target_and_linger_out() -> None:
+    batcher = Batcher(size=3, linger=0.05)
+    assert batcher.add("a", item(0, 1)) is None
+    assert batcher.add("b", item(0, 2)) is None
+    assert batcher.add("a", item(1, 1)) is None
+    full = batcher.add("a", item(1, 2))
+    assert [i.offset for i in full or []] == [1, 1, 2]
+    assert batcher.due(now=0.0) == []  # "b" started later than t=0 - 0.05
+    waiting = batcher.seconds_to_next()
+    assert waiting is not None
+    assert 0 <= waiting <= 0.05
+    later = batcher.due(now=1e12)
+    assert [[i.offset for i in b] for b in later] == [[2]]
+    assert batcher.seconds_to_next() is None
+
+
+def test_a_rewound_partition_leaves_its_waiting_ops_behind() -> None:
+    batcher = Batcher(size=10, linger=60)
+    batcher.add("a", item(0, 1))
+    batcher.add("a", item(1, 1))
+    batcher.add("b", item(0, 2))
+    batcher.drop({("t", 0)})
+    remaining = batcher.due(everything=True)
+    assert [[(i.partition, i.offset) for i in b] for b in remaining] == [[(1, 1)]]
+
+
+def test_batches_holding_revoked_partitions_are_taken_out_to_be_sent() -> None:
+    batcher = Batcher(size=10, linger=60)
+    batcher.add("a", item(0, 1))
+    batcher.add("b", item(1, 1))
+    taken = batcher.partitions_waiting({("t", 1)})
+    assert [[(i.partition, i.offset) for i in b] for b in taken] == [[(1, 1)]]
+    assert [[(i.partition, i.offset) for i in b] for b in batcher.due(everything=True)] == [[(0, 1)]]
+
+
+# -- the worker side: many ops, one round trip ---------------------------------------------
+
+
+@pytest.fixture
+def executor(redis_server: RedisServer) -> Iterator[tuple[Executor, Any]]:
+    settings = Settings.from_mapping(
+        {
+            "redis_retry_kafka": {"bootstrap.servers": "127.0.0.1:1"},
+            "redis_retry_targets": {"default": redis_server.url},
+            "redis_retry_scripts": {"bump": "return redis.call('INCRBY', KEYS[1], ARGV[1])"},
+        }
+    )
+    with redis_server.client() as client:
+        yield Executor(settings), client
+
+
+def test_run_many_gives_one_result_per_op_in_one_round_trip(executor: tuple[Executor, Any]) -> None:
+    run, r = executor
+    r.set("a-string", "x")
+    r.set("guarded", "v2")
+    batch = [
+        ops.set("s", b"\xff"),  # plain
+        ops.incrby("n", 2),  # exactly once
+        ops.pipeline([ops.incrby("tx:a", 1), ops.rpush("tx:b", "x")]),  # transaction
+        ops.script("bump", keys=["hits"], args=[5]),  # script not loaded yet: NOSCRIPT, then loaded
+        ops.lpush("a-string", "v"),  # fails inside Lua: WRONGTYPE
+        ops.sadd("a-string", "v"),  # fails as a plain command: WRONGTYPE
+        ops.set("guarded", "v1", if_value="v0"),  # superseded
+    ]
+    results = run.run_many(batch)
+    assert [r.outcome if isinstance(r, Applied) else type(r).__name__ for r in results] == [
+        "applied", "applied", "applied", "applied", "PermanentReplayError", "PermanentReplayError", "superseded",
+    ]
+    assert isinstance(results[4], PermanentReplayError)
+    assert results[4].reason == "wrong_type"
+    assert isinstance(results[5], PermanentReplayError)
+    assert results[5].reason == "wrong_type"
+    assert (r.get("s"), r.get("n"), r.get("tx:a"), r.lrange("tx:b", 0, -1), r.get("hits"), r.get("guarded")) == (
+        b"\xff", b"2", b"1", [b"x"], b"5", b"v2",
+    )
+    again = run.run_many(batch[:4])
+    assert [r.outcome for r in again if isinstance(r, Applied)] == ["applied", "duplicate", "duplicate", "duplicate"]
+    assert (r.get("n"), r.get("hits")) == (b"2", b"5")
+
+
+def test_run_many_reports_a_retryable_reply_per_op(executor: tuple[Executor, Any], redis_server: RedisServer) -> None:
+    run, r = executor
+    r.config_set("min-replicas-to-write", 1)  # every write now gets NOREPLICAS: retryable
+    try:
+        results = run.run_many([ops.set("k", 1), ops.incrby("n", 1)])
+    finally:
+        r.config_set("min-replicas-to-write", 0)
+    assert all(isinstance(x, redis.ResponseError) and "NOREPLICAS" in str(x) for x in results), results
+
+
+def test_run_many_raises_when_the_round_trip_fails(executor: tuple[Executor, Any], redis_server: RedisServer) -> None:
+    run, _ = executor
+    run.run_many([ops.set("warm", 1)])
+    redis_server.kill()
+    with pytest.raises(redis.ConnectionError):
+        run.run_many([ops.set("k", 1), ops.incrby("n", 1)])
+
+
+# -- backpressure: a backlog stays in Kafka, not in the Celery broker ----------------------
+
+
+@pytest.mark.slow
+def test_the_bridge_stops_reading_while_the_celery_queue_is_long(make_loop: Callable[..., LoopStack]) -> None:
+    stack = make_loop(extra_env={"CRR_BATCH_SIZE": "10", "CRR_HIGH_WATER": "5"})
+    assert stack.broker is not None
+    bridge = stack.start_bridge()
+    count = 3000
+    stack.publish_all(ops.set(f"k:{i}", i) for i in range(count))
+    stack.wait_assigned(bridge)
+    bridge.wait_for_log(r"reading paused", timeout=60)
+    queue = f"queue-{stack.name}"
+    with stack.broker.client() as broker:
+        lengths = []
+        for _ in range(12):
+            lengths.append(broker.llen(queue))
+            time.sleep(0.25)
+    # One loop reads at most 500 messages (50 tasks of 10) before it looks at the queue again.
+    assert max(lengths) <= 5 + 50, lengths
+    assert max(lengths) * 10 < count, "most of the backlog must still be in Kafka"
+    stack.start_worker()
+    with stack.client() as r:
+        stack.wait_for(lambda: r.dbsize() == count, 120, "every op applied once the worker drains the queue")
+    assert "reading again" in bridge.log_text()

@@ -1,0 +1,287 @@
+"""Settings: the documented defaults, one clear error per bad key, the broker check, caching on the app."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from celery_redis_retry import ops
+from celery_redis_retry.commands import DEFAULT_ALLOWED
+from celery_redis_retry.config import Settings, check_broker_visibility, settings_for
+from celery_redis_retry.errors import CommandNotAllowedError, ConfigurationError, UnknownTargetError
+from celery_redis_retry.message import Signer
+from celery_redis_retry.policy import Backoff
+
+MINIMAL: dict[str, Any] = {
+    "redis_retry_kafka": {"bootstrap.servers": "kafka:9092"},
+    "redis_retry_targets": {"default": "redis://localhost:6379/0"},
+}
+
+
+def settings(**changes: Any) -> Settings:
+    conf = {**MINIMAL, **{f"redis_retry_{key}": value for key, value in changes.items()}}
+    return Settings.from_mapping(conf)
+
+
+def refused(**changes: Any) -> str:
+    """The ConfigurationError message for MINIMAL with ``changes`` (None removes a key)."""
+    conf = {**MINIMAL, **{f"redis_retry_{key}": value for key, value in changes.items()}}
+    conf = {key: value for key, value in conf.items() if value is not None}
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_mapping(conf)
+    assert info.value.reason == "configuration"
+    return str(info.value)
+
+
+@pytest.fixture(autouse=True)
+def state_home(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    return str(tmp_path)
+
+
+# -- defaults ----------------------------------------------------------------------------
+
+
+def test_minimal_mapping_gives_the_documented_defaults(state_home: str) -> None:
+    s = settings()
+    assert s.topic == "redis-retry-queue"
+    assert s.dlq_topic == "redis-retry-queue.dlq"
+    assert s.consumer_group == "redis-retry-consumer-group"
+    assert s.queue == "redis-retry"
+    assert s.max_retries == 3
+    assert s.backoff == Backoff(factor=1.0, maximum=600.0, jitter=True)
+    assert dict(s.kafka) == {"bootstrap.servers": "kafka:9092"}
+    assert dict(s.targets) == {"default": "redis://localhost:6379/0"}
+    assert dict(s.scripts) == {}
+    assert dict(s.signing_keys) == {}
+    assert s.signer is None
+    assert s.allowed_commands == DEFAULT_ALLOWED
+    assert s.spool_path == os.path.join(state_home, "celery-redis-retry", "redis-retry-queue.spool.sqlite3")
+    assert s.max_message_bytes == 1_000_000
+    # The dataclass defaults say the same as the reader does.
+    assert s == Settings(kafka=s.kafka, targets=s.targets, spool_path=s.spool_path,
+                         scripts=s.scripts, signing_keys=s.signing_keys)
+
+
+def test_dlq_topic_and_spool_follow_the_topic(state_home: str) -> None:
+    s = settings(topic="orders-retry")
+    assert s.dlq_topic == "orders-retry.dlq"
+    assert s.spool_path.endswith("orders-retry.spool.sqlite3")
+    assert settings(topic="a", dlq_topic="b").dlq_topic == "b"
+
+
+def test_explicit_values_are_kept() -> None:
+    s = settings(
+        consumer_group="g", queue="q", max_retries=0, backoff=5, backoff_max=60, jitter=False,
+        scripts={"cas": "return 1"}, signing_keys={"k1": "s" * 16, "k2": b"t" * 32},
+        allowed_commands=["set", "DEL"], spool_path="/tmp/spool",
+    )
+    assert (s.consumer_group, s.queue, s.max_retries, s.spool_path) == ("g", "q", 0, "/tmp/spool")
+    assert s.backoff == Backoff(factor=5.0, maximum=60.0, jitter=False)
+    assert dict(s.signing_keys) == {"k1": b"s" * 16, "k2": b"t" * 32}
+    assert isinstance(s.signer, Signer)
+    assert s.signer.key_id == "k1"
+    assert s.allowed_commands == frozenset({"SET", "DEL"})
+    assert settings(backoff=False).backoff.factor is None
+    assert settings(backoff=True).backoff.factor == 1.0
+
+
+def test_settings_are_frozen() -> None:
+    s = settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.topic = "other"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        s.targets["evil"] = "redis://evil"  # type: ignore[index]
+    with pytest.raises(TypeError):
+        s.kafka["bootstrap.servers"] = "evil:9092"  # type: ignore[index]
+
+
+# -- every bad key is named ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"kafka": None}, ["redis_retry_kafka is required"]),
+        ({"kafka": "kafka:9092"}, ["redis_retry_kafka must be a dict"]),
+        ({"kafka": {}}, ["redis_retry_kafka", "bootstrap.servers"]),
+        ({"kafka": {"bootstrap.servers": ""}}, ["redis_retry_kafka", "bootstrap.servers"]),
+        ({"targets": None}, ["redis_retry_targets is required"]),
+        ({"targets": ["redis://x"]}, ["redis_retry_targets must be a dict"]),
+        ({"targets": {"main": "redis://x"}}, ["redis_retry_targets", "'default'"]),
+        ({"targets": {"default": "http://x:6379"}}, ["redis_retry_targets['default']", "'http://x:6379'"]),
+        ({"targets": {"default": "redis://x", "s": "localhost:6379"}}, ["redis_retry_targets['s']"]),
+        ({"targets": {"default": 6379}}, ["redis_retry_targets['default']"]),
+        ({"targets": {"default": "redis://x", "": "redis://y"}}, ["redis_retry_targets keys"]),
+        ({"topic": ""}, ["redis_retry_topic must be a non-empty string"]),
+        ({"dlq_topic": 5}, ["redis_retry_dlq_topic"]),
+        ({"consumer_group": ""}, ["redis_retry_consumer_group"]),
+        ({"queue": ["q"]}, ["redis_retry_queue"]),
+        ({"max_retries": -1}, ["redis_retry_max_retries must be an integer >= 0, got -1"]),
+        ({"max_retries": "3"}, ["redis_retry_max_retries", "'3'"]),
+        ({"max_retries": True}, ["redis_retry_max_retries", "True"]),
+        ({"max_retries": 2.0}, ["redis_retry_max_retries"]),
+        ({"backoff": "fast"}, ["redis_retry_backoff must be True, False or a positive number", "'fast'"]),
+        ({"backoff": 0}, ["redis_retry_backoff", "got 0"]),
+        ({"backoff": -1.5}, ["redis_retry_backoff", "got -1.5"]),
+        ({"backoff_max": 0}, ["redis_retry_backoff_max must be a positive number"]),
+        ({"backoff_max": "600"}, ["redis_retry_backoff_max"]),
+        ({"backoff_max": False}, ["redis_retry_backoff_max"]),
+        ({"jitter": "yes"}, ["redis_retry_jitter must be True or False"]),
+        ({"scripts": {"cas": ""}}, ["redis_retry_scripts['cas']"]),
+        ({"scripts": {"cas": b"return 1"}}, ["redis_retry_scripts['cas']"]),
+        ({"scripts": "return 1"}, ["redis_retry_scripts must be a dict"]),
+        ({"signing_keys": {"k1": "short"}}, ["redis_retry_signing_keys['k1']", "16 bytes"]),
+        ({"signing_keys": {"k1": b"x" * 15}}, ["redis_retry_signing_keys['k1']"]),
+        ({"signing_keys": {"k1": 1234567890123456789}}, ["redis_retry_signing_keys['k1']"]),
+        ({"signing_keys": {"bad id": "x" * 32}}, ["redis_retry_signing_keys", "'bad id'"]),
+        ({"allowed_commands": ["SET", "GET"]}, ["redis_retry_allowed_commands", "GET"]),
+        ({"allowed_commands": ["FLUSHALL", "EVAL"]}, ["redis_retry_allowed_commands", "EVAL, FLUSHALL"]),
+        ({"allowed_commands": "SET"}, ["redis_retry_allowed_commands must be a list"]),
+        ({"allowed_commands": [b"SET"]}, ["redis_retry_allowed_commands must be a list"]),
+        ({"allowed_commands": 5}, ["redis_retry_allowed_commands must be a list"]),
+        ({"allowed_commands": {"SET": True}}, ["redis_retry_allowed_commands must be a list"]),
+        ({"spool_path": ""}, ["redis_retry_spool_path"]),
+        ({"spool_max_bytes": 1024}, ["redis_retry_spool_max_bytes", ">= 65536"]),
+        ({"durable_publish": 1}, ["redis_retry_durable_publish must be True or False"]),
+        ({"max_message_bytes": 10}, ["redis_retry_max_message_bytes"]),
+        ({"dedupe_ttl": 0}, ["redis_retry_dedupe_ttl"]),
+        ({"batch_size": 0}, ["redis_retry_batch_size"]),
+        ({"batch_linger_ms": -1}, ["redis_retry_batch_linger_ms"]),
+    ],
+)
+def test_bad_or_missing_keys_are_named(changes: dict[str, Any], words: list[str]) -> None:
+    message = refused(**changes)
+    for word in words:
+        assert word in message
+
+
+def test_allowed_commands_may_be_any_iterable() -> None:
+    assert settings(allowed_commands=(name for name in ["set", "del"])).allowed_commands == {"SET", "DEL"}
+    assert settings(allowed_commands=("SET",)).allowed_commands == {"SET"}
+    assert settings(allowed_commands={"HSET"}).allowed_commands == {"HSET"}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://localhost:6379/0",
+        "redis://:secret@redis.internal:6380/2",
+        "rediss://user:secret@redis.example.com:6380/0",
+        "unix:///var/run/redis/redis.sock?db=1",
+        "redis+sentinel://sentinel-1:26379,sentinel-2:26379/mymaster/0",
+        "rediss+sentinel://sentinel-1:26379/mymaster",
+        "redis+cluster://node-1:7000,node-2:7001",
+        "rediss+cluster://node-1:7000",
+    ],
+)
+def test_every_documented_target_url_form_is_accepted(url: str) -> None:
+    assert settings(targets={"default": url, "other": url}).targets["other"] == url
+
+
+# -- the broker's visibility timeout ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "broker_url",
+    [
+        "redis://localhost:6379/0",
+        "rediss://localhost:6380/0",
+        "sentinel://s1:26379;sentinel://s2:26379",
+        "redis://a:6379/0;redis://b:6379/0",
+        "sqs://",
+    ],
+)
+def test_backoff_cap_at_the_visibility_timeout_is_refused(broker_url: str) -> None:
+    s = settings(backoff_max=3600)
+    with pytest.raises(ConfigurationError) as info:
+        check_broker_visibility(s, {"broker_url": broker_url})
+    assert "redis_retry_backoff_max (3600 s)" in str(info.value)
+    assert "visibility_timeout'] (3600 s)" in str(info.value)
+    check_broker_visibility(settings(backoff_max=3599), {"broker_url": broker_url})
+
+
+def test_visibility_timeout_from_transport_options() -> None:
+    conf = {"broker_url": "redis://localhost", "broker_transport_options": {"visibility_timeout": 300}}
+    with pytest.raises(ConfigurationError, match=r"redis_retry_backoff_max .*visibility_timeout"):
+        check_broker_visibility(settings(), conf)  # the default cap, 600 s, is above 300 s
+    check_broker_visibility(settings(backoff_max=299), conf)
+    check_broker_visibility(settings(backoff_max=86_400),
+                            {"broker_url": "redis://x", "broker_transport_options": {"visibility_timeout": 90_000}})
+
+
+@pytest.mark.parametrize("conf", [{"broker_url": "amqp://guest@localhost//"}, {"broker_url": "pyamqp://x"},
+                                  {"broker_url": None}, {}])
+def test_brokers_without_visibility_timeout_accept_any_cap(conf: dict[str, Any]) -> None:
+    check_broker_visibility(settings(backoff_max=1_000_000), conf)
+
+
+# -- read once from a real Celery app --------------------------------------------------------
+
+
+def make_app(**conf: Any) -> Celery:
+    app = Celery("test_config", set_as_current=False)
+    app.conf.update({**MINIMAL, **conf})
+    return app
+
+
+def test_settings_for_reads_once_and_caches_on_the_app() -> None:
+    app = make_app(redis_retry_topic="from-app", redis_retry_max_retries=7)
+    first = settings_for(app)
+    assert (first.topic, first.max_retries, first.dlq_topic) == ("from-app", 7, "from-app.dlq")
+    app.conf.redis_retry_topic = "changed-later"
+    assert settings_for(app) is first
+    other = settings_for(make_app())
+    assert other is not first
+    assert other.topic == "redis-retry-queue"
+
+
+def test_settings_for_fails_at_startup_naming_the_key() -> None:
+    app = Celery("bad", set_as_current=False)
+    app.conf.update(redis_retry_kafka={"bootstrap.servers": "k:9092"})
+    with pytest.raises(ConfigurationError, match="redis_retry_targets is required"):
+        settings_for(app)
+
+
+def test_settings_for_checks_the_apps_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigurationError, match="visibility_timeout"):
+        settings_for(make_app(broker_url="redis://localhost:6379/0", redis_retry_backoff_max=7200))
+    assert settings_for(make_app(broker_url="amqp://localhost//", redis_retry_backoff_max=7200)).backoff.maximum \
+        == 7200
+    # Celery takes the broker from CELERY_BROKER_URL before broker_url: so does the check.
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://from-env:6379/0")
+    with pytest.raises(ConfigurationError, match="visibility_timeout"):
+        settings_for(make_app(broker_url="amqp://localhost//", redis_retry_backoff_max=7200))
+
+
+# -- check_op ----------------------------------------------------------------------------------
+
+
+def test_check_op_refuses_unknown_targets() -> None:
+    s = settings(targets={"default": "redis://a", "sessions": "redis://b"})
+    s.check_op(ops.delete("k"))
+    s.check_op(ops.delete("k").with_target("sessions"))
+    with pytest.raises(UnknownTargetError) as info:
+        s.check_op(ops.delete("k").with_target("cache"))
+    assert "'cache'" in str(info.value)
+    assert "default, sessions" in str(info.value)
+    assert info.value.reason == "unknown_target"
+
+
+def test_check_op_refuses_commands_outside_the_allowlist() -> None:
+    s = settings(allowed_commands=["SET", "DEL", "PEXPIREAT"])
+    s.check_op(ops.set("k", "v", ex=5))
+    s.check_op(ops.expire("k", 5))  # stored as PEXPIREAT
+    s.check_op(ops.pipeline([ops.delete("a"), ops.set("b", 1)]))
+    op = ops.incrby("n", 1)
+    with pytest.raises(CommandNotAllowedError) as info:
+        s.check_op(op)
+    assert "INCRBY is not in redis_retry_allowed_commands" in str(info.value)
+    assert op.id in str(info.value)
+    with pytest.raises(CommandNotAllowedError, match="HSET"):
+        s.check_op(ops.pipeline([ops.delete("a"), ops.hset("h", "f", "v")]))

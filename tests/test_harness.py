@@ -1,0 +1,235 @@
+"""The real-process harness itself (celery_redis_retry.testing): if these fail, nothing else can be trusted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from celery_redis_retry.kafka import new_consumer, new_producer
+from celery_redis_retry.testing import (
+    TEST_CONSUMER_SETTINGS,
+    CeleryWorker,
+    EmbeddedKafka,
+    HarnessTimeoutError,
+    KafkaBroker,
+    ManagedProcess,
+    ProcessExitedError,
+    RedisServer,
+    TansuKafka,
+    TopicRecord,
+    read_topic,
+    redis_server_binary,
+)
+
+APPS_DIR = Path(__file__).parent / "apps"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A killed child of ours is reparented and reaped by init; until then it is a zombie.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# -- ManagedProcess --------------------------------------------------------------------------
+
+
+def test_wait_for_log_fails_with_the_log_tail_when_the_process_exits(tmp_path: Path) -> None:
+    process = ManagedProcess([sys.executable, "-c", "print('about to fail'); raise SystemExit(3)"], log_dir=tmp_path)
+    with pytest.raises(ProcessExitedError, match=r"(?s)code 3.*about to fail"):
+        process.start().wait_for_log("never printed", timeout=10)
+    assert process.returncode == 3
+    assert "about to fail" in process.log_text()
+
+
+def test_wait_for_log_times_out_with_the_log_tail_and_stop_escalates_to_sigkill(tmp_path: Path) -> None:
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('stubborn'); time.sleep(60)"
+    with ManagedProcess([sys.executable, "-c", code], log_dir=tmp_path) as process:
+        assert process.wait_for_log(r"^stub(\w+)$", timeout=10).group(1) == "born"
+        with pytest.raises(HarnessTimeoutError, match=r"(?s)never.*stubborn") as raised:
+            process.wait_for_log("never", timeout=0.3)
+        assert isinstance(raised.value, TimeoutError)
+        assert process.stop(timeout=0.5) == -signal.SIGKILL
+        assert not process.running
+
+
+def test_kill_takes_the_whole_process_group(tmp_path: Path) -> None:
+    process = ManagedProcess(["sh", "-c", "sleep 60 & echo child=$!; wait"], log_dir=tmp_path).start()
+    child = int(process.wait_for_log(r"child=(\d+)", timeout=10).group(1))
+    assert _alive(child)
+    assert process.kill() == -signal.SIGKILL
+    assert not process.running
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+# -- Redis -----------------------------------------------------------------------------------
+
+
+def test_redis_binary_is_found() -> None:
+    assert os.access(redis_server_binary(), os.X_OK)
+
+
+def test_redis_server_set_get_kill_restart(redis_server: RedisServer) -> None:
+    assert redis_server.url == f"redis://127.0.0.1:{redis_server.port}/0"
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.set("k", b"\x00v")
+        assert client.get("k") == b"\x00v"
+    port = redis_server.port
+
+    redis_server.kill()
+    assert not redis_server.running
+    with redis_server.client(retry=Retry(NoBackoff(), 0)) as client, pytest.raises(redis.ConnectionError):
+        client.ping()
+
+    redis_server.restart()
+    assert redis_server.port == port
+    with redis_server.client() as client:
+        assert client.ping()
+        assert client.get("k") is None  # no persistence: the data went with the process
+
+
+def test_two_redis_servers_at_once(redis_factory: Callable[..., RedisServer]) -> None:
+    first, second = redis_factory(), redis_factory(args=["--maxmemory", "10mb"])
+    assert first.port != second.port
+    with first.client() as a, second.client() as b:
+        a.set("who", "first")
+        b.set("who", "second")
+        assert (a.get("who"), b.get("who")) == (b"first", b"second")
+        assert b.config_get("maxmemory")["maxmemory"] == str(10 * 1024 * 1024)
+    first.kill()
+    with second.client() as b:
+        assert b.ping()
+
+
+# -- Kafka -----------------------------------------------------------------------------------
+
+
+def test_read_topic_returns_every_record_in_partition_order(kafka_broker: KafkaBroker, unique_topic: str) -> None:
+    kafka_broker.create_topic(unique_topic, partitions=4)
+    producer = new_producer(kafka_broker.config)
+    for i in range(100):
+        producer.produce(unique_topic, key=f"key-{i % 7}", value=f"value-{i}".encode(), headers={"n": str(i).encode()})
+    assert producer.flush(30) == 0
+
+    records = read_topic(kafka_broker.bootstrap_servers, unique_topic, count=100, timeout=30)
+
+    assert len(records) == 100
+    assert all(isinstance(r, TopicRecord) and r.topic == unique_topic for r in records)
+    assert {r.value for r in records} == {f"value-{i}".encode() for i in range(100)}
+    by_partition: dict[int, list[TopicRecord]] = defaultdict(list)
+    for record in records:
+        n = int(record.headers["n"])
+        assert record.key == f"key-{n % 7}".encode()
+        assert record.value == f"value-{n}".encode()
+        assert record.timestamp_ms > 0
+        by_partition[record.partition].append(record)
+    assert len(by_partition) > 1  # keys spread over partitions
+    for partition_records in by_partition.values():
+        # One key always lands on one partition, so production order is partition order.
+        assert [r.offset for r in partition_records] == sorted(r.offset for r in partition_records)
+        numbers = [int(r.headers["n"]) for r in partition_records]
+        assert numbers == sorted(numbers)
+    # Without count, it reads until the topic is idle and finds the same records.
+    again = read_topic(kafka_broker.bootstrap_servers, unique_topic, idle=1.0)
+    assert sorted((r.partition, r.offset) for r in again) == sorted((r.partition, r.offset) for r in records)
+
+
+def test_read_topic_times_out_naming_what_it_read(kafka_broker: KafkaBroker, unique_topic: str) -> None:
+    kafka_broker.create_topic(unique_topic)
+    producer = new_producer(kafka_broker.config)
+    for i in range(3):
+        producer.produce(unique_topic, value=b"%d" % i)
+    assert producer.flush(30) == 0
+    with pytest.raises(TimeoutError, match="read 3 of 5 records"):
+        read_topic(kafka_broker.bootstrap_servers, unique_topic, count=5, timeout=1)
+    assert read_topic(kafka_broker.bootstrap_servers, f"{unique_topic}-missing", idle=0.5) == []
+
+
+def _produce_one(broker: KafkaBroker, topic: str) -> None:
+    producer = new_producer(broker.config)
+    producer.produce(topic, value=b"x")
+    assert producer.flush(30) == 0
+
+
+def test_embedded_kafka_restart_forgets_everything_and_moves(tmp_path: Path, unique_topic: str) -> None:
+    with EmbeddedKafka(log_dir=tmp_path).start() as broker:
+        first_address = broker.bootstrap_servers
+        _produce_one(broker, unique_topic)
+        assert len(read_topic(first_address, unique_topic, count=1)) == 1
+        assert broker.stop() == 0  # SIGTERM is its normal shutdown
+        broker.start()
+        assert broker.bootstrap_servers != first_address
+        assert read_topic(broker.bootstrap_servers, unique_topic, idle=0.5) == []
+
+
+def test_tansu_restarts_on_the_same_port_after_kill(tmp_path: Path, unique_topic: str) -> None:
+    with TansuKafka(log_dir=tmp_path).start() as broker:
+        address = broker.bootstrap_servers
+        broker.create_topic(unique_topic, partitions=2)
+        broker.create_topic(unique_topic, partitions=2)  # already there: fine
+        _produce_one(broker, unique_topic)
+        broker.kill()
+        assert not broker.running
+        broker.restart()
+        assert broker.bootstrap_servers == address
+        assert read_topic(address, unique_topic, idle=0.5) == []  # memory storage
+        _produce_one(broker, unique_topic)
+        assert [r.value for r in read_topic(address, unique_topic, count=1)] == [b"x"]
+
+
+def test_a_consumer_group_joins_tansu_quickly_with_the_test_settings(tansu: TansuKafka, unique_topic: str) -> None:
+    # With librdkafka's defaults the first join takes ~23 s on Tansu (see TEST_CONSUMER_SETTINGS).
+    tansu.create_topic(unique_topic)
+    _produce_one(tansu, unique_topic)
+    consumer = new_consumer(tansu.config, f"g-{unique_topic}", **TEST_CONSUMER_SETTINGS)
+    try:
+        consumer.subscribe([unique_topic])
+        started = time.monotonic()
+        message = None
+        while message is None and time.monotonic() - started < 10:
+            message = consumer.poll(0.1)
+        assert message is not None
+        assert message.error() is None
+        assert message.value() == b"x"
+    finally:
+        consumer.close()
+
+
+# -- Celery ----------------------------------------------------------------------------------
+
+
+def test_celery_worker_runs_a_task_and_stops_cleanly(redis_server: RedisServer, tmp_path: Path) -> None:
+    worker = CeleryWorker(
+        "harness_app", queues=["harness"], cwd=str(APPS_DIR), env={"CRR_HARNESS_REDIS_URL": redis_server.url},
+        log_dir=tmp_path,
+    )
+    client = Celery("harness-client", broker=redis_server.url, backend=redis_server.url)
+    with worker.start():
+        result = client.signature("harness_app.add", args=(2, 3)).apply_async(queue="harness")
+        assert result.get(timeout=30) == 5
+        result.forget()
+        assert "harness_app.add" in worker.log_text()
+        assert worker.stop() == 0
+    client.close()
+    assert worker.returncode == 0
+    assert "Warm shutdown" in worker.log_text()

@@ -1,0 +1,242 @@
+"""wrap(): a redis-py client whose failed writes are published, against a real redis-server and Kafka.
+
+The server is stopped (or killed) for real, the producer publishes to the session's
+embedded broker, and every assertion on what was published reads the topic back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+import celery_redis_retry
+from celery_redis_retry import message, ops
+from celery_redis_retry.config import Settings
+from celery_redis_retry.ops import RedisOp
+from celery_redis_retry.producer import RetryProducer
+from celery_redis_retry.testing import EmbeddedKafka, RedisServer, read_topic
+from celery_redis_retry.wrap import CapturedWriteError
+
+BUMP = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+
+
+class Published:
+    """A producer on a topic of its own, and what it published, read back from Kafka."""
+
+    def __init__(self, kafka: EmbeddedKafka, topic: str, spool: Path) -> None:
+        self.kafka = kafka
+        self.topic = topic
+        settings = Settings.from_mapping({
+            "redis_retry_kafka": kafka.config,
+            "redis_retry_targets": {"default": "redis://127.0.0.1:1/0", "sessions": "redis://127.0.0.1:2/0"},
+            "redis_retry_topic": topic,
+            "redis_retry_spool_path": str(spool),
+            "redis_retry_scripts": {"bump": BUMP},
+        })
+        self.producer = RetryProducer(settings, handle_sigterm=False)
+
+    def ops(self) -> list[RedisOp]:
+        """Every op in the topic (waits for deliveries first, then reads until idle)."""
+        assert self.producer.flush(10) == 0
+        return [message.decode(r.value or b"") for r in read_topic(self.kafka.bootstrap_servers, self.topic, idle=1.5)]
+
+
+@pytest.fixture
+def published(kafka: EmbeddedKafka, unique_topic: str, tmp_path: Path) -> Iterator[Published]:
+    p = Published(kafka, unique_topic, tmp_path / "spool.sqlite3")
+    yield p
+    p.producer.close(5)
+
+
+def fast_client(server: RedisServer, **kwargs: Any) -> redis.Redis:
+    # No redis-py retries and short timeouts: a dead server shows at once.
+    return server.client(socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0), **kwargs)
+
+
+def test_failed_writes_are_published_as_ops(redis_server: RedisServer, published: Published) -> None:
+    plain = fast_client(redis_server)
+    r = celery_redis_retry.wrap(plain, producer=published.producer)
+    assert isinstance(r, redis.Redis)
+    assert r.set("up", "1") is True  # a working server: nothing to capture
+    redis_server.stop()
+
+    before_ms = int(time.time() * 1000)
+    assert r.set("user:1", b"\x00profile", ex=300) is None
+    assert r.delete("session:1", "session:2") is None
+    assert r.incrby("visits", 5) is None
+    assert r.hset("user:1:h", mapping={"name": "Ada", "age": 36}) is None
+    assert r.execute_command("SADD", "tags", "a", "b") is None
+
+    found = published.ops()
+    assert sorted(str(op.commands[0][0]) for op in found) == ["DEL", "HSET", "INCRBY", "SADD", "SET"]
+    by_name = {op.commands[0][0]: op for op in found}
+    set_op = by_name["SET"]
+    assert set_op.commands[0][:4] == ("SET", "user:1", b"\x00profile", "PXAT")  # EX made absolute
+    assert before_ms + 300_000 <= int(set_op.commands[0][4]) <= int(time.time() * 1000) + 300_000
+    assert by_name["DEL"].commands == (("DEL", "session:1", "session:2"),)
+    assert by_name["INCRBY"].commands == (("INCRBY", "visits", 5),)
+    assert by_name["HSET"].commands == (("HSET", "user:1:h", "name", "Ada", "age", 36),)
+    assert by_name["SADD"].commands == (("SADD", "tags", "a", "b"),)
+    for op in found:
+        assert op.kind == "command"
+        assert op.target == "default"
+        assert op.error is not None
+        assert op.error.type == "redis.exceptions.ConnectionError"
+        assert op.error.outcome_unknown is False  # refused: the command never ran
+        assert op.source == f"{__name__}.test_failed_writes_are_published_as_ops"
+    assert plain.connection_pool is r.connection_pool
+
+
+def test_reads_fail_as_usual_and_are_not_published(redis_server: RedisServer, published: Published) -> None:
+    r = celery_redis_retry.wrap(fast_client(redis_server), producer=published.producer)
+    redis_server.stop()
+    with pytest.raises(redis.ConnectionError):
+        r.get("user:1")
+    with pytest.raises(redis.ConnectionError):
+        r.hgetall("user:1:h")
+    with pytest.raises(redis.ConnectionError):
+        r.lpop("queue")  # a write whose reply is the point: a replay would lose the element
+    r.set("after", 1)  # captured: shows the topic is read to its end
+    assert [op.commands for op in published.ops()] == [(("SET", "after", 1),)]
+
+
+def test_a_pipeline_is_one_op_of_its_writes(redis_server: RedisServer, published: Published) -> None:
+    r = celery_redis_retry.wrap(fast_client(redis_server), producer=published.producer)
+    redis_server.stop()
+    with r.pipeline() as pipe:
+        pipe.hset("order:7", mapping={"total": 12})
+        pipe.get("order:7")  # reads are dropped from the op
+        pipe.sadd("orders:user:3", 7).incrby("orders:count", 1)
+        assert pipe.execute() is None
+    pipe = r.pipeline(transaction=False)
+    pipe.set("a", 1).set("b", 2)
+    assert pipe.execute() is None
+
+    found = sorted(published.ops(), key=lambda op: len(op.commands), reverse=True)
+    assert [op.kind for op in found] == ["pipeline", "pipeline"]
+    assert found[0].transaction is True
+    assert found[0].commands == (
+        ("HSET", "order:7", "total", 12), ("SADD", "orders:user:3", 7), ("INCRBY", "orders:count", 1)
+    )
+    assert found[1].transaction is False
+    assert found[1].commands == (("SET", "a", 1), ("SET", "b", 2))
+
+
+def test_watched_pipelines_and_locks_are_never_captured(redis_server: RedisServer, published: Published) -> None:
+    r = celery_redis_retry.wrap(fast_client(redis_server), producer=published.producer)
+    with r.pipeline() as pipe:
+        pipe.watch("balance")
+        balance = int(pipe.get("balance") or 0)
+        pipe.multi()
+        pipe.set("balance", balance + 1)
+        redis_server.kill()
+        with pytest.raises(redis.WatchError):  # redis-py's own answer; the check cannot be replayed later
+            pipe.execute()
+    with pytest.raises(redis.ConnectionError):
+        r.lock("resource", blocking_timeout=0.1).acquire()
+    r.set("after", 1)
+    assert [op.commands for op in published.ops()] == [(("SET", "after", 1),)]
+
+
+def test_opting_out_does_not_publish(redis_server: RedisServer, published: Published) -> None:
+    plain = fast_client(redis_server)
+    r = celery_redis_retry.wrap(plain, producer=published.producer)
+    assert r.uncaptured is plain
+    redis_server.stop()
+    with pytest.raises(redis.ConnectionError):
+        r.uncaptured.set("must-not-replay", 1)
+    with pytest.raises(redis.ConnectionError):
+        plain.incrby("must-not-replay", 1)  # the client that was wrapped is unchanged
+    r.set("after", 1)
+    assert [op.commands for op in published.ops()] == [(("SET", "after", 1),)]
+
+
+def test_non_retryable_errors_pass_through_untouched(redis_server: RedisServer, published: Published) -> None:
+    r = celery_redis_retry.wrap(fast_client(redis_server), producer=published.producer)
+    r.set("a-string", "x")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        r.lpush("a-string", "y")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        r.pipeline().hset("a-string", "f", "v").execute()
+    with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
+        r.execute_command("SET", "only-a-key")
+    redis_server.stop()
+    r.set("after", 1)
+    assert [op.commands for op in published.ops()] == [(("SET", "after", 1),)]
+
+
+def test_raise_on_capture_and_on_capture(redis_server: RedisServer, published: Published) -> None:
+    seen: list[RedisOp] = []
+    r = celery_redis_retry.wrap(
+        fast_client(redis_server), producer=published.producer, source="Sessions.end", target="sessions",
+        raise_on_capture=True, on_capture=seen.append,
+    )
+    redis_server.kill()
+    with pytest.raises(CapturedWriteError) as captured:
+        r.delete("session:9")
+    assert isinstance(captured.value, celery_redis_retry.RedisRetryError)
+    assert isinstance(captured.value.__cause__, redis.ConnectionError)
+    assert captured.value.op_id == seen[0].id
+    assert f"captured for replay as op {seen[0].id}" in str(captured.value)
+    [op] = published.ops()
+    assert op == seen[0]
+    assert op.source == "Sessions.end"
+    assert op.target == "sessions"
+
+
+def test_registered_scripts_are_captured_by_name(redis_server: RedisServer, published: Published) -> None:
+    r = celery_redis_retry.wrap(fast_client(redis_server), producer=published.producer)
+    bump = r.register_script(BUMP)
+    assert bump(keys=["score"], args=[2]) == 2
+    unknown = r.register_script("return redis.call('DEL', KEYS[1])")
+    redis_server.stop()
+    assert bump(keys=["score"], args=[3]) is None
+    with pytest.raises(redis.ConnectionError):
+        unknown(keys=["x"])  # not in redis_retry_scripts: the workers could not run it
+    [op] = published.ops()
+    assert (op.kind, op.script, op.keys, op.args) == ("script", "bump", ("score",), (3,))
+
+
+def test_decode_responses_clients_keep_working(redis_server: RedisServer, published: Published) -> None:
+    r = celery_redis_retry.wrap(fast_client(redis_server, decode_responses=True), producer=published.producer)
+    r.hset("h", mapping={"a": "é"})
+    assert r.hgetall("h") == {"a": "é"}
+    assert r.execute_command("GET", "missing") is None
+    assert r.pipeline().set("k", "v").get("k").execute() == [True, "v"]
+    redis_server.stop()
+    assert r.set("k", "w") is None
+    assert [op.commands for op in published.ops()] == [(("SET", "k", "w"),)]
+
+
+def test_captured_ops_are_replayable_as_published(redis_server: RedisServer, published: Published) -> None:
+    """What wrap() publishes is what ops builders build: the same op model, same validation."""
+    r = celery_redis_retry.wrap(fast_client(redis_server), producer=published.producer)
+    redis_server.stop()
+    r.zadd("board", {"ada": 3.5})
+    r.expire("board", 60)
+    zadd, expire = sorted(published.ops(), key=lambda op: str(op.commands[0][0]), reverse=True)
+    assert zadd.commands == ops.zadd("board", {"ada": 3.5}).commands
+    assert expire.commands[0][0] == "PEXPIREAT"
+
+
+def test_wrap_keeps_the_client_usable_and_refuses_what_it_cannot_capture(redis_server: RedisServer) -> None:
+    import redis.asyncio
+
+    plain = fast_client(redis_server)
+    r = celery_redis_retry.wrap(plain)
+    again = celery_redis_retry.wrap(r, source="Other.place")
+    assert again.uncaptured is plain  # wrapping a wrapped client wraps the original
+    assert type(r.client()) is type(r)  # a single-connection client keeps capturing
+    assert r.client().set("k", "v") is True
+    with pytest.raises(TypeError, match="asyncio"):
+        celery_redis_retry.wrap(redis.asyncio.Redis())
+    with pytest.raises(TypeError, match="redis-py client"):
+        celery_redis_retry.wrap(object())
+    r.close()
