@@ -1,0 +1,1 @@
+"""Celery apps the benchmarks run in real ``celery worker`` and ``celery redis-retry bridge`` processes."""

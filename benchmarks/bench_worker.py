@@ -1,0 +1,365 @@
+"""Benchmark: the worker's replay rate against a raw Celery task doing the same redis-py command.
+
+For each workload, ``--ops`` tasks are queued in the Celery broker (a Redis the benchmark
+starts) before any worker runs; then a real ``celery -A bench_app worker -c 2 -P prefork``
+starts and the benchmark polls the target Redis (``DBSIZE``, every 10 ms) until every op
+is applied. The rate is timed from the first applied op to the last, so worker start-up
+is left out. Rows:
+
+* ``replay``: ``celery_redis_retry.replay`` tasks, exactly as the bridge sends them (the
+  message text, the origin, ``link_error=dead_letter``);
+* ``raw task``: ``bench.raw_command`` (``benchmarks/apps/bench_app.py``), a plain Celery task
+  with the same options (late ack, no result) that runs the same command with redis-py's
+  ``execute_command`` on a per-process client.
+
+Workloads: ``set`` (a SET with PXAT of a ~140-byte value, the ``bench_publish`` ops: an
+idempotent command, run directly) and ``incrby`` (INCRBY, not idempotent: replay runs it
+through the ``apply_once`` Lua script with a dedupe marker; the raw task runs a bare INCRBY).
+Same worker settings for both rows: prefork, ``-c 2``, prefetch multiplier 4, ``-l INFO``
+(Celery logs two lines per task at INFO; ``--loglevel WARNING`` shows what that costs).
+
+``--profile`` runs the ``set`` replay row under py-spy (CPU, all worker processes) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from celery_redis_retry import message, ops
+from celery_redis_retry.tasks import DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
+
+from .apps.bench_app import RAW_COMMAND_TASK, RAW_PIPELINE_TASK
+from .bench_publish import build_ops
+from .common import (
+    RESULTS_DIR,
+    PySpy,
+    bench_app,
+    bench_env,
+    celery_worker,
+    children,
+    code_under_test,
+    describe_code,
+    describe_machine,
+    machine,
+    markdown_table,
+    prequeue,
+    proc_status,
+    publish_results,
+    rate,
+    redis_server,
+    server_versions,
+    summarize_collapsed,
+)
+
+NAME = "bench_worker"
+POLL_INTERVAL = 0.01
+STALL_TIMEOUT = 60.0
+INCRBY_AMOUNT = 7
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One kind of op: the replay messages, the raw commands, and how to check the outcome."""
+
+    kind: str
+    messages: list[str]
+    commands: list[tuple[Any, ...]]
+    pattern: str
+    #: Keys in the target once every op ran: per row (replay of INCRBY adds a marker per op).
+    keys_replay: int
+    keys_raw: int
+
+    @classmethod
+    def build(cls, kind: str, count: int) -> Workload:
+        if kind == "set":
+            items = build_ops(count)
+            return cls(kind, [message.encode(op).decode() for op in items], [op.commands[0] for op in items],
+                       "user:*:profile", count, count)
+        items = [ops.incrby(f"counter:{n}", INCRBY_AMOUNT) for n in range(count)]
+        return cls(kind, [message.encode(op).decode() for op in items], [op.commands[0] for op in items],
+                   "counter:*", 2 * count, count)
+
+
+def _verify(client: redis.Redis, workload: Workload) -> dict[str, Any]:
+    """Count the keys the ops wrote (and their values, for INCRBY)."""
+    keys = list(client.scan_iter(match=workload.pattern, count=5000))
+    out: dict[str, Any] = {"keys": len(keys)}
+    if workload.kind == "incrby":
+        wrong = 0
+        for start in range(0, len(keys), 5000):
+            wrong += sum(1 for v in client.mget(keys[start:start + 5000]) if int(v or 0) != INCRBY_AMOUNT)
+        out["wrong_values"] = wrong
+    return out
+
+
+def _queue_all(app: Any, queue: str, workload: Workload, side: str, batch_size: int) -> tuple[float, int]:
+    """Queue the tasks for every op (as the bridge would); return the seconds it took and the keys expected."""
+    messages, commands, size = workload.messages, workload.commands, batch_size
+    if side == "replay":
+        if size == 1:
+            calls = [(REPLAY_TASK, (text,), {"origin": {"topic": "t", "partition": i % 4, "offset": i}})
+                     for i, text in enumerate(messages)]
+        else:
+            calls = [(REPLAY_BATCH_TASK, (messages[first:first + size],
+                                          [["t", i % 4, i] for i in range(first, min(first + size, len(messages)))]),
+                      {}) for first in range(0, len(messages), size)]
+        return prequeue(app, queue, calls, link_error=app.signature(DEAD_LETTER_TASK)), workload.keys_replay
+    if size == 1:
+        calls = [(RAW_COMMAND_TASK, tuple(c), {}) for c in commands]
+    else:
+        calls = [(RAW_PIPELINE_TASK, ([list(c) for c in commands[first:first + size]],), {})
+                 for first in range(0, len(commands), size)]
+    return prequeue(app, queue, calls), workload.keys_raw
+
+
+def _wait_applied(
+    worker: Any, target: redis.Redis, expected: int, profile_to: Path | None
+) -> tuple[list[tuple[float, int]], dict[str, int] | None, dict[str, int]]:
+    """Poll the target until ``expected`` keys exist: the samples and the worker's CPU at the first and last."""
+    samples: list[tuple[float, int]] = []
+    cpu_first: dict[str, int] | None = None
+    spy = None
+    last, changed = -1, time.monotonic()
+    try:
+        while True:
+            count = int(target.dbsize())
+            samples.append((time.perf_counter(), count))
+            if count and cpu_first is None:
+                cpu_first = _worker_cpu_ms(worker.pid)
+                if profile_to is not None:
+                    spy = PySpy(worker.pid, profile_to, idle=False, subprocesses=True)
+            if count >= expected:
+                return samples, cpu_first, _worker_cpu_ms(worker.pid)
+            if count != last:
+                last, changed = count, time.monotonic()
+            elif time.monotonic() - changed > STALL_TIMEOUT:
+                raise SystemExit(f"{count} of {expected} keys after {STALL_TIMEOUT:g} s without progress; "
+                                 f"worker log {worker.log_path}:\n{worker.log_tail()}")
+            if not worker.running:
+                raise SystemExit(f"the worker exited ({worker.returncode}):\n{worker.log_tail()}")
+            time.sleep(POLL_INTERVAL)
+    finally:
+        if spy is not None:
+            spy.stop()
+
+
+def _wait_acked(broker: redis.Redis, queue: str, worker: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and worker.running:
+        if broker.llen(queue) == 0 and broker.hlen("unacked") == 0:
+            return
+        time.sleep(0.05)
+
+
+def run_one(
+    redis_url: str, target_url: str, workdir: Path, workload: Workload, side: str, *, concurrency: int,
+    loglevel: str, batch_size: int = 1, profile_to: Path | None = None,
+) -> dict[str, Any]:
+    """Queue every task, start a worker, time until all are applied; return the measurements."""
+    queue = f"bench-worker-{uuid.uuid4().hex[:8]}"
+    env = bench_env(broker_url=redis_url, bootstrap="127.0.0.1:1", target_url=target_url, topic="unused",
+                    group="unused", queue=queue, spool=str(workdir / f"spool-{queue}.sqlite3"))
+    app = bench_app(env, name=f"queue-{queue}")
+    target = redis.Redis.from_url(target_url)
+    target.flushdb()
+    total = len(workload.messages)
+    queued_s, expected = _queue_all(app, queue, workload, side, batch_size)
+    broker = redis.Redis.from_url(redis_url)
+    tasks = -(-total // batch_size)
+    if broker.llen(queue) != tasks:
+        raise SystemExit(f"queued {broker.llen(queue)} tasks, not {tasks}")
+    worker = celery_worker(env, queue, workdir, concurrency=concurrency, loglevel=loglevel)
+    try:
+        launched = time.perf_counter()
+        worker.start()
+        samples, cpu_first, cpu_last = _wait_applied(worker, target, expected, profile_to)
+        # Stop only once every task is acknowledged: a warm shutdown restores unacknowledged
+        # messages to the queue, and they would run again at the next start.
+        _wait_acked(broker, queue, worker)
+        worker.stop(timeout=30)
+    finally:
+        if worker.running:
+            worker.kill()
+    left_in_queue = int(broker.llen(queue))
+    broker.delete(queue)
+    broker.close()
+    check = _verify(target, workload)
+    target.close()
+    first_t, first_c = next((t, c) for t, c in samples if c > 0)
+    last_t = samples[-1][0]
+    low = next((t, c) for t, c in samples if c >= expected * 0.1)
+    high = next((t, c) for t, c in samples if c >= expected * 0.9)
+    # Keys per op: 2 for a replayed INCRBY (its marker), else 1.
+    per_op = expected / total
+    return {
+        "ops": total, "tasks": tasks, "applied_keys": check["keys"], **check, "left_in_queue": left_in_queue,
+        "seconds": last_t - first_t, "ops_s": rate((expected - first_c) / per_op, last_t - first_t),
+        "steady_10_90_ops_s": rate((high[1] - low[1]) / per_op, high[0] - low[0]),
+        "launch_to_first_s": first_t - launched, "prequeue_s": queued_s,
+        "cpu_us_per_op": (cpu_last["total"] - cpu_first["total"]) * 1000 / total if cpu_first else None,
+        "cpu_parent_us_per_op": (cpu_last["parent"] - cpu_first["parent"]) * 1000 / total if cpu_first else None,
+        "log": str(worker.log_path),
+    }
+
+
+def _worker_cpu_ms(pid: int | None) -> dict[str, int]:
+    """CPU time of the worker's main process and of all its pool children, in ms."""
+    if pid is None:
+        return {"parent": 0, "total": 0}
+    parent = (proc_status(pid) or {}).get("cpu_ms", 0)
+    pool = sum((proc_status(child) or {}).get("cpu_ms", 0) for child in children(pid))
+    return {"parent": parent, "total": parent + pool}
+
+
+def run(
+    count: int, rounds: int, kinds: Sequence[str], *, concurrency: int, loglevel: str, batch_size: int = 1
+) -> tuple[dict[str, Any], str]:
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {k: {"replay": [], "raw": []} for k in kinds}
+    workloads = {kind: Workload.build(kind, count) for kind in kinds}
+    with redis_server() as celery_broker, redis_server() as target, \
+            tempfile.TemporaryDirectory(prefix="crr-bench-worker-") as workdir:
+        for number in range(1, rounds + 1):
+            for kind in kinds:
+                order = ("replay", "raw") if number % 2 else ("raw", "replay")
+                for side in order:
+                    result = run_one(celery_broker.url, target.url, Path(workdir), workloads[kind], side,
+                                     concurrency=concurrency, loglevel=loglevel, batch_size=batch_size)
+                    results[kind][side].append(result)
+                    print(f"round {number} {kind:<7} {side:<7} {result['ops_s']:>8,.0f} ops/s "
+                          f"({result['applied_keys']:,} keys, {result['cpu_us_per_op']:.0f} us CPU/op)", flush=True)
+    return _report(count, rounds, kinds, concurrency=concurrency, loglevel=loglevel, results=results,
+                   batch_size=batch_size)
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ordered = sorted(runs, key=lambda r: r["ops_s"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _report(
+    count: int, rounds: int, kinds: Sequence[str], *, concurrency: int, loglevel: str,
+    results: dict[str, dict[str, list[dict[str, Any]]]], batch_size: int,
+) -> tuple[dict[str, Any], str]:
+    info = machine()
+    rows, summary, problems = [], [], []
+    batching = "one task per op" if batch_size == 1 else f"batches of {batch_size} ops per task"
+    for kind in kinds:
+        replay, raw = _median(results[kind]["replay"]), _median(results[kind]["raw"])
+        ratio = replay["ops_s"] / raw["ops_s"]
+        for side in ("replay", "raw"):
+            for r in results[kind][side]:
+                if r["applied_keys"] != count or r.get("wrong_values") or r["left_in_queue"]:
+                    problems.append(f"{kind} {side}: {r['applied_keys']:,} of {count:,} keys, "
+                                    f"{r.get('wrong_values', 0)} wrong values, {r['left_in_queue']} left queued")
+        rows.append([
+            kind, round(replay["ops_s"]), round(replay["steady_10_90_ops_s"]), round(raw["ops_s"]),
+            round(raw["steady_10_90_ops_s"]), round(ratio, 2), round(replay["cpu_us_per_op"]),
+            round(raw["cpu_us_per_op"]), round(replay["cpu_parent_us_per_op"]), round(raw["cpu_parent_us_per_op"]),
+        ])
+        summary.append({
+            "what": f"worker replay, {kind}, {batching}", "unit": "ops/s", "project": replay["ops_s"],
+            "raw": raw["ops_s"], "raw_what": "plain Celery task, same commands" + (
+                "" if batch_size == 1 else " in one pipeline"), "ratio": ratio, "goal": None, "met": None,
+        })
+    headers = ["workload", "replay ops/s", "replay steady 10-90%", "raw task ops/s", "raw steady 10-90%",
+               "replay / raw", "replay CPU us/op", "raw CPU us/op", "of which worker parent (replay)",
+               "of which worker parent (raw)"]
+    per_round = markdown_table(
+        ["round", *(f"{k} {side}" for k in kinds for side in ("replay", "raw"))],
+        [[i + 1, *(round(results[k][side][i]["ops_s"]) for k in kinds for side in ("replay", "raw"))]
+         for i in range(rounds)],
+    )
+    lines = [
+        f"# {NAME}: replay task vs a raw Celery task doing the same redis-py command",
+        "",
+        f"{count:,} ops ({batching}) queued in a Redis Celery broker before the worker starts; "
+        "replay tasks are `replay` (one op) or `replay_batch` (a batch) exactly as the bridge sends them, the raw "
+        "tasks `bench.raw_command` (one command) or `bench.raw_pipeline` (a batch in one pipeline); "
+        "`celery worker -P prefork "
+        f"-c {concurrency} -l {loglevel}`, prefetch multiplier 4, late ack, no result; target Redis polled "
+        f"(DBSIZE) every {POLL_INTERVAL * 1000:g} ms, timed from the first to the last applied op; "
+        f"{rounds} round(s), median shown.",
+        "",
+        markdown_table(headers, rows),
+        "",
+        "- `set`: SET key value PXAT t (~140-byte value), idempotent: replay runs it directly; `incrby`: INCRBY, "
+        "not idempotent: replay runs it through the `apply_once` Lua script with a dedupe marker (EVALSHA), "
+        "the raw task runs a bare INCRBY",
+        "- CPU us/op: CPU time of the worker's main process and its pool children per op (from /proc); the "
+        "main process consumes from the broker and feeds the children",
+        "- every run's applied keys are counted at the end (and INCRBY values checked)",
+    ]
+    if problems:
+        lines.insert(2, f"**WARNING: not every op was applied exactly once: {'; '.join(problems)}**\n")
+    lines += ["", "Per round (ops/s):", "", per_round, "", f"Machine: {describe_machine(info)}", "",
+              f"Code measured: {describe_code(code_under_test())}"]
+    payload = {
+        "ops": count, "rounds": rounds, "batch_size": batch_size, "workloads": list(kinds), "concurrency": concurrency,
+        "pool": "prefork",
+        "loglevel": loglevel, "celery_broker": "redis", "results": results, "summary": summary,
+        "problems": problems, "servers": server_versions(), "code": code_under_test(), "machine": info,
+    }
+    return payload, "\n".join(lines)
+
+
+def profile(count: int, concurrency: int, loglevel: str, kind: str, batch_size: int = 1) -> int:
+    """The replay row under py-spy (CPU, every worker process); prints the top functions per role."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    raw_path = RESULTS_DIR / f"{NAME}.profile-{kind}{'' if batch_size == 1 else f'-batch{batch_size}'}.txt"
+    workload = Workload.build(kind, count)
+    with redis_server() as celery_broker, redis_server() as target, \
+            tempfile.TemporaryDirectory(prefix="crr-bench-worker-") as workdir:
+        result = run_one(celery_broker.url, target.url, Path(workdir), workload, "replay", concurrency=concurrency,
+                         loglevel=loglevel, batch_size=batch_size, profile_to=raw_path)
+    child = summarize_collapsed(raw_path, top=30, within="Worker.workloop")
+    everything = summarize_collapsed(raw_path, top=30)
+    print(f"worker under py-spy ({kind} replay): {result['ops_s']:,.0f} ops/s (slowed by sampling), CPU samples only\n")
+    print(f"pool children ({child['samples']:,} samples):\n")
+    print(markdown_table(["self (leaf) frame", "% of child samples"], child["self"]))
+    print()
+    print(markdown_table(["inclusive frame", "% of child samples"], child["inclusive"]))
+    print(f"\nall worker processes ({everything['samples']:,} samples; the rest is the main process):\n")
+    print(markdown_table(["self (leaf) frame", "% of all samples"], everything["self"][:20]))
+    summary_path = raw_path.with_suffix(".json")
+    summary_path.write_text(json.dumps({"workload": kind, "batch_size": batch_size, "run": result, "children": child,
+                                        "all": everything, "code": code_under_test()}, indent=2))
+    print(f"\ncollapsed stacks: {raw_path}; summary {summary_path}")
+    return 0
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", type=int, default=10_000, help="tasks per run (default 10,000)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each row (default 1)")
+    parser.add_argument("--workloads", default="set,incrby", help="set, incrby (default both)")
+    parser.add_argument("--concurrency", type=int, default=2, help="worker -c (default 2)")
+    parser.add_argument("--loglevel", default="INFO", help="worker -l (default INFO)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="ops per task (default 1: replay vs raw_command; >1: replay_batch vs raw_pipeline)")
+    parser.add_argument("--json", metavar="PATH", help=f"results file (default {RESULTS_DIR}/{NAME}.json; .md beside)")
+    parser.add_argument("--profile", action="store_true", help="run the first workload's replay row under py-spy")
+    args = parser.parse_args(list(argv))
+    kinds = [k.strip() for k in args.workloads.split(",") if k.strip()]
+    if args.ops < 100 or args.rounds < 1 or args.batch_size < 1 or not kinds or not set(kinds) <= {"set", "incrby"}:
+        parser.error("--ops >= 100, --rounds >= 1, --workloads among set,incrby")
+    if args.profile:
+        return profile(args.ops, args.concurrency, args.loglevel, kinds[0], args.batch_size)
+    payload, markdown = run(args.ops, args.rounds, kinds, concurrency=args.concurrency, loglevel=args.loglevel,
+                            batch_size=args.batch_size)
+    return publish_results(NAME, args.batch_size, payload, markdown, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
