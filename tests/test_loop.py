@@ -246,7 +246,7 @@ def test_bridge_killed_mid_stream_loses_nothing(make_loop: Callable[..., LoopSta
     assert lists == [[str(i).encode()] for i in range(count)], "each op applied exactly once"
     stack.wait_for(lambda: _duplicates_settled(stack), 30, "the worker to go idle")
     duplicates = stack.worker_log_count(r"was already applied")
-    print(f"\nbridge killed with {committed_at_kill}/{count} offsets committed; duplicate deliveries caught: {duplicates}")
+    print(f"\nbridge killed with {committed_at_kill}/{count} offsets committed; duplicates caught: {duplicates}")
     assert stack.dlq_is_empty()
 
 
