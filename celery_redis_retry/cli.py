@@ -125,6 +125,225 @@ def spool_drain(ctx: click.Context, timeout: float) -> None:
     ctx.exit(EXIT_OK if left == 0 else EXIT_FAILURE)
 
 
+# -- the dead-letter topic -----------------------------------------------------------------
+
+
+def _settings(ctx: click.Context) -> Any:
+    from .config import settings_for
+    from .errors import ConfigurationError
+
+    try:
+        return settings_for(_app(ctx.find_root()))
+    except ConfigurationError as exc:
+        click.echo(f"configuration error: {exc}", err=True)
+        ctx.exit(EXIT_CONFIG)
+
+
+def _dead_letter_queue(ctx: click.Context) -> Any:
+    from .dlq_admin import DeadLetterQueue
+
+    return DeadLetterQueue(_settings(ctx))
+
+
+def _read_dlq(ctx: click.Context, dlq: Any, *, include_handled: bool = False) -> Any:
+    from .kafka import KafkaException
+
+    try:
+        return dlq.read(include_handled=include_handled)
+    except KafkaException as exc:
+        click.echo(f"cannot read {dlq.topic}: {exc}", err=True)
+        ctx.exit(EXIT_UNAVAILABLE)
+
+
+_SELECTION = [
+    click.argument("refs", nargs=-1),
+    click.option("--all", "all_", is_flag=True, help="Every pending record."),
+    click.option("--reason", default=None, help="Only records with this reason (e.g. wrong_type)."),
+    click.option("--outcome", type=click.Choice(["dead", "rejected"]), default=None, help="Only this outcome."),
+]
+
+
+def _selection(command: Any) -> Any:
+    for decorator in reversed(_SELECTION):
+        command = decorator(command)
+    return command
+
+
+def _read_selection(
+    ctx: click.Context, *, refs: tuple[str, ...], all_: bool, reason: str | None, outcome: str | None
+) -> tuple[Any, Any, Any]:
+    """The DLQ, the records from its cursor on, and the pending ones REFS and the filters name.
+
+    A usage error when nothing names any record.
+    """
+    from .dlq_admin import select
+
+    if not (refs or all_ or reason or outcome):
+        raise click.UsageError("name records (PARTITION:OFFSET or op id), or use --all, --reason or --outcome")
+    queue = _dead_letter_queue(ctx)
+    records = _read_dlq(ctx, queue)
+    chosen, unknown = select([s for s in records if not s.handled], refs=refs, reason=reason, outcome=outcome)
+    for ref in unknown:
+        click.echo(f"no pending record {ref!r}", err=True)
+    return queue, records, chosen
+
+
+@redis_retry.group("dlq")
+def dlq() -> None:
+    """Inspect, replay and purge dead and rejected ops (redis_retry_dlq_topic).
+
+    Records are PARTITION:OFFSET or an op id. "Pending" records are those past the
+    operator cursor (consumer group <redis_retry_consumer_group>.dlq); replay and purge
+    move it forward.
+    """
+
+
+@dlq.command("list")
+@click.option("--all", "include_handled", is_flag=True, help="Also records already replayed or purged.")
+@click.option("--reason", default=None, help="Only records with this reason.")
+@click.option("--outcome", type=click.Choice(["dead", "rejected"]), default=None, help="Only this outcome.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(0), help="Most records shown; 0: all.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON record per line (the DLQ record plus ref).")
+@click.pass_context
+def dlq_list(  # noqa: PLR0917 - click passes every option
+    ctx: click.Context, include_handled: bool, reason: str | None, outcome: str | None, limit: int, as_json: bool
+) -> None:
+    """Pending records, oldest first in each partition."""
+    from datetime import datetime, timezone
+
+    from .dlq_admin import describe_op, select
+    from .message import dumps
+
+    queue = _dead_letter_queue(ctx)
+    read = _read_dlq(ctx, queue, include_handled=include_handled)
+    records, _ = select([s for s in read if include_handled or not s.handled], reason=reason, outcome=outcome)
+    shown = records if limit == 0 else records[:limit]
+    if as_json:
+        for stored in shown:
+            doc = stored.letter.document() if stored.letter is not None else {"problem": stored.problem}
+            click.echo(dumps({"ref": stored.ref, **doc}).decode())
+        return
+    click.echo(f"{'REF':<10} {'DIED AT (UTC)':<19} {'STATE':<8} {'OUTCOME':<8} {'REASON':<20} {'TRIES':>5}  "
+               f"{'OP ID':<28} OP")
+    for stored in shown:
+        letter = stored.letter
+        when = datetime.fromtimestamp(stored.timestamp_ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        state = "handled" if stored.handled else "pending"
+        if letter is None:
+            click.echo(f"{stored.ref:<10} {when:<19} {state:<8} {'?':<8} {'undecodable':<20} {'-':>5}  {'-':<28} "
+                       f"{stored.problem}")
+            continue
+        click.echo(
+            f"{stored.ref:<10} {when:<19} {state:<8} {letter.outcome:<8} {letter.reason:<20} {letter.attempts:>5}  "
+            f"{letter.op_id or '-':<28} {describe_op(letter.op)}"
+        )
+    what = "records" if include_handled else "pending records"
+    more = f", {len(shown)} shown" if len(shown) < len(records) else ""
+    click.echo(f"{len(records)} {what}{more} in {queue.topic}")
+
+
+@dlq.command("show")
+@click.argument("refs", nargs=-1, required=True)
+@click.pass_context
+def dlq_show(ctx: click.Context, refs: tuple[str, ...]) -> None:
+    """Whole records (op, error, traceback, origin) as JSON, replayed or not."""
+    import json
+
+    from .dlq_admin import select
+    from .message import dumps
+
+    queue = _dead_letter_queue(ctx)
+    chosen, unknown = select(_read_dlq(ctx, queue, include_handled=True), refs=refs)
+    for stored in chosen:
+        doc = stored.letter.document() if stored.letter is not None else {"problem": stored.problem}
+        click.echo(json.dumps(json.loads(dumps({"ref": stored.ref, **doc})), indent=2))
+    for ref in unknown:
+        click.echo(f"no record {ref!r} in {queue.topic}", err=True)
+    ctx.exit(EXIT_FAILURE if unknown else EXIT_OK)
+
+
+@dlq.command("replay")
+@_selection
+@click.option("--dry-run", is_flag=True, help="Say what would be replayed; publish nothing.")
+@click.pass_context
+def dlq_replay(  # noqa: PLR0917 - click passes every option
+    ctx: click.Context, refs: tuple[str, ...], all_: bool, reason: str | None, outcome: str | None, dry_run: bool
+) -> None:
+    """Publish the ops of pending records to the retry topic again, attempts reset.
+
+    Fix the cause first (a key of the wrong type, a script to register...). Replaying
+    the same record twice applies it once. Rejected records are never replayed.
+    Exits 1 if some selected record could not be replayed.
+    """
+    _setup_logging("WARNING")
+    queue, records, chosen = _read_selection(ctx, refs=refs, all_=all_, reason=reason, outcome=outcome)
+    if dry_run:
+        for stored in chosen:
+            click.echo(f"would replay {stored.ref} (op {stored.letter.op_id if stored.letter else '-'})")
+        return
+    result = queue.replay(chosen)
+    for stored, new_id in result.replayed:
+        click.echo(f"replayed {stored.ref} as op {new_id}")
+    for stored, why in result.refused:
+        click.echo(f"not replayed {stored.ref}: {why}", err=True)
+    left = queue.advance(records, [s for s, _ in result.replayed])
+    click.echo(f"{len(result.replayed)} replayed to {queue.settings.topic}, {len(result.refused)} refused, "
+               f"{left} pending in {queue.topic}")
+    ctx.exit(EXIT_FAILURE if result.refused else EXIT_OK)
+
+
+@dlq.command("purge")
+@_selection
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def dlq_purge(  # noqa: PLR0917 - click passes every option
+    ctx: click.Context, refs: tuple[str, ...], all_: bool, reason: str | None, outcome: str | None, yes: bool
+) -> None:
+    """Mark pending records as dealt with, without replaying them.
+
+    The records stay in Kafka (until its retention removes them) and ``dlq list --all``
+    and ``dlq show`` still find them.
+    """
+    queue, records, chosen = _read_selection(ctx, refs=refs, all_=all_, reason=reason, outcome=outcome)
+    if not chosen:
+        click.echo("nothing to purge")
+        return
+    if not yes:
+        click.confirm(f"purge {len(chosen)} records of {queue.topic}?", abort=True)
+    left = queue.advance(records, chosen)
+    click.echo(f"{len(chosen)} purged, {left} pending in {queue.topic}")
+
+
+# -- status ----------------------------------------------------------------------------------
+
+
+@redis_retry.command("status")
+@click.option("--json", "as_json", is_flag=True, help="The figures as one JSON object.")
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.5), help="Seconds per query.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
+    """Where ops wait: spool, retry topic (lag), Celery queue, DLQ. Exits 4 if a place is unreachable."""
+    from .message import dumps
+    from .status import collect
+
+    figures = collect(_app(ctx), _settings(ctx), timeout=timeout)
+    if as_json:
+        click.echo(dumps(figures.document()).decode())
+    else:
+        def shown(value: object) -> str:
+            return "unknown" if value is None else str(value)
+
+        click.echo(f"spool        {figures.spool_messages} messages in {figures.spool_path}")
+        click.echo(f"retry topic  {figures.topic}: lag {shown(figures.lag)} (group {figures.group})")
+        for partition, offsets in sorted((figures.partitions or {}).items()):
+            click.echo(f"  partition {partition}: end {offsets.high}, committed {offsets.committed}, lag {offsets.lag}")
+        click.echo(f"celery queue {figures.queue}: {shown(figures.queued_tasks)} tasks waiting")
+        click.echo(f"dlq          {figures.dlq_topic}: {shown(figures.dlq_pending)} pending")
+        for place, error in figures.errors.items():
+            click.echo(f"error        {place}: {error}", err=True)
+    ctx.exit(EXIT_OK if figures.healthy else EXIT_UNAVAILABLE)
+
+
 # -- the standalone command ----------------------------------------------------------------
 
 

@@ -241,17 +241,7 @@ class DeadLetterWriter:
         raise PublishError(f"could not write op {name} to {self.settings.dlq_topic}: {error}")
 
     def _write_once(self, value: bytes, key: bytes | None, headers: list[tuple[str, str | bytes | None]]) -> str | None:
-        reports: list[kafka.KafkaError | None] = []
-        producer = self._client()
-        try:
-            producer.produce(
-                self.settings.dlq_topic, value, key, headers=headers, on_delivery=lambda err, _m: reports.append(err)
-            )
-        except (BufferError, kafka.KafkaException) as exc:
-            return str(exc)
-        while not reports:  # bounded: every message gets a report within message.timeout.ms
-            producer.poll(0.5)
-        return None if reports[0] is None else reports[0].str()
+        return kafka.produce_confirmed(self._client(), self.settings.dlq_topic, [(key, value, headers)])[0]
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush and drop the producer."""

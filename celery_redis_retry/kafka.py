@@ -14,7 +14,8 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import (
@@ -36,14 +37,18 @@ __all__ = [
     "KafkaError",
     "KafkaException",
     "Message",
+    "PartitionOffsets",
     "Producer",
     "TopicPartition",
     "consumer_config",
-    "iter_topic",
+    "group_offsets",
     "new_consumer",
     "new_producer",
+    "produce_confirmed",
     "producer_config",
+    "read_to_end",
     "serve_dev_broker",
+    "topic_partitions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,33 +134,121 @@ def new_consumer(user: Mapping[str, Any], group_id: str, **overrides: Any) -> Co
     return Consumer(consumer_config(user, group_id, **overrides))
 
 
-def iter_topic(
-    user: Mapping[str, Any], topic: str, *, timeout: float = 10.0, idle: float = 2.0
-) -> Iterator[Message]:
-    """Every message of ``topic`` from the beginning, without joining or committing a group.
+def read_to_end(
+    user: Mapping[str, Any], topic: str, start: Mapping[int, int] | None = None, *, timeout: float = 30.0
+) -> list[Message]:
+    """The messages of ``topic`` from ``start`` (partition -> offset) to the end of each partition.
 
-    Stops after ``idle`` seconds without a new message, or after ``timeout`` seconds.
-    Used by operator commands and tests that read a topic back.
+    Partitions missing from ``start`` are read from the beginning. Reads directly, without
+    joining or committing a consumer group, and stops when every partition reported its
+    end (not on a timer), so the result is complete as of the call. Used by the operator
+    commands. :class:`KafkaException` if the end is not reached within ``timeout``.
     """
     consumer = new_consumer(
-        user, f"celery-redis-retry-reader-{os.getpid()}-{time.monotonic_ns()}", **{"enable.auto.commit": False}
+        user, f"celery-redis-retry-reader-{os.getpid()}-{time.monotonic_ns()}",
+        **{"enable.auto.commit": False, "enable.partition.eof": True},
     )
     try:
-        metadata = consumer.list_topics(topic, timeout=timeout)
-        partitions = metadata.topics[topic].partitions if topic in metadata.topics else {}
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        partitions = topic_partitions(consumer, topic, timeout)
+        begin = start or {}
+        consumer.assign([TopicPartition(topic, p, begin.get(p, OFFSET_BEGINNING)) for p in partitions])
         deadline = time.monotonic() + timeout
-        last_seen = time.monotonic()
-        while time.monotonic() < deadline and time.monotonic() - last_seen < idle:
+        waiting = set(partitions)
+        messages: list[Message] = []
+        while waiting:
+            if time.monotonic() >= deadline:
+                raise KafkaException(f"{topic}: partitions {sorted(waiting)} not read to the end in {timeout} s")
             for message in consumer.consume(1000, timeout=0.2):
                 error = message.error()
                 if error is None:
-                    last_seen = time.monotonic()
-                    yield message
-                elif error.code() != KafkaError._PARTITION_EOF:
+                    messages.append(message)
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    waiting.discard(message.partition())
+                else:
                     raise KafkaException(error)
+        return messages
     finally:
         consumer.close()
+
+
+def topic_partitions(client: Consumer, topic: str, timeout: float = 10.0) -> list[int]:
+    """The partition ids of ``topic`` (empty if it does not exist yet)."""
+    described = client.list_topics(topic, timeout=timeout).topics.get(topic)
+    if described is None or described.error is not None:
+        return []
+    return sorted(described.partitions)
+
+
+#: A message to produce: key, value and headers.
+Record = tuple[bytes | None, bytes, list[tuple[str, str | bytes | None]] | None]
+
+
+@dataclass(frozen=True)
+class PartitionOffsets:
+    """Where a consumer group stands in one partition."""
+
+    low: int  # the oldest offset the broker still keeps
+    high: int  # the offset the next message will get
+    committed: int  # the group's committed offset, or a negative value when it has none
+    metadata: str | None = None  # the metadata committed with it
+
+    @property
+    def lag(self) -> int:
+        """Messages the group has not committed yet."""
+        return max(0, self.high - max(self.committed, self.low))
+
+
+def group_offsets(
+    user: Mapping[str, Any], topic: str, group: str, *, timeout: float = 10.0
+) -> dict[int, PartitionOffsets]:
+    """Watermarks and ``group``'s committed offsets for every partition of ``topic``.
+
+    Asks without joining the group, so it never triggers a rebalance of its members.
+    """
+    consumer = new_consumer(user, group, **{"enable.auto.commit": False})
+    try:
+        partitions = [TopicPartition(topic, p) for p in topic_partitions(consumer, topic, timeout)]
+        committed = {tp.partition: tp for tp in consumer.committed(partitions, timeout=timeout)}
+        result = {}
+        for tp in partitions:
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+            mine = committed[tp.partition]
+            result[tp.partition] = PartitionOffsets(low, high, mine.offset, mine.metadata)
+        return result
+    finally:
+        consumer.close()
+
+
+def produce_confirmed(producer: Producer, topic: str, records: list[Record]) -> list[str | None]:
+    """Produce ``records`` (key, value, headers) and wait for every delivery report.
+
+    Returns one entry per record: None once the broker confirmed it, else the error.
+    Bounded: librdkafka reports every message within ``message.timeout.ms``.
+    """
+    reports: list[str | None] = [None] * len(records)
+    pending = len(records)
+
+    def reported(index: int) -> Any:
+        def on_delivery(err: KafkaError | None, _message: Message) -> None:
+            nonlocal pending
+            reports[index] = None if err is None else err.str()
+            pending -= 1
+        return on_delivery
+
+    for index, (key, value, headers) in enumerate(records):
+        while True:
+            try:
+                producer.produce(topic, value, key, headers=headers, on_delivery=reported(index))
+                break
+            except BufferError:
+                producer.poll(0.1)  # librdkafka's queue is full: let deliveries make room
+            except KafkaException as exc:
+                reports[index] = str(exc)
+                pending -= 1
+                break
+    while pending:
+        producer.poll(0.5)
+    return reports
 
 
 class EmbeddedBroker:

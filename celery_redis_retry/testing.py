@@ -44,7 +44,15 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .errors import RedisRetryError
-from .kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition, new_consumer
+from .kafka import (
+    OFFSET_BEGINNING,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+    new_consumer,
+    topic_partitions,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -684,13 +692,9 @@ def read_topic(
 def _partitions(consumer: Any, topic: str, deadline: float) -> list[int]:
     """Partition ids of ``topic``, retried until ``deadline``; empty if it does not exist."""
     while True:
-        remaining = max(0.1, deadline - time.monotonic())
-        metadata = consumer.list_topics(topic, timeout=min(remaining, 5.0))
-        described = metadata.topics.get(topic)
-        if described is not None and described.error is None and described.partitions:
-            return sorted(described.partitions)
-        if time.monotonic() >= deadline:
-            return []
+        partitions = topic_partitions(consumer, topic, timeout=min(max(0.1, deadline - time.monotonic()), 5.0))
+        if partitions or time.monotonic() >= deadline:
+            return partitions
         time.sleep(0.1)
 
 

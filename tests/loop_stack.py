@@ -8,7 +8,9 @@ test publishes ops exactly as an application would, then reads Redis and the DLQ
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterable
@@ -92,6 +94,7 @@ class LoopStack:
                 "redis_retry_kafka": {"bootstrap.servers": env["CRR_BOOTSTRAP"], **KAFKA_EXTRA},
                 "redis_retry_targets": {"default": env["CRR_TARGET_URL"]},
                 "redis_retry_topic": env["CRR_TOPIC"],
+                "redis_retry_consumer_group": env["CRR_GROUP"],
                 "redis_retry_scripts": SCRIPTS,
                 "redis_retry_spool_path": str(self.workdir / "test-producer-spool.sqlite3"),
             }
@@ -127,6 +130,14 @@ class LoopStack:
         )
         self.bridges.append(bridge)
         return bridge.start(ready_pattern=r"bridge consuming", timeout=90)
+
+    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:  # noqa: A002
+        """``celery -A loop_app ARGS`` run to completion as a real subprocess, with this stack's settings."""
+        return subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "loop_app", *args],
+            env={**os.environ, **self.env}, cwd=str(self.workdir), input=input,
+            capture_output=True, text=True, timeout=120, check=False,
+        )
 
     def wait_assigned(self, bridge: CeleryCommand, timeout: float = 60.0) -> None:
         bridge.wait_for_log(r"assigned " + re.escape(self.topic), timeout=timeout)

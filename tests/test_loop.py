@@ -266,7 +266,7 @@ def _duplicates_settled(stack: LoopStack) -> bool:
 
 # -- the command line ----------------------------------------------------------------------
 
-SUBCOMMANDS = ("bridge", "spool")
+SUBCOMMANDS = ("bridge", "dlq", "spool", "status")
 
 
 def test_redis_retry_help_through_clirunner(monkeypatch: pytest.MonkeyPatch) -> None:

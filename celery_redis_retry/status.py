@@ -1,0 +1,103 @@
+"""``celery -A proj redis-retry status``: where every op waiting for replay stands.
+
+One look at each place an op can wait, from the first to the last:
+
+- the local spool of this host (ops Kafka could not take yet);
+- the retry topic, as the bridges' consumer group sees it (lag: ops not yet handed over);
+- the Celery queue (replay tasks waiting for a worker);
+- the dead-letter topic (records past the operator cursor, see :mod:`.dlq_admin`).
+
+Every figure is read, not estimated; a place that cannot be reached is reported as such
+(``error``) rather than as zero.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import kafka
+from .config import Settings
+from .dispatch import TaskSender
+from .dlq_admin import DeadLetterQueue
+
+
+@dataclass(frozen=True)
+class Status:
+    """The figures of :func:`collect`, JSON-ready through :meth:`document`."""
+
+    topic: str
+    group: str
+    partitions: dict[int, kafka.PartitionOffsets] | None
+    queue: str
+    queued_tasks: int | None
+    dlq_topic: str
+    dlq_pending: int | None
+    spool_path: str
+    spool_messages: int
+    spool_oldest_age: float | None
+    errors: dict[str, str]
+
+    @property
+    def lag(self) -> int | None:
+        """Ops in the retry topic that the bridges have not handed over yet."""
+        return None if self.partitions is None else sum(p.lag for p in self.partitions.values())
+
+    @property
+    def healthy(self) -> bool:
+        """Every place could be read."""
+        return not self.errors
+
+    def document(self) -> dict[str, Any]:
+        """The status as a JSON-ready dict (``status --json``)."""
+        return {
+            "topic": self.topic,
+            "group": self.group,
+            "lag": self.lag,
+            "partitions": None if self.partitions is None else {
+                str(p): {"low": o.low, "high": o.high, "committed": o.committed, "lag": o.lag}
+                for p, o in sorted(self.partitions.items())
+            },
+            "queue": self.queue,
+            "queued_tasks": self.queued_tasks,
+            "dlq_topic": self.dlq_topic,
+            "dlq_pending": self.dlq_pending,
+            "spool": {"path": self.spool_path, "messages": self.spool_messages, "oldest_age": self.spool_oldest_age},
+            "errors": self.errors,
+        }
+
+
+def collect(app: Any, settings: Settings, *, timeout: float = 10.0) -> Status:
+    """Read every figure of :class:`Status`; unreachable places go to ``errors``."""
+    from .spool import Spool
+
+    errors: dict[str, str] = {}
+    partitions: dict[int, kafka.PartitionOffsets] | None = None
+    dlq_pending: int | None = None
+    try:
+        partitions = kafka.group_offsets(settings.kafka, settings.topic, settings.consumer_group, timeout=timeout)
+        dlq_pending = DeadLetterQueue(settings, timeout=timeout).pending_count()
+    except kafka.KafkaException as exc:
+        errors["kafka"] = str(exc)
+    sender = TaskSender(app, settings.queue, one_task_per_op=False)
+    try:
+        queued = sender.queued_tasks()
+    finally:
+        sender.close()
+    if queued is None:
+        errors["celery_broker"] = f"cannot read queue {settings.queue!r} on the Celery broker"
+    spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes).status()
+    return Status(
+        topic=settings.topic,
+        group=settings.consumer_group,
+        partitions=partitions,
+        queue=settings.queue,
+        queued_tasks=queued,
+        dlq_topic=settings.dlq_topic,
+        dlq_pending=dlq_pending,
+        spool_path=str(spool.path),
+        spool_messages=spool.messages,
+        spool_oldest_age=None if spool.oldest_at is None else time.time() - spool.oldest_at,
+        errors=errors,
+    )
