@@ -139,9 +139,17 @@ def _settings(ctx: click.Context) -> Any:
         ctx.exit(EXIT_CONFIG)
 
 
+def _quiet_kafka_logs() -> None:
+    # A short-lived command reports an unreachable Kafka once, in its own words; it has
+    # no use for librdkafka's line per reconnect attempt.
+    _setup_logging("WARNING")
+    logging.getLogger("celery_redis_retry.librdkafka").setLevel(logging.CRITICAL)
+
+
 def _dead_letter_queue(ctx: click.Context) -> Any:
     from .dlq_admin import DeadLetterQueue
 
+    _quiet_kafka_logs()
     return DeadLetterQueue(_settings(ctx))
 
 
@@ -275,7 +283,6 @@ def dlq_replay(  # noqa: PLR0917 - click passes every option
     the same record twice applies it once. Rejected records are never replayed.
     Exits 1 if some selected record could not be replayed.
     """
-    _setup_logging("WARNING")
     queue, records, chosen = _read_selection(ctx, refs=refs, all_=all_, reason=reason, outcome=outcome)
     if dry_run:
         for stored in chosen:
@@ -326,6 +333,7 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
     from .message import dumps
     from .status import collect
 
+    _quiet_kafka_logs()
     figures = collect(_app(ctx), _settings(ctx), timeout=timeout)
     if as_json:
         click.echo(dumps(figures.document()).decode())
