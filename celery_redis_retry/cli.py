@@ -245,7 +245,7 @@ def dlq_list(  # noqa: PLR0917 - click passes every option
             f"{stored.ref:<10} {when:<19} {state:<8} {letter.outcome:<8} {letter.reason:<20} {letter.attempts:>5}  "
             f"{letter.op_id or '-':<28} {describe_op(letter.op)}"
         )
-    what = "records" if include_handled else "pending records"
+    what = ("record" if include_handled else "pending record") + ("" if len(records) == 1 else "s")
     more = f", {len(shown)} shown" if len(shown) < len(records) else ""
     click.echo(f"{len(records)} {what}{more} in {queue.topic}")
 
