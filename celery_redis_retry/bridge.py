@@ -109,6 +109,17 @@ class Bridge:
         self._dlq = DeadLetterWriter(self.settings, attempts=1)
         self._signer = self.settings.signer
         self._consumer: kafka.Consumer | None = None
+        self._assigned: set[Partition] = set()
+
+    @property
+    def reading_paused(self) -> bool:
+        """Whether backpressure has paused reading (too many tasks wait in the Celery queue)."""
+        return self._held
+
+    @property
+    def assigned_partitions(self) -> int:
+        """How many partitions this bridge owns now."""
+        return len(self._assigned)
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -208,6 +219,7 @@ class Bridge:
 
     def _on_assign(self, consumer: kafka.Consumer, partitions: list[kafka.TopicPartition]) -> None:
         logger.info("assigned %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
+        self._assigned.update((p.topic, p.partition) for p in partitions if p.topic is not None)
         if self._held:
             self._held = False  # look at the Celery queue again now, and pause them too if need be
             self._next_depth_check = 0.0
@@ -218,6 +230,7 @@ class Bridge:
         full = [b for b in self._ready if any((i.topic, i.partition) in revoked for i in b)]
         self._ready = [b for b in self._ready if b not in full]
         self._send_all(consumer, [*full, *self._batcher.partitions_waiting(revoked)])
+        self._assigned -= revoked
         for key in revoked:
             self._stalled.pop(key, None)
             self._failures.pop(key, None)

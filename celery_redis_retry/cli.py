@@ -51,11 +51,13 @@ def redis_retry(ctx: click.Context) -> None:
 @click.option("--poll-timeout", default=1.0, show_default=True, type=click.FloatRange(0.01, 60),
               help="Seconds one poll waits for messages.")
 @click.option("--group", default=None, help="Consumer group (default: redis_retry_consumer_group).")
+@click.option("--metrics-port", default=None, type=click.IntRange(1, 65535),
+              help="Serve Prometheus metrics on this port (default: redis_retry_bridge_metrics_port, else off).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True, help="Logging level.")
 @click.pass_context
 def bridge(  # noqa: PLR0917 - click passes every option
     ctx: click.Context, batch_size: int | None, linger_ms: int | None, poll_timeout: float, group: str | None,
-    loglevel: str,
+    metrics_port: int | None, loglevel: str,
 ) -> None:
     """Feed ops from Kafka to Celery replay tasks until SIGTERM/SIGINT.
 
@@ -69,6 +71,12 @@ def bridge(  # noqa: PLR0917 - click passes every option
     app = _app(ctx)
     try:
         runner = Bridge(app, group=group, batch_size=batch_size, linger_ms=linger_ms, poll_timeout=poll_timeout)
+        port = metrics_port or runner.settings.bridge_metrics_port
+        if port is not None:
+            from .metrics import serve_bridge_metrics
+
+            serve_bridge_metrics(runner, port)
+            logging.getLogger(__name__).info("serving Prometheus metrics on :%d/metrics", port)
         runner.install_signal_handlers()
         runner.run()
     except ConfigurationError as exc:

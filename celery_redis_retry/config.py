@@ -51,6 +51,8 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "redis_retry_batch_size": 1000,
         "redis_retry_batch_linger_ms": 5,
         "redis_retry_queue_high_water": 500,
+        "redis_retry_bridge_metrics_port": None,
+        "redis_retry_worker_metrics_port": None,
     }
 )
 
@@ -78,6 +80,9 @@ class Settings:
     batch_size: int = 1000
     batch_linger_ms: int = 5
     queue_high_water: int = 500
+    #: Ports on which the bridge and the worker serve Prometheus metrics (None: off).
+    bridge_metrics_port: int | None = None
+    worker_metrics_port: int | None = None
 
     def check_op(self, op: RedisOp) -> None:
         """Refuse an op these settings would never replay: unknown target, command not allowed."""
@@ -269,7 +274,18 @@ def _read(reader: _Reader) -> Settings:
         batch_size=reader.integer("redis_retry_batch_size", 1),
         batch_linger_ms=reader.integer("redis_retry_batch_linger_ms", 0),
         queue_high_water=reader.integer("redis_retry_queue_high_water", 0),
+        bridge_metrics_port=_port(reader, "redis_retry_bridge_metrics_port"),
+        worker_metrics_port=_port(reader, "redis_retry_worker_metrics_port"),
     )
+
+
+def _port(reader: _Reader, key: str) -> int | None:
+    if reader.get(key) is None:
+        return None
+    port = reader.integer(key, 1)
+    if port > 65535:
+        raise ConfigurationError(f"{key} must be a TCP port (1-65535), got {port}")
+    return port
 
 
 def check_broker_visibility(settings: Settings, conf: Mapping[str, Any]) -> None:

@@ -31,6 +31,7 @@ from .config import Settings, settings_for
 from .dlq import DeadLetterWriter, letter_for_failure
 from .errors import DecodeError, PermanentReplayError, RedisRetryError, ReplayError, RetriesExhaustedError
 from .message import Signer, decode
+from .metrics import count_outcomes, serve_worker_metrics
 from .ops import RedisOp
 from .redis_exec import Applied, Executor, expired
 
@@ -131,6 +132,7 @@ def replay(self: Any, message: str, origin: dict[str, Any] | None = None) -> str
     why = expired(op)
     if why is not None:
         logger.info("op %s expired: %s", op.id, why)
+        count_outcomes({"expired": 1})
         return "expired"
     try:
         result = rt.executor.run(op)
@@ -145,8 +147,10 @@ def replay(self: Any, message: str, origin: dict[str, Any] | None = None) -> str
             "op %s attempt %d/%d failed (%s); retrying in %.2f s",
             op.id, retries + 1, limit + 1, type(exc).__name__, countdown,
         )
+        count_outcomes({"retrying": 1})
         raise self.retry(countdown=countdown, exc=exc) from exc
     _log_outcome(op, result.outcome)
+    count_outcomes({result.outcome: 1})
     return result.outcome
 
 
@@ -209,6 +213,7 @@ def replay_batch(self: Any, messages: list[str], origins: list[list[Any]]) -> di
             task_id=self.request.id,
         )
         outcomes["rejected" if isinstance(error, DecodeError) else "dead"] += 1
+    count_outcomes({k: n for k, n in outcomes.items() if k not in ("dead", "rejected")})  # see _write_dead_letter
     return dict(outcomes)
 
 
@@ -232,6 +237,7 @@ def _write_dead_letter(
         max_bytes=rt.settings.max_message_bytes, signer=rt.signer,
     )
     rt.dlq.write(letter, key)
+    count_outcomes({letter.outcome: 1})
 
 
 @shared_task(name=DEAD_LETTER_TASK, ignore_result=True)
@@ -276,14 +282,30 @@ class _ValidateSettings(bootsteps.Step):
         super().__init__(worker, **kwargs)
 
 
+class _ServeMetrics(bootsteps.Step):
+    """Worker boot step: serve replay outcomes on ``redis_retry_worker_metrics_port``.
+
+    It runs in the main process before the pool forks, so every child counts into the
+    shared memory it creates.
+    """
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        port = settings_for(worker.app).worker_metrics_port
+        if port is not None:
+            serve_worker_metrics(port)
+            logger.info("serving Prometheus metrics on :%d/metrics", port)
+        super().__init__(worker, **kwargs)
+
+
 def attach(app: Any) -> None:
     """Add the queue and start-up validation to ``app`` (see ``install``).
 
     The tasks themselves are shared tasks: importing this module registered them on
     every Celery app, finalized or not.
     """
-    if _ValidateSettings not in app.steps["worker"]:
-        app.steps["worker"].add(_ValidateSettings)
+    for step in (_ValidateSettings, _ServeMetrics):
+        if step not in app.steps["worker"]:
+            app.steps["worker"].add(step)
 
     def add_queue(**_: Any) -> None:
         queue = settings_for(app).queue

@@ -1,0 +1,154 @@
+"""Prometheus metrics for the three roles (optional: ``pip install celery-redis-retry[metrics]``).
+
+Every figure is a counter the code keeps anyway (``ProducerStats``, ``BridgeStats``, the
+replay outcomes), read when Prometheus scrapes, so that turning metrics on adds nothing
+to the paths that publish and replay ops.
+
+- **Application processes**: :func:`register_producer_metrics` adds ``crr_producer_*``
+  (summed over the process's producers) and ``crr_spool_messages`` to a registry, by
+  default prometheus_client's global one, which the application already serves.
+- **Bridge**: ``celery -A proj redis-retry bridge --metrics-port N`` (or
+  ``redis_retry_bridge_metrics_port``) serves ``crr_bridge_*`` on ``:N/metrics``.
+- **Worker**: with ``redis_retry_worker_metrics_port`` set, the worker's main process
+  serves ``crr_replay_ops_total{outcome=...}`` on that port. The prefork children count
+  into shared memory created before they fork, so the figures survive a child being
+  replaced (``--max-tasks-per-child``) and need no ``PROMETHEUS_MULTIPROC_DIR``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .bridge import Bridge
+
+#: The outcomes a replay can count, in flow order (``retrying``: sent back with a countdown).
+OUTCOMES = ("applied", "duplicate", "superseded", "expired", "retrying", "dead", "rejected")
+
+
+def _client() -> Any:
+    try:
+        import prometheus_client
+    except ImportError:
+        raise ConfigurationError(
+            "metrics need the prometheus_client package: pip install 'celery-redis-retry[metrics]'"
+        ) from None
+    return prometheus_client
+
+
+def _family(kind: str, name: str, documentation: str, value: float) -> Any:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    family = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}[kind]
+    return family(name, documentation, value=value)
+
+
+class _Collector:
+    """A prometheus_client collector whose families come from ``collect_families``."""
+
+    def __init__(self, collect_families: Callable[[], Iterator[Any]]) -> None:
+        self._collect_families = collect_families
+
+    def collect(self) -> Iterator[Any]:
+        return self._collect_families()
+
+
+def serve(port: int, collector: _Collector, *, addr: str = "0.0.0.0") -> Any:  # noqa: S104 - a scrape target
+    """Serve ``collector`` (and nothing else) on ``addr:port/metrics`` from a daemon thread."""
+    client = _client()
+    registry = client.CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    try:
+        return client.start_http_server(port, addr=addr, registry=registry)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot serve metrics on port {port}: {exc}") from None
+
+
+# -- application processes ---------------------------------------------------------------
+
+
+def register_producer_metrics(registry: Any = None) -> None:
+    """Add the producers' counters of this process to ``registry`` (default: the global one)."""
+    client = _client()
+
+    def families() -> Iterator[Any]:
+        from .producer import _live_producers
+
+        producers = list(_live_producers)
+        for field, help_text in (
+            ("published", "Ops handed to Kafka or the spool by publish()"),
+            ("spooled", "Ops written to the local spool instead of Kafka"),
+            ("drained", "Spooled ops republished to Kafka"),
+            ("delivery_failures", "Delivery reports that failed (those ops went to the spool)"),
+            ("spool_full", "Ops refused because the spool was full"),
+            ("recreated", "Producers recreated after a fatal librdkafka error"),
+        ):
+            yield _family("counter", f"crr_producer_{field}", help_text,
+                          sum(getattr(p.stats, field) for p in producers))
+        spools = {p.spool.path: p.spool for p in producers}
+        yield _family("gauge", "crr_spool_messages", "Ops waiting in this host's spool",
+                      sum(s.count() for s in spools.values()))
+
+    (registry or client.REGISTRY).register(_Collector(families))
+
+
+# -- bridge --------------------------------------------------------------------------------
+
+
+def serve_bridge_metrics(bridge: Bridge, port: int) -> Any:
+    """Serve the counters of ``bridge`` on ``port``."""
+
+    def families() -> Iterator[Any]:
+        stats = bridge.stats
+        yield _family("counter", "crr_bridge_ops_dispatched", "Ops handed to Celery", stats.dispatched)
+        yield _family("counter", "crr_bridge_tasks_sent", "Celery tasks sent (a batch is one task)", stats.tasks)
+        yield _family("counter", "crr_bridge_ops_rejected", "Messages written to the DLQ as rejected",
+                      stats.rejected)
+        yield _family("counter", "crr_bridge_stalls", "Hand-overs refused: a partition paused and rewound",
+                      stats.stalls)
+        yield _family("counter", "crr_bridge_reading_paused", "Times the Celery queue reached the high-water mark",
+                      stats.held)
+        yield _family("gauge", "crr_bridge_reading_is_paused", "1 while reading is paused by backpressure",
+                      int(bridge.reading_paused))
+        yield _family("gauge", "crr_bridge_assigned_partitions", "Partitions this bridge owns",
+                      bridge.assigned_partitions)
+
+    return serve(port, _Collector(families))
+
+
+# -- worker --------------------------------------------------------------------------------
+
+_outcome_counts: Any = None  # a shared multiprocessing.Array, once the worker serves metrics
+
+
+def count_outcomes(outcomes: dict[str, int]) -> None:
+    """Add replay outcomes (from any worker process); nothing unless metrics are served."""
+    counts = _outcome_counts
+    if counts is None:
+        return
+    with counts.get_lock():
+        for outcome, n in outcomes.items():
+            counts[OUTCOMES.index(outcome)] += n
+
+
+def serve_worker_metrics(port: int) -> Any:
+    """In the worker's main process, before it forks: count outcomes and serve them."""
+    global _outcome_counts
+    _client()  # fail at start, not at the first scrape, when prometheus_client is missing
+    counts = _outcome_counts = multiprocessing.get_context("fork").Array("q", len(OUTCOMES))
+
+    def families() -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily("crr_replay_ops", "Ops replayed by this worker, by outcome", labels=["outcome"])
+        with counts.get_lock():
+            values = counts[:]
+        for outcome, value in zip(OUTCOMES, values, strict=True):
+            family.add_metric([outcome], value)
+        yield family
+
+    return serve(port, _Collector(families))

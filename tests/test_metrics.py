@@ -1,0 +1,116 @@
+"""Prometheus metrics of the three roles, scraped over HTTP from real processes.
+
+The worker runs with two prefork children: the figures it serves are the sum of what
+its children replayed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+from loop_stack import LoopStack
+
+from celery_redis_retry import ops
+from celery_redis_retry.config import Settings
+from celery_redis_retry.errors import ConfigurationError
+from celery_redis_retry.kafka import new_producer
+from celery_redis_retry.metrics import register_producer_metrics
+from celery_redis_retry.producer import RetryProducer
+from celery_redis_retry.testing import EmbeddedKafka, free_port
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """``name{labels}`` -> value of every sample served on ``port``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_bridge_and_worker_serve_their_counters(make_loop: Callable[..., LoopStack]) -> None:
+    worker_port, bridge_port = free_port(), free_port()
+    stack = make_loop(extra_env={"CRR_WORKER_METRICS_PORT": str(worker_port)})
+    with stack.client() as r:
+        r.set("a-string", "x")
+    stack.start_worker(concurrency=2)
+    bridge = stack.start_bridge("--metrics-port", str(bridge_port))
+    producer = new_producer(stack.settings().kafka)
+    producer.produce(stack.topic, os.urandom(32), b"poison")
+    assert producer.flush(10) == 0
+    stack.publish_all([*(ops.set(f"k{i}", i) for i in range(100)), *(ops.sadd("a-string", i) for i in range(5))])
+    stack.wait_assigned(bridge)
+    assert len(stack.dead_letters(count=6)) == 6
+
+    def worker_figures() -> dict[str, float] | None:
+        samples = _scrape(worker_port)
+        done = samples['crr_replay_ops_total{outcome="applied"}'] + samples['crr_replay_ops_total{outcome="dead"}']
+        return samples if done == 105 else None
+
+    samples = stack.wait_for(worker_figures, 30, "the worker's metrics to count every op")
+    assert samples['crr_replay_ops_total{outcome="applied"}'] == 100
+    assert samples['crr_replay_ops_total{outcome="dead"}'] == 5
+    assert samples['crr_replay_ops_total{outcome="retrying"}'] == 0
+    children = set(re.findall(r"ForkPoolWorker-\d+", stack.worker.log_text() if stack.worker else ""))
+    print(f"\nworker children that logged: {sorted(children)}")
+
+    samples = _scrape(bridge_port)
+    assert samples["crr_bridge_ops_dispatched_total"] == 105
+    assert samples["crr_bridge_ops_rejected_total"] == 1
+    assert samples["crr_bridge_assigned_partitions"] == 4
+    assert samples["crr_bridge_reading_is_paused"] == 0
+    assert samples["crr_bridge_tasks_sent_total"] >= 1
+
+
+def test_a_bridge_whose_metrics_port_is_taken_exits_3(make_loop: Callable[..., LoopStack]) -> None:
+    stack = make_loop()
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = stack.cli("redis-retry", "bridge", "--metrics-port", str(port))
+    assert done.returncode == 3, done.stderr
+    assert f"cannot serve metrics on port {port}" in done.stderr
+
+
+def test_producer_counters_join_the_applications_registry(kafka: EmbeddedKafka, tmp_path: object) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    settings = Settings.from_mapping({
+        "redis_retry_kafka": kafka.config, "redis_retry_targets": {"default": "redis://127.0.0.1:1"},
+        "redis_retry_topic": f"metrics-{free_port()}", "redis_retry_spool_path": f"{tmp_path}/spool.sqlite3",
+    })
+    registry = CollectorRegistry()
+    register_producer_metrics(registry)
+
+    def published() -> float:  # summed over this process's producers, other tests' included
+        text = generate_latest(registry).decode()
+        assert re.search(r"^crr_spool_messages \d", text, re.MULTILINE), text
+        found = re.search(r"^crr_producer_published_total (\S+)$", text, re.MULTILINE)
+        assert found, text
+        return float(found.group(1))
+
+    producer = RetryProducer(settings, handle_sigterm=False)
+    try:
+        before = published()
+        for i in range(10):
+            producer.publish(ops.set(f"k{i}", i))
+        assert producer.flush(10) == 0
+        assert published() == before + 10
+    finally:
+        producer.close(5)
+
+
+def test_a_metrics_port_must_be_a_port() -> None:
+    base = {"redis_retry_kafka": {"bootstrap.servers": "x:1"}, "redis_retry_targets": {"default": "redis://x"}}
+    with pytest.raises(ConfigurationError, match="redis_retry_worker_metrics_port"):
+        Settings.from_mapping({**base, "redis_retry_worker_metrics_port": 70000})
+    assert Settings.from_mapping({**base, "redis_retry_bridge_metrics_port": 9100}).bridge_metrics_port == 9100
