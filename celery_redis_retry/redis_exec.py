@@ -36,6 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
@@ -99,7 +100,9 @@ def connect(url: str) -> Any:
         if not path:
             raise PermanentReplayError(f"sentinel URL needs a service name: {url}", reason="configuration")
         db = int(path[1]) if len(path) > 1 else 0
-        options = {**_defaults_for(parts.query), "password": parts.password, "username": parts.username}
+        # redis-py's own URL parser turns the query (?socket_timeout=2...) into typed options.
+        given = parse_url(f"redis://?{parts.query}") if parts.query else {}  # type: ignore[no-untyped-call]
+        options = {**_defaults_for(parts.query), **given, "password": parts.password, "username": parts.username}
         sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": 2.0}, **options)  # type: ignore[no-untyped-call]
         return sentinel.master_for(path[0], db=db, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call]
     return redis.Redis.from_url(url, **_defaults_for(parts.query), retry=Retry(NoBackoff(), 0))

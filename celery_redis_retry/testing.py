@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TEST_CONSUMER_SETTINGS", "CeleryCommand", "CeleryWorker", "EmbeddedKafka", "HarnessError", "HarnessTimeoutError",
     "KafkaBroker", "ManagedProcess", "ProcessExitedError", "RedisCluster",
-    "RedisServer", "TansuKafka", "TopicRecord", "free_port",
+    "RedisSentinel", "RedisServer", "TansuKafka", "TopicRecord", "free_port",
     "read_topic", "redis_server_binary", "tansu_binary", "wait_until",
 ]
 
@@ -444,7 +444,25 @@ def _free_cluster_port() -> int:
     raise HarnessError("no free port pair (port, port + 10000) for a cluster node")
 
 
-class RedisCluster:
+class _StartedGroup:
+    """Several processes started and stopped together; a context manager (leaving stops them)."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class RedisCluster(_StartedGroup):
     """A Redis Cluster of ``masters`` redis-server processes on 127.0.0.1, no replicas.
 
     Slots are spread evenly with CLUSTER ADDSLOTS and the nodes introduced with CLUSTER
@@ -506,13 +524,96 @@ class RedisCluster:
         for node in self.nodes:
             node.stop()
 
-    def __enter__(self) -> Self:
-        return self.start()
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+class RedisSentinel(_StartedGroup):
+    """A master, a replica and a Sentinel watching them as ``service``, on 127.0.0.1.
+
+    One Sentinel with quorum 1 and ``down_after_ms`` of silence before a failover: enough
+    to play a real failover in a test. :attr:`url` is a ``redis+sentinel://`` target URL;
+    :meth:`client` talks to whichever server is the master now.
+    """
+
+    def __init__(self, service: str = "mymaster", *, dir: str | None = None, down_after_ms: int = 1000) -> None:  # noqa: A002
+        self.service = service
+        self.dir = dir or tempfile.mkdtemp(prefix="crr-sentinel-")
+        self.down_after_ms = down_after_ms
+        self.servers = [RedisServer(dir=str(Path(self.dir) / "server-0"))]
+        self.port = free_port()
+        self.sentinel = ManagedProcess(
+            [redis_server_binary(), str(Path(self.dir) / "sentinel.conf"), "--sentinel"],
+            name=f"sentinel-{self.port}", log_dir=self.dir,
+        )
+
+    @property
+    def url(self) -> str:
+        """``redis+sentinel://127.0.0.1:PORT/<service>/0``."""
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}/0"
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """Start the master, then its replica (wait until it is in sync), then the Sentinel."""
+        master = self.servers[0]
+        Path(master.dir).mkdir(parents=True, exist_ok=True)
+        master.start()
+        replica = RedisServer(args=("--replicaof", "127.0.0.1", str(master.port)), dir=str(Path(self.dir) / "server-1"))
+        Path(replica.dir).mkdir(parents=True, exist_ok=True)
+        self.servers.append(replica.start())
+        wait_until(lambda: self._role(replica) == "slave" and self._in_sync(replica), timeout, interval=0.1,
+                   what="the replica to sync with its master")
+        Path(self.dir, "sentinel.conf").write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {master.port} 1\n"
+            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.service} 10000\n"
+        )
+        self.sentinel.start()
+        self.sentinel.wait_until(lambda: self.master_port() == master.port, timeout, "the Sentinel to see the master")
+        return self
+
+    def master_port(self) -> int | None:
+        """The port of the master the Sentinel names now (None while it cannot say)."""
+        try:
+            with redis.Redis(port=self.port, socket_timeout=1.0, retry=Retry(NoBackoff(), 0)) as client:
+                address = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        except redis.RedisError:
+            return None
+        return int(address[1]) if address else None
+
+    def master(self) -> RedisServer:
+        """The server that is the master now."""
+        port = self.master_port()
+        return next(s for s in self.servers if s.port == port)
+
+    def kill_master(self, timeout: float = 30.0) -> RedisServer:
+        """SIGKILL the master; wait until the Sentinel has promoted the replica; return the new master."""
+        old = self.master()
+        old.kill()
+        self.sentinel.wait_until(lambda: self.master_port() not in (None, old.port), timeout, "a failover")
+        new = self.master()
+        wait_until(lambda: self._role(new) == "master", timeout, interval=0.1, what="the new master to take writes")
+        return new
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A client of the master now (close it when done)."""
+        return self.master().client(**kwargs)
+
+    def stop(self) -> None:
+        """Stop the Sentinel and every server."""
+        self.sentinel.stop()
+        for server in self.servers:
+            server.stop()
+
+    @staticmethod
+    def _role(server: RedisServer) -> str | None:
+        try:
+            with server.client(socket_timeout=1.0, retry=Retry(NoBackoff(), 0)) as client:
+                return str(client.info("replication")["role"])
+        except redis.RedisError:
+            return None
+
+    @staticmethod
+    def _in_sync(replica: RedisServer) -> bool:
+        with replica.client(socket_timeout=1.0, retry=Retry(NoBackoff(), 0)) as client:
+            return bool(client.info("replication").get("master_link_status") == "up")
 
 
 # -- Kafka ---------------------------------------------------------------------------------

@@ -17,7 +17,15 @@ from typing import Any
 import pytest
 from loop_stack import LoopStack
 
-from celery_redis_retry.testing import EmbeddedKafka, KafkaBroker, RedisCluster, RedisServer, TansuKafka, free_port
+from celery_redis_retry.testing import (
+    EmbeddedKafka,
+    KafkaBroker,
+    RedisCluster,
+    RedisSentinel,
+    RedisServer,
+    TansuKafka,
+    free_port,
+)
 
 APPS_DIR = Path(__file__).parent / "apps"
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -93,18 +101,22 @@ def make_loop(
 
     The target Redis gets a fixed port (so it can be started later, or killed and
     restarted, at the same URL) and an append-only file (so a graceful stop keeps data);
-    with ``cluster=True`` it is a started 3-master Redis Cluster instead.
+    with ``cluster=True`` it is a started 3-master Redis Cluster instead, with ``sentinel=True``
+    a master, a replica and a Sentinel.
     The Celery broker is a fresh redis-server unless ``broker_url`` is given.
     """
     stacks: list[LoopStack] = []
 
     def make(
-        *, broker_url: str | None = None, target_running: bool = True, cluster: bool = False, **options: Any
+        *, broker_url: str | None = None, target_running: bool = True, cluster: bool = False, sentinel: bool = False,
+        **options: Any,
     ) -> LoopStack:
         workdir = tmp_path_factory.mktemp("loop")
-        target: RedisServer | RedisCluster
+        target: RedisServer | RedisCluster | RedisSentinel
         if cluster:
             target = RedisCluster(3, dir=str(workdir / "cluster")).start()
+        elif sentinel:
+            target = RedisSentinel(dir=str(workdir / "sentinel")).start()
         else:
             target = RedisServer(free_port(), args=("--appendonly", "yes"), dir=str(workdir))
             if target_running:

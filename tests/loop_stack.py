@@ -27,6 +27,7 @@ from celery_redis_retry.testing import (
     CeleryWorker,
     KafkaBroker,
     RedisCluster,
+    RedisSentinel,
     RedisServer,
     read_topic,
     wait_until,
@@ -46,7 +47,7 @@ class LoopStack:
     """One isolated copy of the system: its own topic, group, queue, target and spool."""
 
     kafka: KafkaBroker
-    target: RedisServer | RedisCluster
+    target: RedisServer | RedisCluster | RedisSentinel
     broker_url: str
     workdir: Path
     max_retries: int = 3

@@ -1,0 +1,66 @@
+"""A Sentinel target through a real failover: the master is SIGKILLed while ops are being
+replayed; the worker's retries land on the promoted replica, each op applied once.
+
+Real processes: a master, a replica and a Sentinel (``redis-server --sentinel``), the
+session's embedded Kafka, a ``celery worker`` and a bridge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from loop_stack import LoopStack
+
+from celery_redis_retry import ops
+from celery_redis_retry.redis_exec import connect
+from celery_redis_retry.testing import RedisSentinel, wait_until
+
+
+def _values(target: RedisSentinel, keys: list[str]) -> list[Any] | None:
+    """The keys' values on the master of now; None while there is no master to ask."""
+    try:
+        with target.client(socket_timeout=1.0) as client:
+            return list(client.mget(keys))
+    except redis.RedisError:  # a failover in progress: ask again
+        return None
+
+
+def test_ops_replayed_during_a_failover_land_on_the_new_master(make_loop: Callable[..., LoopStack]) -> None:
+    stack = make_loop(sentinel=True, max_retries=10)
+    target = stack.target
+    assert isinstance(target, RedisSentinel)
+    stack.start_worker()
+    bridge = stack.start_bridge()
+    counters = [f"n:{i}" for i in range(300)]
+    stack.publish_all([ops.incrby(key, 1) for key in counters])
+    stack.wait_assigned(bridge)
+    stack.wait_for(lambda: _values(target, counters) == [b"1"] * 300, 60, "the first ops applied on the master")
+    old = target.master()
+    replica = next(s for s in target.servers if s is not old)
+    with replica.client() as client:
+        wait_until(lambda: client.mget(counters) == [b"1"] * 300, 30, what="the replica to have the first ops")
+
+    old.kill()  # the master dies; the ops below fail until the Sentinel promotes the replica
+    sessions = [f"session:{i}" for i in range(100)]
+    stack.publish_all([*(ops.incrby(key, 1) for key in counters), *(ops.set(key, "v") for key in sessions)])
+    stack.wait_for(lambda: target.master_port() == replica.port, 60, "the Sentinel to promote the replica")
+    stack.wait_for(lambda: _values(target, counters) == [b"2"] * 300, 120, "every counter at 2 on the new master")
+    assert _values(target, sessions) == [b"v"] * 100
+    retried = stack.worker_log_count(r"retrying in")
+    print(f"\nmaster {old.port} killed, replica {replica.port} promoted; replays retried {retried} times")
+    assert retried > 0, "the ops should have met the dead master first"
+    assert stack.dlq_is_empty()
+
+
+def test_sentinel_urls_keep_their_query_options(tmp_path: Any) -> None:
+    with RedisSentinel(dir=str(tmp_path)) as target:
+        client = connect(target.url + "?socket_timeout=1.5&health_check_interval=7")
+        try:
+            assert client.ping()
+            kwargs = client.connection_pool.connection_kwargs
+            assert kwargs["socket_timeout"] == 1.5
+            assert kwargs["health_check_interval"] == 7
+        finally:
+            client.close()
