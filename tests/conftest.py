@@ -109,7 +109,7 @@ def make_loop(
 
     def make(
         *, broker_url: str | None = None, target_running: bool = True, cluster: bool = False, sentinel: bool = False,
-        **options: Any,
+        target_args: tuple[str, ...] = (), **options: Any,
     ) -> LoopStack:
         workdir = tmp_path_factory.mktemp("loop")
         target: RedisServer | RedisCluster | RedisSentinel
@@ -118,7 +118,7 @@ def make_loop(
         elif sentinel:
             target = RedisSentinel(dir=str(workdir / "sentinel")).start()
         else:
-            target = RedisServer(free_port(), args=("--appendonly", "yes"), dir=str(workdir))
+            target = RedisServer(free_port(), args=("--appendonly", "yes", *target_args), dir=str(workdir))
             if target_running:
                 target.start()
         broker = None if broker_url else redis_factory(args=("--appendonly", "yes"))
