@@ -236,8 +236,7 @@ def dlq_list(  # noqa: PLR0917 - click passes every option
     shown = records if limit == 0 else records[:limit]
     if as_json:
         for stored in shown:
-            doc = stored.letter.document() if stored.letter is not None else {"problem": stored.problem}
-            click.echo(dumps({"ref": stored.ref, **doc}).decode())
+            click.echo(dumps(stored.document()).decode())
         return
     click.echo(f"{'REF':<10} {'DIED AT (UTC)':<19} {'STATE':<8} {'OUTCOME':<8} {'REASON':<20} {'TRIES':>5}  "
                f"{'OP ID':<28} OP")
@@ -271,8 +270,7 @@ def dlq_show(ctx: click.Context, refs: tuple[str, ...]) -> None:
     queue = _dead_letter_queue(ctx)
     chosen, unknown = select(_read_dlq(ctx, queue, include_handled=True), refs=refs)
     for stored in chosen:
-        doc = stored.letter.document() if stored.letter is not None else {"problem": stored.problem}
-        click.echo(json.dumps(json.loads(dumps({"ref": stored.ref, **doc})), indent=2))
+        click.echo(json.dumps(json.loads(dumps(stored.document())), indent=2))
     for ref in unknown:
         click.echo(f"no record {ref!r} in {queue.topic}", err=True)
     ctx.exit(EXIT_FAILURE if unknown else EXIT_OK)
@@ -294,7 +292,7 @@ def dlq_replay(  # noqa: PLR0917 - click passes every option
     queue, records, chosen = _read_selection(ctx, refs=refs, all_=all_, reason=reason, outcome=outcome)
     if dry_run:
         for stored in chosen:
-            click.echo(f"would replay {stored.ref} (op {stored.letter.op_id if stored.letter else '-'})")
+            click.echo(f"would replay {stored.ref} (op {stored.op_id})")
         return
     result = queue.replay(chosen)
     for stored, new_id in result.replayed:

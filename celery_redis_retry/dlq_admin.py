@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -49,6 +50,16 @@ class StoredLetter:
     def ref(self) -> str:
         """``PARTITION:OFFSET``, how commands name a record."""
         return f"{self.partition}:{self.offset}"
+
+    @property
+    def op_id(self) -> str:
+        """The id of the op the record holds, ``-`` when it holds none."""
+        return (self.letter.op_id if self.letter is not None else None) or "-"
+
+    def document(self) -> dict[str, Any]:
+        """The record as JSON-ready data, with its ref (``problem`` says why an undecodable one is)."""
+        body = self.letter.document() if self.letter is not None else {"problem": self.problem}
+        return {"ref": self.ref, **body}
 
     def matches(self, ref: str) -> bool:
         """Whether ``ref`` names this record: ``PARTITION:OFFSET`` or its op id."""
@@ -129,7 +140,7 @@ class DeadLetterQueue:
                 else:
                     refused.append((stored, f"Kafka did not take it: {error}"))
         for stored, new_id in replayed:
-            logger.info("DLQ record %s (op %s) replayed as op %s", stored.ref, _op_id(stored), new_id)
+            logger.info("DLQ record %s (op %s) replayed as op %s", stored.ref, stored.op_id, new_id)
         return ReplayResult(replayed, refused)
 
     def _replayable(self, stored: StoredLetter) -> RedisOp:
@@ -268,10 +279,6 @@ def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "backslashreplace")
     return str(value)
-
-
-def _op_id(stored: StoredLetter) -> str:
-    return (stored.letter.op_id if stored.letter is not None else None) or "-"
 
 
 def _stored(message: kafka.Message, cursor: Cursor | None) -> StoredLetter:

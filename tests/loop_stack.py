@@ -145,29 +145,16 @@ class LoopStack:
 
     def committed_offsets(self) -> dict[int, int]:
         """The consumer group's committed offset per partition of the topic (-1001: none)."""
-        from celery_redis_retry import kafka
-
-        consumer = kafka.new_consumer(self.settings().kafka, f"group-{self.name}")
-        try:
-            metadata = consumer.list_topics(self.topic, timeout=10)
-            partitions = [kafka.TopicPartition(self.topic, p) for p in metadata.topics[self.topic].partitions]
-            return {tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=10)}
-        finally:
-            consumer.close()
+        return {p: o.committed for p, o in self._group_offsets().items()}
 
     def end_offsets(self) -> dict[int, int]:
         """The high watermark of each partition of the topic."""
+        return {p: o.high for p, o in self._group_offsets().items()}
+
+    def _group_offsets(self) -> dict[int, Any]:
         from celery_redis_retry import kafka
 
-        consumer = kafka.new_consumer(self.settings().kafka, f"watermarks-{self.name}")
-        try:
-            metadata = consumer.list_topics(self.topic, timeout=10)
-            return {
-                p: consumer.get_watermark_offsets(kafka.TopicPartition(self.topic, p), timeout=10)[1]
-                for p in metadata.topics[self.topic].partitions
-            }
-        finally:
-            consumer.close()
+        return kafka.group_offsets(self.settings().kafka, self.topic, f"group-{self.name}")
 
     def stop(self) -> None:
         for bridge in self.bridges:

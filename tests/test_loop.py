@@ -346,7 +346,7 @@ def test_a_failing_dlq_write_stalls_the_partition_until_it_succeeds(make_loop: C
     time.sleep(3)
     with stack.client() as r:
         assert r.llen("behind") == 0, "ops behind an op that was not handed over must wait"
-    poison_partition = next(p for p in stack.end_offsets() if stack.end_offsets()[p] > 0)
+    poison_partition = next(p for p, end in stack.end_offsets().items() if end > 0)
     assert stack.committed_offsets()[poison_partition] <= 0, "never commit past the stalled op"
 
     bridge.stop(timeout=30)
