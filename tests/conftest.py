@@ -1,14 +1,18 @@
-"""Shared fixtures: real redis-server processes, Kafka-protocol brokers and RabbitMQ detection.
+"""Shared fixtures: real redis-server (and valkey-server) processes, Kafka-protocol brokers and RabbitMQ.
 
 Every fixture starts the real thing with :mod:`celery_redis_retry.testing`; one that
-cannot start what it needs errors loudly instead of skipping (RabbitMQ, an external
-service, is the one explained exception: see :func:`rabbitmq_url`).
+cannot start what it needs errors loudly instead of skipping (RabbitMQ, a system package
+rather than a Python one, is the one explained exception: see :func:`rabbitmq_server`).
+
+Tests marked ``redis_and_valkey`` run twice, with ids ``[redis]`` and ``[valkey]``: once
+against redis-server, once against valkey-server as the *target* server (the
+``target_server`` fixture, used by ``redis_server`` and ``make_loop``'s target). Celery's
+broker stays a redis-server either way.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,22 +23,44 @@ from loop_stack import LoopStack
 
 from celery_redis_retry.testing import (
     EmbeddedKafka,
+    HarnessError,
     KafkaBroker,
+    RabbitMQServer,
     RedisCluster,
     RedisSentinel,
     RedisServer,
     TansuKafka,
     free_port,
+    rabbitmq_server_binary,
+    redis_server_binary,
+    valkey_server_binary,
 )
 
 APPS_DIR = Path(__file__).parent / "apps"
-RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+#: The target servers a ``redis_and_valkey`` test runs against; the names are the test ids.
+TARGET_SERVERS: dict[str, Callable[[], str]] = {"redis": redis_server_binary, "valkey": valkey_server_binary}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A marker rather than params on the fixture: only the tests that ask run twice, not
+    # every test that happens to use make_loop.
+    if metafunc.definition.get_closest_marker("redis_and_valkey") and "target_server" in metafunc.fixturenames:
+        metafunc.parametrize("target_server", list(TARGET_SERVERS), indirect=True)
 
 
 @pytest.fixture
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A started redis-server on a free port, stopped after the test."""
-    with RedisServer(dir=str(tmp_path_factory.mktemp("redis"))).start() as server:
+def target_server(request: pytest.FixtureRequest) -> str:
+    """The binary of the target server: valkey-server in the ``[valkey]`` run of a ``redis_and_valkey`` test.
+
+    Fails (never skips) if it is missing: valkey-server comes with the ``test`` extra.
+    """
+    return TARGET_SERVERS[getattr(request, "param", "redis")]()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory, target_server: str) -> Iterator[RedisServer]:
+    """A started target server (redis-server, or valkey-server: see ``target_server``), stopped after the test."""
+    with RedisServer(dir=str(tmp_path_factory.mktemp("redis")), binary=target_server).start() as server:
         yield server
 
 
@@ -80,29 +106,40 @@ def unique_topic() -> str:
     return f"t-{uuid.uuid4().hex}"
 
 
-@pytest.fixture
-def rabbitmq_url() -> str:
-    """The local RabbitMQ's URL; skips visibly when it is absent, fails if CRR_REQUIRE_RABBITMQ=1."""
+@pytest.fixture(scope="session")
+def rabbitmq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQServer]:
+    """A RabbitMQ broker on a free port, started on first use and shared by the session: never stop it in a test.
+
+    Without a rabbitmq-server binary the tests that need it skip, with the reason, unless
+    CRR_REQUIRE_RABBITMQ=1 (as on CI), which makes that a failure.
+    """
     try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=1.0).close()
-    except OSError as exc:
-        reason = f"RabbitMQ is not reachable on 127.0.0.1:5672 ({exc})"
+        rabbitmq_server_binary()
+    except HarnessError as exc:
         if os.environ.get("CRR_REQUIRE_RABBITMQ") == "1":
-            pytest.fail(f"{reason}, and CRR_REQUIRE_RABBITMQ=1")
-        pytest.skip(f"{reason}; set CRR_REQUIRE_RABBITMQ=1 to make this a failure")
-    return RABBITMQ_URL
+            pytest.fail(f"{exc}, and CRR_REQUIRE_RABBITMQ=1")
+        pytest.skip(f"{exc}; set CRR_REQUIRE_RABBITMQ=1 to make this a failure")
+    with RabbitMQServer(dir=str(tmp_path_factory.mktemp("rabbitmq"))).start() as server:
+        yield server
+
+
+@pytest.fixture
+def rabbitmq_url(rabbitmq_server: RabbitMQServer) -> str:
+    """The AMQP URL of the session's RabbitMQ (see :func:`rabbitmq_server`)."""
+    return rabbitmq_server.url
 
 
 @pytest.fixture
 def make_loop(
-    kafka: EmbeddedKafka, redis_factory: Callable[..., RedisServer], tmp_path_factory: pytest.TempPathFactory
+    kafka: EmbeddedKafka, redis_factory: Callable[..., RedisServer], tmp_path_factory: pytest.TempPathFactory,
+    target_server: str,
 ) -> Iterator[Callable[..., LoopStack]]:
     """``make_loop(broker_url=None, target_running=True, **LoopStack options)``: the whole loop.
 
     The target Redis gets a fixed port (so it can be started later, or killed and
     restarted, at the same URL) and an append-only file (so a graceful stop keeps data);
     with ``cluster=True`` it is a started 3-master Redis Cluster instead, with ``sentinel=True``
-    a master, a replica and a Sentinel.
+    a master, a replica and a Sentinel. Each runs ``target_server`` (redis-server, or valkey-server).
     The Celery broker is a fresh redis-server unless ``broker_url`` is given.
     """
     stacks: list[LoopStack] = []
@@ -114,11 +151,13 @@ def make_loop(
         workdir = tmp_path_factory.mktemp("loop")
         target: RedisServer | RedisCluster | RedisSentinel
         if cluster:
-            target = RedisCluster(3, dir=str(workdir / "cluster")).start()
+            target = RedisCluster(3, dir=str(workdir / "cluster"), binary=target_server).start()
         elif sentinel:
-            target = RedisSentinel(dir=str(workdir / "sentinel")).start()
+            target = RedisSentinel(dir=str(workdir / "sentinel"), binary=target_server).start()
         else:
-            target = RedisServer(free_port(), args=("--appendonly", "yes", *target_args), dir=str(workdir))
+            target = RedisServer(
+                free_port(), args=("--appendonly", "yes", *target_args), dir=str(workdir), binary=target_server
+            )
             if target_running:
                 target.start()
         broker = None if broker_url else redis_factory(args=("--appendonly", "yes"))

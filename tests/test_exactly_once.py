@@ -2,7 +2,8 @@
 
 The executor tests run the real Lua step against real redis-server processes; the loop
 tests run the whole system (Kafka, bridge, a prefork worker whose children are killed
-after applying and before acknowledging) and count effects in Redis.
+after applying and before acknowledging) and count effects in Redis. Every test that
+touches a server runs twice (``redis_and_valkey``): on redis-server, then on valkey-server.
 """
 
 from __future__ import annotations
@@ -23,18 +24,36 @@ from celery_redis_retry.redis_exec import LUA_MAX_ARGS, Executor, expired
 from celery_redis_retry.slots import marker_key
 from celery_redis_retry.testing import RedisCluster, RedisServer
 
+#: Each test that uses a server (``target``, ``cluster``, ``make_loop``) runs on redis-server and on valkey-server.
+pytestmark = pytest.mark.redis_and_valkey
+
 TARGETS = ["single", "cluster"]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    with RedisCluster(3, dir=str(tmp_path_factory.mktemp("cluster"))) as started:
-        yield started
+def clusters() -> Iterator[dict[str, RedisCluster]]:
+    """The module's 3-master clusters by server binary, each started on first use."""
+    started: dict[str, RedisCluster] = {}
+    yield started
+    for running in started.values():
+        running.stop()
+
+
+@pytest.fixture
+def cluster(
+    clusters: dict[str, RedisCluster], target_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> RedisCluster:
+    """A 3-master cluster of ``target_server`` processes, shared by the module's tests."""
+    if target_server not in clusters:
+        clusters[target_server] = RedisCluster(
+            3, dir=str(tmp_path_factory.mktemp("cluster")), binary=target_server
+        ).start()
+    return clusters[target_server]
 
 
 @pytest.fixture(params=TARGETS)
 def target(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[tuple[Executor, Any]]:
-    """An executor and a client for a single redis-server, then for a 3-master cluster."""
+    """An executor and a client for a single server, then for a 3-master cluster (of ``target_server``)."""
     server: Any = redis_server if request.param == "single" else request.getfixturevalue("cluster")
     settings = Settings.from_mapping(
         {

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
+from kombu import Connection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -21,15 +25,19 @@ from celery_redis_retry.testing import (
     TEST_CONSUMER_SETTINGS,
     CeleryWorker,
     EmbeddedKafka,
+    HarnessError,
     HarnessTimeoutError,
     KafkaBroker,
     ManagedProcess,
     ProcessExitedError,
+    RabbitMQServer,
+    RedisCluster,
     RedisServer,
     TansuKafka,
     TopicRecord,
     read_topic,
     redis_server_binary,
+    valkey_server_binary,
 )
 
 APPS_DIR = Path(__file__).parent / "apps"
@@ -119,6 +127,88 @@ def test_two_redis_servers_at_once(redis_factory: Callable[..., RedisServer]) ->
     first.kill()
     with second.client() as b:
         assert b.ping()
+
+
+# -- Valkey ----------------------------------------------------------------------------------
+
+
+def test_the_valkey_binary_is_valkey_8_1() -> None:
+    done = subprocess.run([valkey_server_binary(), "--version"], capture_output=True, text=True, timeout=30, check=True)
+    assert re.match(r"Valkey server v=8\.1\.\d+ ", done.stdout), done.stdout
+
+
+def test_a_bad_valkey_override_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CRR_VALKEY_SERVER", str(tmp_path / "no-such-valkey-server"))
+    with pytest.raises(HarnessError, match="CRR_VALKEY_SERVER="):
+        valkey_server_binary()
+
+
+def test_redis_server_runs_valkey_when_given_its_binary(tmp_path: Path) -> None:
+    with RedisServer(dir=str(tmp_path / "single"), binary=valkey_server_binary()).start() as server:
+        assert server.name == f"valkey-{server.port}"
+        with server.client() as client:
+            assert client.info("server")["valkey_version"].startswith("8.1.")
+            client.set("k", "v")
+            assert client.get("k") == b"v"
+    with RedisCluster(3, dir=str(tmp_path / "cluster"), binary=valkey_server_binary()) as cluster:
+        for node in cluster.nodes:
+            with node.client() as client:
+                assert "valkey_version" in client.info("server")
+        with cluster.client() as client:
+            client.mset_nonatomic({f"key-{i}": i for i in range(30)})  # lands on every node
+            assert client.get("key-29") == b"29"
+
+
+# -- RabbitMQ --------------------------------------------------------------------------------
+
+
+def _processes_of_node(node_name: str) -> list[tuple[int, str]]:
+    """(pid, command name) of every live process started by the node: they inherit its environment."""
+    marker = f"RABBITMQ_NODENAME={node_name}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            name = (entry / "comm").read_text().strip()
+        except OSError:  # gone meanwhile
+            continue
+        if marker in environ.split(b"\0") and _alive(int(entry.name)):
+            found.append((int(entry.name), name))
+    return found
+
+
+def test_rabbitmq_server_carries_a_message_and_stop_frees_its_ports(
+    rabbitmq_server: RabbitMQServer, tmp_path: Path
+) -> None:
+    # A second broker beside the session's: ports, node names and folders must not clash.
+    started = time.monotonic()
+    server = RabbitMQServer(dir=str(tmp_path / "rabbitmq")).start()
+    try:
+        print(f"\nRabbitMQ started in {time.monotonic() - started:.1f} s")
+        assert server.url == f"amqp://guest:guest@127.0.0.1:{server.port}//"
+        assert server.port != rabbitmq_server.port
+        with Connection(server.url) as connection:
+            queue = connection.SimpleQueue(f"harness-{server.port}")
+            queue.put({"n": 1, "blob": "\u00ff"})
+            message = queue.get(timeout=10)
+            message.ack()
+            assert message.payload == {"n": 1, "blob": "\u00ff"}
+            queue.close()
+        assert {name for _, name in _processes_of_node(server.node_name)} >= {"beam.smp"}
+    finally:
+        code = server.stop()
+    assert code == 0  # SIGTERM is a clean shutdown for rabbitmq-server
+    assert not server.connectable()
+    for port in (server.port, server.dist_port):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR ignores closed connections in TIME_WAIT, not a listener.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))  # raises if anything still listens there
+    # epmd, the machine-wide Erlang port mapper, may outlive the node; nothing else may.
+    assert [p for p in _processes_of_node(server.node_name) if p[1] != "epmd"] == []
+    assert rabbitmq_server.connectable()  # the session's broker was left alone
 
 
 # -- Kafka -----------------------------------------------------------------------------------

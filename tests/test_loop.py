@@ -1,8 +1,10 @@
 """The loop end to end, every process real: Kafka -> bridge -> Celery worker -> Redis, and the DLQ.
 
 Each test builds its own stack (``make_loop``): a target redis-server, a Celery broker
-(a second redis-server, or RabbitMQ), a ``celery worker`` subprocess and a
+(a second redis-server, or the session's RabbitMQ), a ``celery worker`` subprocess and a
 ``celery redis-retry bridge`` subprocess on the session's embedded Kafka broker.
+The tests marked ``redis_and_valkey`` (the outage and the DLQ scenarios) also run with a
+valkey-server as the target: the ``[valkey]`` ids.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ def outage_then_recovery(stack: LoopStack, count: int) -> None:
     assert stack.worker_log_count(r"retrying in") > 0, "the outage should have caused retries"
 
 
+@pytest.mark.redis_and_valkey
 def test_outage_then_recovery_applies_every_op(make_loop: Callable[..., LoopStack]) -> None:
     stack = make_loop(target_running=False, max_retries=12, backoff=0.5, backoff_max=4.0)
     outage_then_recovery(stack, 2000)
@@ -142,6 +145,7 @@ def _delete_rabbitmq_queue(url: str, name: str) -> None:
 # -- ops that can never succeed, and poison -------------------------------------------------
 
 
+@pytest.mark.redis_and_valkey
 def test_permanent_failures_and_poison_go_to_the_dlq(make_loop: Callable[..., LoopStack]) -> None:
     stack = make_loop()
     with stack.client() as r:
