@@ -14,6 +14,13 @@ not handed over. When a hand-over fails (Celery broker or DLQ unreachable), the
 partition is rewound to its first op not handed over and paused with a growing
 backoff, then tried again: it is never skipped. Several bridges share the consumer
 group to scale out.
+
+At start, the retry topic and the DLQ topic must exist: on a cluster that does not
+create topics on use (production: ``auto.create.topics.enable=false``) a missing one
+stops the bridge with :class:`~celery_redis_retry.kafka.TopicMissingError` naming it,
+instead of a bridge that waits forever for ops or stalls at its first dead letter. On
+a broker that creates topics on use (the development broker) looking them up creates
+them, as subscribing did before.
 """
 
 from __future__ import annotations
@@ -110,6 +117,7 @@ class Bridge:
         self._signer = self.settings.signer
         self._consumer: kafka.Consumer | None = None
         self._assigned: set[Partition] = set()
+        self._topic_gone_logged_at = -60.0
 
     @property
     def reading_paused(self) -> bool:
@@ -149,6 +157,11 @@ class Bridge:
         )
         try:
             consumer.list_topics(timeout=10)
+            for role, topic in (("retry", self.settings.topic), ("DLQ", self.settings.dlq_topic)):
+                kafka.require_topic(consumer, topic, self.settings.kafka, role=role)
+        except kafka.TopicMissingError:
+            consumer.close()
+            raise
         except kafka.KafkaException as exc:
             consumer.close()
             raise BridgeUnavailableError(
@@ -250,7 +263,9 @@ class Bridge:
         if error is not None:
             if error.fatal():
                 raise kafka.KafkaException(error)
-            if error.code() != kafka.KafkaError._PARTITION_EOF:
+            if error.code() in kafka.UNKNOWN_TOPIC_CODES:
+                self._topic_gone(error)
+            elif error.code() != kafka.KafkaError._PARTITION_EOF:
                 logger.warning("Kafka: %s", error.str())
             return
         topic, partition, offset = _position(message)
@@ -274,6 +289,16 @@ class Bridge:
         full = self._batcher.add(op.target, item)
         if full is not None:
             self._ready.append(full)
+
+    def _topic_gone(self, error: kafka.KafkaError) -> None:
+        # The topic was deleted under a running bridge: librdkafka says so on every
+        # poll; one line a minute, with the fix, is enough.
+        now = time.monotonic()
+        if now - self._topic_gone_logged_at >= 60.0:
+            self._topic_gone_logged_at = now
+            gone = kafka.TopicMissingError(self.settings.topic, str(self.settings.kafka.get("bootstrap.servers")),
+                                           role="retry")
+            logger.error("%s (%s)", gone, error.str())
 
     def _send_all(self, consumer: kafka.Consumer, waiting: Iterable[list[Consumed]]) -> None:
         # Ops of a partition rewound meanwhile will be read again: do not send them twice.

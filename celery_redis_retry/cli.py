@@ -20,6 +20,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 3  # a redis_retry_* setting is missing or invalid
 EXIT_UNAVAILABLE = 4  # Kafka or the Celery broker cannot be reached at start
+EXIT_NO_TOPIC = 5  # a Kafka topic the command needs does not exist (see ``redis-retry topics create``)
 
 
 def _setup_logging(level: str) -> None:
@@ -28,6 +29,17 @@ def _setup_logging(level: str) -> None:
         format="[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def _app_name(ctx: click.Context) -> str:
+    """The ``celery -A`` argument, to show the exact command that creates a missing topic."""
+    return str(ctx.find_root().params.get("app") or "<app>")
+
+
+def _missing_topic(ctx: click.Context, exc: Any) -> None:
+    """Report a :class:`~celery_redis_retry.kafka.TopicMissingError` and exit 5."""
+    click.echo(f"error: {exc.explain(_app_name(ctx))}", err=True)
+    ctx.exit(EXIT_NO_TOPIC)
 
 
 def _app(ctx: click.Context) -> Any:
@@ -62,10 +74,12 @@ def bridge(  # noqa: PLR0917 - click passes every option
     """Feed ops from Kafka to Celery replay tasks until SIGTERM/SIGINT.
 
     Run several to scale out: they share the consumer group. Exits 0 after a graceful
-    stop, 3 on bad settings, 4 when Kafka or the Celery broker is unreachable at start.
+    stop, 3 on bad settings, 4 when Kafka or the Celery broker is unreachable at start,
+    5 when the retry topic or the DLQ topic does not exist (see ``topics create``).
     """
     from .bridge import Bridge, BridgeUnavailableError
     from .errors import ConfigurationError
+    from .kafka import TopicMissingError
 
     _setup_logging(loglevel)
     app = _app(ctx)
@@ -85,6 +99,9 @@ def bridge(  # noqa: PLR0917 - click passes every option
     except BridgeUnavailableError as exc:
         click.echo(f"cannot start the bridge: {exc}", err=True)
         ctx.exit(EXIT_UNAVAILABLE)
+    except TopicMissingError as exc:
+        click.echo(f"cannot start the bridge: {exc.explain(_app_name(ctx))}", err=True)
+        ctx.exit(EXIT_NO_TOPIC)
 
 
 @redis_retry.group("spool")
@@ -128,8 +145,13 @@ def spool_drain(ctx: click.Context, timeout: float) -> None:
     producer = _spool_producer(ctx.find_root())
     before = producer.spool.count()
     left = producer.drain(timeout)
+    missing = producer.topic_missing
     producer.close()
     click.echo(f"drained {before - left} messages, {left} left in {producer.spool.path}")
+    if left and missing is not None:
+        click.echo(f"error: topic {missing!r} does not exist; create it with: "
+                   f"celery -A {_app_name(ctx)} redis-retry topics create", err=True)
+        ctx.exit(EXIT_NO_TOPIC)
     ctx.exit(EXIT_OK if left == 0 else EXIT_FAILURE)
 
 
@@ -162,10 +184,12 @@ def _dead_letter_queue(ctx: click.Context) -> Any:
 
 
 def _read_dlq(ctx: click.Context, dlq: Any, *, include_handled: bool = False) -> Any:
-    from .kafka import KafkaException
+    from .kafka import KafkaException, TopicMissingError
 
     try:
         return dlq.read(include_handled=include_handled)
+    except TopicMissingError as exc:
+        _missing_topic(ctx, exc)
     except KafkaException as exc:
         click.echo(f"cannot read {dlq.topic}: {exc}", err=True)
         ctx.exit(EXIT_UNAVAILABLE)
@@ -289,12 +313,17 @@ def dlq_replay(  # noqa: PLR0917 - click passes every option
     the same record twice applies it once. Rejected records are never replayed.
     Exits 1 if some selected record could not be replayed.
     """
+    from .kafka import TopicMissingError
+
     queue, records, chosen = _read_selection(ctx, refs=refs, all_=all_, reason=reason, outcome=outcome)
     if dry_run:
         for stored in chosen:
             click.echo(f"would replay {stored.ref} (op {stored.op_id})")
         return
-    result = queue.replay(chosen)
+    try:
+        result = queue.replay(chosen)
+    except TopicMissingError as exc:
+        _missing_topic(ctx, exc)
     for stored, new_id in result.replayed:
         click.echo(f"replayed {stored.ref} as op {new_id}")
     for stored, why in result.refused:
@@ -335,7 +364,10 @@ def dlq_purge(  # noqa: PLR0917 - click passes every option
 @click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.5), help="Seconds per query.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
-    """Where ops wait: spool, retry topic (lag), Celery queue, DLQ. Exits 4 if a place is unreachable."""
+    """Where ops wait: spool, retry topic (lag), Celery queue, DLQ.
+
+    Exits 4 if a place is unreachable, 5 if the retry or DLQ topic does not exist.
+    """
     from .message import dumps
     from .status import collect
 
@@ -355,7 +387,151 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
         click.echo(f"dlq          {figures.dlq_topic}: {shown(figures.dlq_pending)} pending")
         for place, error in figures.errors.items():
             click.echo(f"error        {place}: {error}", err=True)
-    ctx.exit(EXIT_OK if figures.healthy else EXIT_UNAVAILABLE)
+        for missing in figures.missing_topics:
+            click.echo(f"error        {missing.explain(_app_name(ctx))}", err=True)
+    if figures.errors:
+        ctx.exit(EXIT_UNAVAILABLE)
+    ctx.exit(EXIT_NO_TOPIC if figures.missing_topics else EXIT_OK)
+
+
+# -- topics ----------------------------------------------------------------------------------
+
+
+@redis_retry.group("topics")
+def topics() -> None:
+    """Create and describe the retry topic and its DLQ topic (for clusters that do not auto-create).
+
+    Run ``topics create`` once per cluster, before the first producer, bridge or
+    worker: production clusters run with auto.create.topics.enable=false.
+    """
+
+
+_PLAN_OPTIONS = [
+    click.option("--partitions", default=None, type=click.IntRange(1, 10_000),
+                 help="Partitions of the retry topic: the most bridges that share the work [default: 12]."),
+    click.option("--dlq-partitions", default=None, type=click.IntRange(1, 10_000),
+                 help="Partitions of the DLQ topic [default: 3]."),
+    click.option("--replication-factor", default=None, type=click.IntRange(1, 32),
+                 help="Replicas of each partition [default: 3]; the cluster needs at least as many brokers."),
+    click.option("--min-insync-replicas", default=None, type=click.IntRange(1, 32),
+                 help="Replicas that must have a write before it is acknowledged [default: 2, or one less "
+                      "than --replication-factor below 3, at least 1]."),
+    click.option("--retention-days", default=None, type=click.FloatRange(0.01),
+                 help="How long the retry topic keeps ops [default: redis_retry_max_retries x "
+                      "redis_retry_backoff_max + 3 days, at least 7 days]: an op must still be in Kafka "
+                      "when its retries end, even after a bridge was stopped for a weekend."),
+    click.option("--dlq-retention-days", default=28.0, show_default=True, type=click.FloatRange(0.01),
+                 help="How long the DLQ topic keeps dead letters: the time an operator has to look at them."),
+    click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(1), help="Seconds per request."),
+]
+
+
+def _plan_options(command: Any) -> Any:
+    for decorator in reversed(_PLAN_OPTIONS):
+        command = decorator(command)
+    return command
+
+
+def _plans(ctx: click.Context, options: dict[str, Any]) -> Any:
+    from . import topics as topic_admin
+    from .errors import RedisRetryError
+
+    settings = _settings(ctx)
+    day_ms = topic_admin.DAY_MS
+
+    def given(name: str, default: Any) -> Any:
+        return default if options.get(name) is None else options[name]
+
+    try:
+        return settings, topic_admin.plan(
+            settings,
+            partitions=given("partitions", topic_admin.DEFAULT_PARTITIONS),
+            dlq_partitions=given("dlq_partitions", topic_admin.DEFAULT_DLQ_PARTITIONS),
+            replication_factor=given("replication_factor", topic_admin.DEFAULT_REPLICATION_FACTOR),
+            min_insync_replicas=options.get("min_insync_replicas"),
+            retention_ms=None if options.get("retention_days") is None else int(options["retention_days"] * day_ms),
+            dlq_retention_ms=int(given("dlq_retention_days", 28.0) * day_ms),
+        )
+    except RedisRetryError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _ask_cluster(ctx: click.Context, settings: Any, call: Any) -> Any:
+    """``call()``'s result; exit 2 when the cluster cannot hold the plan, 4 when Kafka does not answer."""
+    from .kafka import KafkaException
+    from .topics import TopicSetupError
+
+    try:
+        return call()
+    except TopicSetupError as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(EXIT_USAGE)
+    except KafkaException as exc:
+        click.echo(f"cannot reach Kafka at {settings.kafka.get('bootstrap.servers')}: {exc}", err=True)
+        ctx.exit(EXIT_UNAVAILABLE)
+
+
+def _echo_states(states: Any) -> None:
+    """Print one line per topic, and a warning where an existing one differs from the plan."""
+    from .topics import found_summary
+
+    for state in states:
+        what = f"{state.plan.role} topic {state.plan.name}"
+        if state.found is not None:
+            click.echo(f"{state.action:<13}{what}: {found_summary(state.found)}")
+        elif state.action == "failed":
+            click.echo(f"{state.action:<13}{what}: {state.error}", err=True)
+        else:
+            click.echo(f"{state.action:<13}{what}: {state.plan.summary()}")
+        if state.differences:
+            click.echo(f"warning: {what} differs from the plan, left as it is: {'; '.join(state.differences)}",
+                       err=True)
+
+
+@topics.command("create")
+@_plan_options
+@click.option("--dry-run", is_flag=True, help="Say what would be created; create nothing.")
+@click.pass_context
+def topics_create(ctx: click.Context, /, dry_run: bool, **options: Any) -> None:
+    """Create the retry topic and its DLQ topic, if missing, with production settings.
+
+    Topics that exist are described and left as they are (a warning says where they
+    differ from what this command would create): running it again is safe. Exits 0
+    once both exist, 1 if one could not be created, 2 when the cluster has fewer
+    brokers than --replication-factor, 4 when Kafka does not answer.
+    """
+    from .topics import create, plan_warnings
+
+    _quiet_kafka_logs()
+    settings, plans = _plans(ctx, options)
+    for warning in plan_warnings(settings, plans):
+        click.echo(f"warning: {warning}", err=True)
+    states = _ask_cluster(ctx, settings, lambda: create(settings, plans, dry_run=dry_run, timeout=options["timeout"]))
+    _echo_states(states)
+    ctx.exit(EXIT_FAILURE if any(s.action == "failed" for s in states) else EXIT_OK)
+
+
+@topics.command("describe")
+@_plan_options
+@click.pass_context
+def topics_describe(ctx: click.Context, /, **options: Any) -> None:
+    """Say whether the retry and DLQ topics exist, how they are set up, and how that differs from the plan.
+
+    The plan is what ``topics create`` with the same options would create. Creates
+    nothing. Exits 0 when both exist, 5 when one is missing, 4 when Kafka does not answer.
+    """
+    from .topics import describe
+
+    _quiet_kafka_logs()
+    settings, plans = _plans(ctx, options)
+    states = _ask_cluster(ctx, settings, lambda: describe(settings, plans, timeout=options["timeout"]))
+    _echo_states(states)
+    if any(s.action == "missing" for s in states):
+        click.echo(f"create them with: celery -A {_app_name(ctx)} redis-retry topics create", err=True)
+        ctx.exit(EXIT_NO_TOPIC)
+
+
+topics.add_command(topics_describe, "check")
 
 
 # -- the standalone command ----------------------------------------------------------------

@@ -210,6 +210,11 @@ class DeadLetterWriter:
     retrying on its own. A failed write is tried again, up to ``attempts`` times, and
     logged at ERROR each time; if all fail, :class:`PublishError` is raised so the
     caller can stop (the bridge pauses the partition and tries again later).
+
+    Until a write succeeded, each write first checks that the DLQ topic exists: on a
+    cluster that does not create topics on use, a missing one fails the write at once
+    with the topic's name and the command that creates it, instead of after
+    ``attempts`` x ``message.timeout.ms`` of "Unknown topic".
     """
 
     def __init__(self, settings: Settings, *, attempts: int = 5) -> None:
@@ -217,6 +222,7 @@ class DeadLetterWriter:
         self.attempts = attempts
         self._producer: kafka.Producer | None = None
         self._lock = threading.Lock()
+        self._topic_seen = False
 
     def _client(self) -> kafka.Producer:
         if self._producer is None:
@@ -230,15 +236,28 @@ class DeadLetterWriter:
         headers = letter.headers()
         name = letter.op_id or "<undecodable>"
         with self._lock:
+            self._check_topic(name)
             for attempt in range(1, self.attempts + 1):
                 error = self._write_once(value, key, headers)
                 if error is None:
+                    self._topic_seen = True
                     logger.warning(
                         "op %s %s (%s): written to %s", name, letter.outcome, letter.reason, self.settings.dlq_topic
                     )
                     return
                 logger.error("DLQ write failed for op %s (attempt %d/%d): %s", name, attempt, self.attempts, error)
         raise PublishError(f"could not write op {name} to {self.settings.dlq_topic}: {error}")
+
+    def _check_topic(self, name: str) -> None:
+        if self._topic_seen:
+            return
+        try:
+            kafka.require_topic(self._client(), self.settings.dlq_topic, self.settings.kafka, role="DLQ", timeout=5.0)
+        except kafka.TopicMissingError as exc:
+            logger.error("DLQ write failed for op %s: %s", name, exc)
+            raise PublishError(f"could not write op {name}: {exc}") from exc
+        except kafka.KafkaException:
+            pass  # Kafka does not answer: the write below retries and reports it
 
     def _write_once(self, value: bytes, key: bytes | None, headers: list[tuple[str, str | bytes | None]]) -> str | None:
         return kafka.produce_confirmed(self._client(), self.settings.dlq_topic, [(key, value, headers)])[0]

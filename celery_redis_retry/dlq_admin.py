@@ -92,18 +92,30 @@ class DeadLetterQueue:
 
     def cursor(self) -> dict[int, Cursor]:
         """Per partition: the first record not dealt with, and those dealt with beyond it."""
-        offsets = kafka.group_offsets(self.settings.kafka, self.topic, self.cursor_group, timeout=self.timeout)
+        offsets = self._offsets()
         return {p: Cursor(max(o.committed, o.low), parse_offsets(o.metadata)) for p, o in offsets.items()}
 
     def pending_count(self) -> int:
         """How many records are pending, from the watermarks (without reading them)."""
-        offsets = kafka.group_offsets(self.settings.kafka, self.topic, self.cursor_group, timeout=self.timeout)
+        offsets = self._offsets()
         return sum(o.lag - len(parse_offsets(o.metadata)) for o in offsets.values())
+
+    def _offsets(self) -> dict[int, kafka.PartitionOffsets]:
+        # A DLQ topic that does not exist is an error (TopicMissingError), not an empty DLQ:
+        # on a cluster that does not create topics on use, no dead letter could be kept.
+        try:
+            return kafka.group_offsets(
+                self.settings.kafka, self.topic, self.cursor_group, timeout=self.timeout, must_exist=True
+            )
+        except kafka.TopicMissingError as exc:
+            exc.role = "DLQ"
+            raise
 
     def read(self, *, include_handled: bool = False) -> list[StoredLetter]:
         """The records from the cursor on (from the beginning with ``include_handled``).
 
         Oldest first in each partition, each marked ``handled`` or not.
+        :class:`~celery_redis_retry.kafka.TopicMissingError` if the DLQ topic does not exist.
         """
         cursor = self.cursor()
         start = None if include_handled else {p: c.offset for p, c in cursor.items()}
@@ -119,6 +131,9 @@ class DeadLetterQueue:
         Records without an op (undecodable messages), ``rejected`` ones (they were never
         valid) and ops these settings refuse (an unknown target, a script no longer
         registered...) are refused and stay pending.
+        :class:`~celery_redis_retry.kafka.TopicMissingError` before anything is published
+        if the retry topic does not exist (librdkafka would hold every op for 30 s, then
+        fail them all).
         """
         replayed: list[tuple[StoredLetter, str]] = []
         refused: list[tuple[StoredLetter, str]] = []
@@ -131,6 +146,8 @@ class DeadLetterQueue:
                 refused.append((stored, str(exc)))
         if batch:
             producer = kafka.new_producer(self.settings.kafka, **{"linger.ms": 5})
+            kafka.require_topic(producer, self.settings.topic, self.settings.kafka, role="retry",
+                                timeout=self.timeout)
             errors = kafka.produce_confirmed(
                 producer, self.settings.topic, [(message_key(op), raw, None) for _s, op, raw in batch]
             )

@@ -28,26 +28,41 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka import admin as _admin
+from confluent_kafka.admin import AdminClient
+
+#: A topic to create (confluent_kafka exports it at runtime, but its type stubs do not).
+NewTopic: Any = _admin.NewTopic  # type: ignore[attr-defined]
 
 __all__ = [
     "OFFSET_BEGINNING",
     "OFFSET_END",
+    "AdminClient",
     "Consumer",
     "EmbeddedBroker",
     "KafkaError",
     "KafkaException",
     "Message",
+    "NewTopic",
     "PartitionOffsets",
     "Producer",
+    "TopicDescription",
+    "TopicMissingError",
     "TopicPartition",
+    "cluster_brokers",
     "consumer_config",
+    "create_topics",
+    "describe_topics",
     "group_offsets",
+    "new_admin",
     "new_consumer",
     "new_producer",
     "produce_confirmed",
     "producer_config",
     "read_to_end",
+    "require_topic",
     "serve_dev_broker",
+    "topic_missing",
     "topic_partitions",
 ]
 
@@ -134,15 +149,25 @@ def new_consumer(user: Mapping[str, Any], group_id: str, **overrides: Any) -> Co
     return Consumer(consumer_config(user, group_id, **overrides))
 
 
+def new_admin(user: Mapping[str, Any]) -> AdminClient:
+    """An AdminClient with the connection settings of ``redis_retry_kafka`` (client-type keys dropped)."""
+    conf = {k: v for k, v in user.items() if k not in _PRODUCER_ONLY and k not in _CONSUMER_ONLY}
+    conf.setdefault("logger", logging.getLogger("celery_redis_retry.librdkafka"))
+    return AdminClient(conf)
+
+
 def read_to_end(
-    user: Mapping[str, Any], topic: str, start: Mapping[int, int] | None = None, *, timeout: float = 30.0
+    user: Mapping[str, Any], topic: str, start: Mapping[int, int] | None = None, *, timeout: float = 30.0,
+    must_exist: bool = False,
 ) -> list[Message]:
     """The messages of ``topic`` from ``start`` (partition -> offset) to the end of each partition.
 
     Partitions missing from ``start`` are read from the beginning. Reads directly, without
     joining or committing a consumer group, and stops when every partition reported its
     end (not on a timer), so the result is complete as of the call. Used by the operator
-    commands. :class:`KafkaException` if the end is not reached within ``timeout``.
+    commands. :class:`KafkaException` if the end is not reached within ``timeout``; with
+    ``must_exist``, :class:`TopicMissingError` if the topic does not exist (otherwise a
+    missing topic reads as empty).
     """
     consumer = new_consumer(
         user, f"celery-redis-retry-reader-{os.getpid()}-{time.monotonic_ns()}",
@@ -150,6 +175,8 @@ def read_to_end(
     )
     try:
         partitions = topic_partitions(consumer, topic, timeout)
+        if not partitions and must_exist:
+            require_topic(consumer, topic, user, timeout=timeout)
         begin = start or {}
         consumer.assign([TopicPartition(topic, p, begin.get(p, OFFSET_BEGINNING)) for p in partitions])
         deadline = time.monotonic() + timeout
@@ -179,6 +206,144 @@ def topic_partitions(client: Consumer, topic: str, timeout: float = 10.0) -> lis
     return sorted(described.partitions)
 
 
+#: How a broker says a topic does not exist: in metadata and produce responses
+#: (UNKNOWN_TOPIC_OR_PART), or librdkafka locally, for a topic it never saw (_UNKNOWN_TOPIC).
+UNKNOWN_TOPIC_CODES = frozenset((KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC))
+
+#: How long :func:`topic_missing` keeps asking before it believes "unknown topic": a broker
+#: that creates topics on first use answers so while it creates one, for a moment.
+MISSING_TOPIC_WINDOW = 2.0
+
+#: The command that creates the topics, as the errors below suggest it.
+CREATE_COMMAND = "celery -A {app} redis-retry topics create"
+
+
+class TopicMissingError(KafkaException):
+    """A topic this process needs does not exist on the cluster (it does not create topics on use).
+
+    :attr:`topic` names it, :attr:`bootstrap` the cluster; ``str()`` says how to create it.
+    """
+
+    def __init__(self, topic: str, bootstrap: str, *, role: str = "") -> None:
+        self.topic = topic
+        self.bootstrap = bootstrap
+        self.role = role
+        super().__init__(self.explain())
+
+    def explain(self, app: str = "<app>") -> str:
+        """The message, with ``app`` (the ``celery -A`` argument) in the command to run."""
+        what = f"{self.role} topic" if self.role else "topic"
+        return (
+            f"{what} {self.topic!r} does not exist on {self.bootstrap}; "
+            f"create it with: {CREATE_COMMAND.format(app=app)}"
+        )
+
+
+def topic_missing(
+    client: Consumer | Producer, topic: str, *, timeout: float = 10.0, window: float = MISSING_TOPIC_WINDOW
+) -> bool:
+    """Whether the cluster says ``topic`` does not exist, asked again for ``window`` seconds.
+
+    One metadata request when the topic exists. Clients built here may ask the broker to
+    create a topic they look up (producers always, consumers with
+    ``allow.auto.create.topics``): on a broker that does so, such as the development
+    broker, the answer is False, as it is while a topic is being created
+    (LEADER_NOT_AVAILABLE). :class:`KafkaException` if Kafka does not answer.
+    """
+    deadline = time.monotonic() + window
+    while True:
+        described = client.list_topics(topic, timeout=timeout).topics.get(topic)
+        error = None if described is None else described.error
+        if described is not None and (error is None or error.code() not in UNKNOWN_TOPIC_CODES):
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.25)
+
+
+def require_topic(
+    client: Consumer | Producer, topic: str, user: Mapping[str, Any], *, role: str = "", timeout: float = 10.0,
+    window: float = MISSING_TOPIC_WINDOW,
+) -> None:
+    """:class:`TopicMissingError` naming ``topic`` if :func:`topic_missing` says so."""
+    if topic_missing(client, topic, timeout=timeout, window=window):
+        raise TopicMissingError(topic, str(user.get("bootstrap.servers")), role=role)
+
+
+# -- topic administration (``redis-retry topics``) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class TopicDescription:
+    """A topic as the cluster describes it."""
+
+    name: str
+    partitions: int
+    #: The smallest replica count of its partitions (they are equal unless reassigned).
+    replication_factor: int
+    #: Its settings (``retention.ms``, ``min.insync.replicas``...), broker defaults included.
+    config: Mapping[str, str]
+
+
+def cluster_brokers(admin: AdminClient, timeout: float = 10.0) -> tuple[int, bool]:
+    """How many brokers the cluster has, and whether one of them is its controller.
+
+    The mock cluster names a controller that is none of its brokers: it cannot create
+    topics on request (it creates them on first use).
+    """
+    metadata = admin.list_topics(timeout=timeout)
+    return len(metadata.brokers), metadata.controller_id in metadata.brokers
+
+
+def describe_topics(
+    admin: AdminClient, names: list[str], *, timeout: float = 10.0
+) -> dict[str, TopicDescription | None]:
+    """Each of ``names`` as the cluster describes it, None for a topic that does not exist.
+
+    Asks for the metadata of every topic rather than of these: a request naming a topic
+    may create it on a broker that creates topics on use.
+    """
+    metadata = admin.list_topics(timeout=timeout)
+    found = {n: metadata.topics[n] for n in names if n in metadata.topics and metadata.topics[n].error is None}
+    configs: dict[str, dict[str, str]] = {}
+    if found:
+        futures = admin.describe_configs(
+            [_admin.ConfigResource("topic", n) for n in found],  # type: ignore[attr-defined]
+            request_timeout=timeout,
+        )
+        for resource, future in futures.items():
+            entries = future.result(timeout)
+            configs[resource.name] = {k: e.value for k, e in entries.items() if e.value is not None}
+    return {
+        n: None if n not in found else TopicDescription(
+            n, len(found[n].partitions),
+            min((len(p.replicas) for p in found[n].partitions.values()), default=0),
+            configs.get(n, {}),
+        )
+        for n in names
+    }
+
+
+def create_topics(
+    admin: AdminClient, topics: list[tuple[str, int, int, Mapping[str, str]]], *, timeout: float = 30.0
+) -> dict[str, KafkaError | None]:
+    """Create ``(name, partitions, replication factor, config)`` topics; the error of each, None once created.
+
+    An existing topic comes back as TOPIC_ALREADY_EXISTS, left as it is.
+    """
+    new = [NewTopic(name, partitions, replication, config=dict(config)) for name, partitions, replication, config
+           in topics]
+    futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
+    result: dict[str, KafkaError | None] = {}
+    for name, future in futures.items():
+        try:
+            future.result(timeout + 5)
+            result[name] = None
+        except KafkaException as exc:
+            result[name] = exc.args[0]
+    return result
+
+
 #: A message to produce: key, value and headers.
 Record = tuple[bytes | None, bytes, list[tuple[str, str | bytes | None]] | None]
 
@@ -199,15 +364,19 @@ class PartitionOffsets:
 
 
 def group_offsets(
-    user: Mapping[str, Any], topic: str, group: str, *, timeout: float = 10.0
+    user: Mapping[str, Any], topic: str, group: str, *, timeout: float = 10.0, must_exist: bool = False
 ) -> dict[int, PartitionOffsets]:
     """Watermarks and ``group``'s committed offsets for every partition of ``topic``.
 
-    Asks without joining the group, so it never triggers a rebalance of its members.
+    Asks without joining the group, so it never triggers a rebalance of its members. A
+    missing topic has no partitions, or with ``must_exist`` raises :class:`TopicMissingError`.
     """
     consumer = new_consumer(user, group, **{"enable.auto.commit": False})
     try:
-        partitions = [TopicPartition(topic, p) for p in topic_partitions(consumer, topic, timeout)]
+        numbers = topic_partitions(consumer, topic, timeout)
+        if not numbers and must_exist:
+            require_topic(consumer, topic, user, timeout=timeout)
+        partitions = [TopicPartition(topic, p) for p in numbers]
         committed = {tp.partition: tp for tp in consumer.committed(partitions, timeout=timeout)}
         result = {}
         for tp in partitions:

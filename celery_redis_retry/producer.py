@@ -23,6 +23,14 @@ everything since the start of a process that has not connected yet, and up to
 ``message.timeout.ms`` of ops while a broker hangs without refusing connections. With
 ``redis_retry_durable_publish`` it returns only once the op is in Kafka or fsynced in
 the spool.
+
+A topic that does not exist (a cluster with ``auto.create.topics.enable=false`` where
+``redis-retry topics create`` was not run) is an outage like the others: ops go to the
+spool until the topic exists, and the producer logs an ERROR naming the topic and the
+command that creates it, once a minute, and reports it in :attr:`RetryProducer.topic_missing`
+and :meth:`RetryProducer.health`. The background thread looks the topic up when it
+starts, so ops do not wait in librdkafka's memory for the 30 s it takes to give up on
+an unknown topic (``topic.metadata.propagation.max.ms``); ``publish`` never waits for it.
 """
 
 from __future__ import annotations
@@ -58,6 +66,10 @@ DRAIN_BATCH = 1000
 #: Longer than librdkafka's ``message.timeout.ms`` (30 s here): a flush this long gets
 #: a delivery report for every message.
 DELIVERY_TIMEOUT = 35.0
+#: While the topic does not exist: one ERROR line per this many seconds...
+MISSING_TOPIC_LOG_INTERVAL = 60.0
+#: ...and the cluster is asked again this often (one metadata request each time).
+MISSING_TOPIC_RECHECK = 2.0
 
 _CONNECTIVITY_ERRORS = frozenset(
     (kafka.KafkaError._TRANSPORT, kafka.KafkaError._RESOLVE, kafka.KafkaError._ALL_BROKERS_DOWN)
@@ -131,12 +143,47 @@ class RetryProducer:
         self._state: _ProcessState | None = None
         self._failed_unlogged = 0
         self._failure_logged_at = 0.0
+        self._missing_topic: str | None = None
+        self._missing_logged_at = 0.0
         _live_producers.add(self)
 
     @classmethod
     def from_app(cls, app: Any, **kwargs: Any) -> RetryProducer:
         """A producer configured from the ``redis_retry_*`` settings of a Celery app."""
         return cls(settings_for(app), **kwargs)
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def topic_missing(self) -> str | None:
+        """The topic Kafka says does not exist while ops wait for it in the spool; None otherwise.
+
+        Set when the background thread's lookup or a delivery report says so
+        (UNKNOWN_TOPIC_OR_PART); cleared once the topic exists and the spool drains.
+        """
+        return self._missing_topic
+
+    def health(self) -> dict[str, Any]:
+        """A JSON-ready snapshot for a health endpoint.
+
+        ``state`` is ``idle`` (nothing published in this process yet), ``publishing``,
+        ``spooling`` (Kafka cannot take ops now; they go to the spool) or
+        ``topic_missing`` (the topic does not exist: ``topic_missing`` names it).
+        """
+        state = self._state
+        if self._missing_topic is not None:
+            mode = "topic_missing"
+        elif state is None:
+            mode = "idle"
+        else:
+            mode = "spooling" if state.diverting else "publishing"
+        return {
+            "state": mode,
+            "topic": self.settings.topic,
+            "topic_missing": self._missing_topic,
+            "spool_path": str(self.spool.path),
+            "spool_messages": self.spool.count(),
+        }
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -283,6 +330,9 @@ class RetryProducer:
             # The only way an op is lost: Kafka failed it and the spool is full or broken.
             logger.critical("op LOST: Kafka delivery failed (%s) and the spool refused it: %s", err.str(), exc)
         else:
+            if err.code() in kafka.UNKNOWN_TOPIC_CODES:
+                self._note_topic_missing(topic)  # says it better than the line below
+                return
             # A purge can fail 100k deliveries at once: one line per 5 s, with a count.
             self._failed_unlogged += 1
             now = time.monotonic()
@@ -311,6 +361,8 @@ class RetryProducer:
     # -- background: delivery reports, recovery, draining --------------------------------
 
     def _background(self, state: _ProcessState) -> None:
+        threading.Thread(target=self._check_topic_at_start, args=(state,), name="crr-topic-check",
+                         daemon=True).start()
         next_check = time.monotonic() + 5.0
         while not state.stopping.is_set():
             state.producer.poll(0.2)
@@ -339,12 +391,53 @@ class RetryProducer:
         self.stats.recreated += 1
         logger.warning("Kafka producer recreated %s; spooled ops will be resent", why)
 
-    def _kafka_answers(self, producer: kafka.Producer) -> bool:
+    def _note_topic_missing(self, topic: str) -> None:
+        """Kafka says ``topic`` does not exist: ops go to the spool; say so once a minute."""
+        state = self._state
+        if state is not None:
+            state.diverting = True
+        first = self._missing_topic is None
+        self._missing_topic = topic
+        now = time.monotonic()
+        if first or now - self._missing_logged_at >= MISSING_TOPIC_LOG_INTERVAL:
+            self._missing_logged_at = now
+            missing = kafka.TopicMissingError(topic, str(self.settings.kafka.get("bootstrap.servers")), role="retry")
+            logger.error("%s; until then ops are kept in the spool %s", missing, self.spool.path)
+
+    def _kafka_ready(self, state: _ProcessState) -> bool:
+        """Whether Kafka answers and has the topic: what the spool needs to drain.
+
+        One metadata request; on a broker that creates topics on use it creates it.
+        """
+        topic = self.settings.topic
         try:
-            producer.list_topics(self.settings.topic, timeout=2.0)
+            described = state.producer.list_topics(topic, timeout=2.0).topics.get(topic)
         except kafka.KafkaException:
+            state.stopping.wait(1.0)
             return False
+        error = None if described is None else described.error
+        if described is None or (error is not None and error.code() in kafka.UNKNOWN_TOPIC_CODES):
+            self._note_topic_missing(topic)
+            state.stopping.wait(MISSING_TOPIC_RECHECK)
+            return False
+        if self._missing_topic is not None:
+            logger.warning("topic %r exists now: draining the spool %s into it", topic, self.spool.path)
+            self._missing_topic = None
         return True
+
+    def _check_topic_at_start(self, state: _ProcessState) -> None:
+        # Without this, ops for a missing topic wait 30 s in librdkafka's memory before
+        # they fail. It runs in a thread of its own, bounded: publish() never waits for
+        # it, and the background thread goes on serving callbacks (ALL_BROKERS_DOWN
+        # comes through its poll) while a lookup waits for a broker that is not there.
+        topic = self.settings.topic
+        try:
+            missing = kafka.topic_missing(state.producer, topic, timeout=5.0)
+        except (kafka.KafkaException, RuntimeError):
+            return  # no answer (or the handle is gone): ALL_BROKERS_DOWN and the drain loop deal with it
+        if missing:
+            self._note_topic_missing(topic)  # publishes go to the spool from now on...
+            state.purge_requested = True  # ...and so does what librdkafka holds
 
     def _drain(self, state: _ProcessState, deadline: float | None = None) -> None:
         """Republish spooled messages in order while Kafka answers; stop diverting once empty.
@@ -353,8 +446,7 @@ class RetryProducer:
         reports failures and the spool must know exactly which messages Kafka has.
         """
         with self._drain_lock:
-            if state.diverting and not self._kafka_answers(state.producer):
-                state.stopping.wait(1.0)
+            if state.diverting and not self._kafka_ready(state):
                 return
             if state.stale_producer_id:
                 # Kafka answers again after every broker was down, maybe a rebuilt or

@@ -8,13 +8,14 @@ One look at each place an op can wait, from the first to the last:
 - the dead-letter topic (records past the operator cursor, see :mod:`.dlq_admin`).
 
 Every figure is read, not estimated; a place that cannot be reached is reported as such
-(``error``) rather than as zero.
+(``error``) rather than as zero, and so is a topic that does not exist (``missing_topics``:
+on a cluster that does not create topics on use, nothing can wait there).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import kafka
@@ -38,6 +39,8 @@ class Status:
     spool_messages: int
     spool_oldest_age: float | None
     errors: dict[str, str]
+    #: The retry or DLQ topic, when the cluster says it does not exist.
+    missing_topics: list[kafka.TopicMissingError] = field(default_factory=list)
 
     @property
     def lag(self) -> int | None:
@@ -46,8 +49,8 @@ class Status:
 
     @property
     def healthy(self) -> bool:
-        """Every place could be read."""
-        return not self.errors
+        """Every place could be read, and both topics exist."""
+        return not self.errors and not self.missing_topics
 
     def document(self) -> dict[str, Any]:
         """The status as a JSON-ready dict (``status --json``)."""
@@ -65,6 +68,7 @@ class Status:
             "dlq_pending": self.dlq_pending,
             "spool": {"path": self.spool_path, "messages": self.spool_messages, "oldest_age": self.spool_oldest_age},
             "errors": self.errors,
+            "missing_topics": [m.topic for m in self.missing_topics],
         }
 
 
@@ -73,11 +77,22 @@ def collect(app: Any, settings: Settings, *, timeout: float = 10.0) -> Status:
     from .spool import Spool
 
     errors: dict[str, str] = {}
+    missing: list[kafka.TopicMissingError] = []
     partitions: dict[int, kafka.PartitionOffsets] | None = None
     dlq_pending: int | None = None
     try:
-        partitions = kafka.group_offsets(settings.kafka, settings.topic, settings.consumer_group, timeout=timeout)
-        dlq_pending = DeadLetterQueue(settings, timeout=timeout).pending_count()
+        try:
+            partitions = kafka.group_offsets(
+                settings.kafka, settings.topic, settings.consumer_group, timeout=timeout, must_exist=True
+            )
+        except kafka.TopicMissingError as exc:
+            exc.role = "retry"
+            missing.append(exc)
+        try:
+            dlq_pending = DeadLetterQueue(settings, timeout=timeout).pending_count()
+        except kafka.TopicMissingError as exc:
+            exc.role = "DLQ"
+            missing.append(exc)
     except kafka.KafkaException as exc:
         errors["kafka"] = str(exc)
     sender = TaskSender(app, settings.queue, one_task_per_op=False)
@@ -100,4 +115,5 @@ def collect(app: Any, settings: Settings, *, timeout: float = 10.0) -> Status:
         spool_messages=spool.messages,
         spool_oldest_age=None if spool.oldest_at is None else time.time() - spool.oldest_at,
         errors=errors,
+        missing_topics=missing,
     )
