@@ -106,6 +106,12 @@ CONSUMER_DEFAULTS: Mapping[str, Any] = {
 #: periodic auto-commit can never commit past an op that was not handed over.
 FORCED_CONSUMER: Mapping[str, Any] = {"enable.auto.offset.store": False}
 
+#: Consumer keys of the classic group protocol that ``group.protocol=consumer`` (KIP-848)
+#: moves to the broker (``group.consumer.*`` settings, ``group.remote.assignor``).
+CLASSIC_PROTOCOL_ONLY = frozenset(
+    ("partition.assignment.strategy", "session.timeout.ms", "heartbeat.interval.ms", "group.protocol.type")
+)
+
 # Keys that only make sense for one client type; stripping them keeps librdkafka quiet.
 _PRODUCER_ONLY = frozenset(
     ("enable.idempotence", "acks", "compression.type", "linger.ms", "message.timeout.ms",
@@ -116,7 +122,8 @@ _CONSUMER_ONLY = frozenset(
     ("group.id", "auto.offset.reset", "enable.auto.commit", "auto.commit.interval.ms", "enable.auto.offset.store",
      "partition.assignment.strategy", "session.timeout.ms", "max.poll.interval.ms", "fetch.queue.backoff.ms",
      "heartbeat.interval.ms", "isolation.level", "group.instance.id", "fetch.min.bytes", "fetch.wait.max.ms",
-     "allow.auto.create.topics", "queued.max.messages.kbytes", "fetch.max.bytes", "max.partition.fetch.bytes")
+     "allow.auto.create.topics", "queued.max.messages.kbytes", "fetch.max.bytes", "max.partition.fetch.bytes",
+     "group.protocol", "group.remote.assignor")
 )
 
 
@@ -129,12 +136,14 @@ def producer_config(user: Mapping[str, Any], **overrides: Any) -> dict[str, Any]
 
 def consumer_config(user: Mapping[str, Any], group_id: str, **overrides: Any) -> dict[str, Any]:
     """librdkafka consumer settings for ``group_id`` (see :data:`FORCED_CONSUMER`)."""
-    conf = {
-        **CONSUMER_DEFAULTS,
-        **{k: v for k, v in user.items() if k not in _PRODUCER_ONLY},
-        "group.id": group_id,
-        **overrides,
-    }
+    mine = {k: v for k, v in user.items() if k not in _PRODUCER_ONLY}
+    defaults = dict(CONSUMER_DEFAULTS)
+    if str(mine.get("group.protocol", "classic")).lower() == "consumer":
+        # KIP-848: the broker runs the rebalance and owns these; librdkafka refuses them.
+        # Ours go quietly; a user's own are left for librdkafka to refuse, naming the key.
+        for key in CLASSIC_PROTOCOL_ONLY:
+            defaults.pop(key, None)
+    conf = {**defaults, **mine, "group.id": group_id, **overrides}
     conf.setdefault("logger", logging.getLogger("celery_redis_retry.librdkafka"))
     return conf
 

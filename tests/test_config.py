@@ -285,3 +285,22 @@ def test_check_op_refuses_commands_outside_the_allowlist() -> None:
     assert op.id in str(info.value)
     with pytest.raises(CommandNotAllowedError, match="HSET"):
         s.check_op(ops.pipeline([ops.delete("a"), ops.hset("h", "f", "v")]))
+
+
+# -- librdkafka settings per rebalance protocol ---------------------------------------------
+
+
+def test_the_consumer_protocol_drops_the_classic_defaults_librdkafka_would_refuse() -> None:
+    from celery_redis_retry import kafka
+
+    classic = kafka.consumer_config({"bootstrap.servers": "127.0.0.1:1"}, "g")
+    assert classic["partition.assignment.strategy"] == "cooperative-sticky"
+    kip848 = kafka.consumer_config({"bootstrap.servers": "127.0.0.1:1", "group.protocol": "consumer"}, "g")
+    assert kafka.CLASSIC_PROTOCOL_ONLY.isdisjoint(kip848)
+    assert kip848["group.protocol"] == "consumer"
+    kafka.Consumer(kip848).close()  # librdkafka accepts it
+    # A classic-only key the user set on purpose is theirs: librdkafka refuses it, naming it.
+    mistaken = kafka.consumer_config({"group.protocol": "consumer", "session.timeout.ms": 6000}, "g")
+    with pytest.raises(kafka.KafkaException, match=r"session\.timeout\.ms"):
+        kafka.Consumer(mistaken)
+    assert "group.protocol" not in kafka.producer_config({"group.protocol": "consumer"})
