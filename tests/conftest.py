@@ -22,6 +22,7 @@ import pytest
 from loop_stack import LoopStack
 
 from celery_redis_retry.testing import (
+    ApacheKafka,
     EmbeddedKafka,
     HarnessError,
     KafkaBroker,
@@ -37,6 +38,17 @@ from celery_redis_retry.testing import (
 )
 
 APPS_DIR = Path(__file__).parent / "apps"
+
+#: Start-up times of the shared services, printed at the end of the run.
+HARNESS_TIMINGS: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Report how long the shared services took to start (the Kafka cluster above all)."""
+    if HARNESS_TIMINGS:
+        terminalreporter.section("harness start-up")
+        for line in HARNESS_TIMINGS:
+            terminalreporter.write_line(line)
 #: The target servers a ``redis_and_valkey`` test runs against; the names are the test ids.
 TARGET_SERVERS: dict[str, Callable[[], str]] = {"redis": redis_server_binary, "valkey": valkey_server_binary}
 
@@ -93,6 +105,48 @@ def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuKafka]:
         yield broker
 
 
+def _apache_kafka(tmp_path_factory: pytest.TempPathFactory, brokers: int, **options: Any) -> Iterator[ApacheKafka]:
+    """Start an Apache Kafka cluster, or skip visibly where Java or Maven is missing (never on CI)."""
+    try:
+        cluster = ApacheKafka(brokers, dir=tmp_path_factory.mktemp(f"apache-kafka-{brokers}"), **options)
+    except HarnessError as exc:
+        if os.environ.get("CRR_REQUIRE_KAFKA") == "1":
+            pytest.fail(f"{exc}, and CRR_REQUIRE_KAFKA=1")
+        pytest.skip(f"{exc}; set CRR_REQUIRE_KAFKA=1 to make this a failure")
+    cluster.start()
+    HARNESS_TIMINGS.append(f"Apache Kafka {cluster.version}, {brokers} broker(s): {cluster.start_seconds:.1f}s")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def apache_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApacheKafka]:
+    """One Apache Kafka broker (KRaft, auto-create off) shared by the session: never stop it in a test."""
+    yield from _apache_kafka(tmp_path_factory, 1)
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApacheKafka]:
+    """Three Apache Kafka brokers (RF 3, min.insync.replicas 2, auto-create off) shared by the session.
+
+    A test may kill, pause or restart one node, but must leave every node running when it ends.
+    """
+    yield from _apache_kafka(tmp_path_factory, 3)
+
+
+#: The SCRAM users of ``secure_kafka``: one principal per kind of process, and one with no ACL.
+SCRAM_USERS = {"app": "app-secret", "bridge": "bridge-secret", "worker": "worker-secret",
+               "operator": "operator-secret", "outsider": "outsider-secret"}
+
+
+@pytest.fixture(scope="session")
+def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApacheKafka]:
+    """One Apache Kafka broker with a SASL_SSL listener, :data:`SCRAM_USERS` and ACLs enforced."""
+    yield from _apache_kafka(tmp_path_factory, 1, scram_users=SCRAM_USERS)
+
+
 @pytest.fixture(params=["kafka", "tansu"])
 def kafka_broker(request: pytest.FixtureRequest) -> KafkaBroker:
     """Each session broker in turn: the test runs once on the mock cluster and once on Tansu."""
@@ -140,13 +194,17 @@ def make_loop(
     restarted, at the same URL) and an append-only file (so a graceful stop keeps data);
     with ``cluster=True`` it is a started 3-master Redis Cluster instead, with ``sentinel=True``
     a master, a replica and a Sentinel. Each runs ``target_server`` (redis-server, or valkey-server).
-    The Celery broker is a fresh redis-server unless ``broker_url`` is given.
+    The Celery broker is a fresh redis-server unless ``broker_url`` is given; Kafka is the
+    session's embedded broker unless ``kafka_broker`` is given (``kafka_cluster``, say). The
+    ops and DLQ topics are created first, as an operator would on a cluster that does not
+    auto-create them.
     """
     stacks: list[LoopStack] = []
 
     def make(
         *, broker_url: str | None = None, target_running: bool = True, cluster: bool = False, sentinel: bool = False,
-        target_args: tuple[str, ...] = (), **options: Any,
+        target_args: tuple[str, ...] = (), kafka_broker: KafkaBroker | ApacheKafka | None = None,
+        create_topics: bool = True, **options: Any,
     ) -> LoopStack:
         workdir = tmp_path_factory.mktemp("loop")
         target: RedisServer | RedisCluster | RedisSentinel
@@ -161,7 +219,9 @@ def make_loop(
             if target_running:
                 target.start()
         broker = None if broker_url else redis_factory(args=("--appendonly", "yes"))
-        stack = LoopStack(kafka, target, broker_url or broker.url, workdir, broker=broker, **options)
+        stack = LoopStack(kafka_broker or kafka, target, broker_url or broker.url, workdir, broker=broker, **options)
+        if create_topics:
+            stack.create_topics()
         stacks.append(stack)
         return stack
 

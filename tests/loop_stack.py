@@ -20,12 +20,15 @@ from typing import Any
 
 from celery_redis_retry.config import Settings
 from celery_redis_retry.dlq import DeadLetter, decode_record
+from celery_redis_retry.kafka import CLASSIC_PROTOCOL_ONLY
 from celery_redis_retry.producer import RetryProducer
 from celery_redis_retry.testing import (
     TEST_CONSUMER_SETTINGS,
+    ApacheKafka,
     CeleryCommand,
     CeleryWorker,
     KafkaBroker,
+    KafkaUser,
     RedisCluster,
     RedisSentinel,
     RedisServer,
@@ -46,7 +49,7 @@ KAFKA_EXTRA = {**TEST_CONSUMER_SETTINGS, "topic.metadata.refresh.interval.ms": 1
 class LoopStack:
     """One isolated copy of the system: its own topic, group, queue, target and spool."""
 
-    kafka: KafkaBroker
+    kafka: KafkaBroker | ApacheKafka | KafkaUser
     target: RedisServer | RedisCluster | RedisSentinel
     broker_url: str
     workdir: Path
@@ -56,6 +59,11 @@ class LoopStack:
     extra_env: dict[str, str] = field(default_factory=dict)
     #: The Celery broker's redis-server, when the stack started one.
     broker: RedisServer | None = None
+    #: librdkafka settings on top of the test defaults, e.g. ``{"group.protocol": "consumer"}``.
+    kafka_settings: dict[str, Any] = field(default_factory=dict)
+    #: Per process role ("app": the test's producer, "bridge", "worker", "operator": the CLI),
+    #: librdkafka settings on top of those: each role its own Kafka principal, say.
+    kafka_roles: dict[str, dict[str, Any]] = field(default_factory=dict)
     name: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
     worker: CeleryWorker | None = None
     bridges: list[CeleryCommand] = field(default_factory=list)
@@ -75,7 +83,7 @@ class LoopStack:
             "PYTHONPATH": str(APPS_DIR),
             "CRR_BROKER_URL": self.broker_url,
             "CRR_BOOTSTRAP": self.kafka.bootstrap_servers,
-            "CRR_KAFKA_EXTRA": json.dumps(KAFKA_EXTRA),
+            "CRR_KAFKA_EXTRA": json.dumps(self.kafka_extra),
             "CRR_TARGET_URL": self.target.url,
             "CRR_TOPIC": self.topic,
             "CRR_GROUP": f"group-{self.name}",
@@ -87,12 +95,39 @@ class LoopStack:
             **self.extra_env,
         }
 
+    @property
+    def observer_config(self) -> dict[str, Any]:
+        """How the test itself reads topics: as the cluster's super user when the stack runs as a SCRAM user."""
+        return dict(self.kafka.cluster.config if isinstance(self.kafka, KafkaUser) else self.kafka.config)
+
+    def env_for(self, role: str) -> dict[str, str]:
+        """:attr:`env` with the Kafka settings of ``role`` (see :attr:`kafka_roles`)."""
+        return {**self.env, "CRR_KAFKA_EXTRA": json.dumps(self.kafka_extra_for(role))}
+
+    @property
+    def kafka_extra(self) -> dict[str, Any]:
+        """Client settings on top of the bootstrap servers: fast test groups, plus the broker's own (TLS, SASL)."""
+        return self.kafka_extra_for(None)
+
+    def kafka_extra_for(self, role: str | None) -> dict[str, Any]:
+        """:attr:`kafka_extra` with the settings of ``role``, if any."""
+        own = {k: v for k, v in self.kafka.config.items() if k != "bootstrap.servers"}
+        extra = {**KAFKA_EXTRA, **own, **self.kafka_settings, **self.kafka_roles.get(role or "", {})}
+        if extra.get("group.protocol") == "consumer":  # KIP-848: the broker owns these
+            extra = {k: v for k, v in extra.items() if k not in CLASSIC_PROTOCOL_ONLY}
+        return extra
+
+    def create_topics(self, partitions: int = 4) -> None:
+        """Create the ops and DLQ topics (a no-op on brokers that create topics on first use)."""
+        for topic in (self.topic, self.dlq_topic):
+            self.kafka.create_topic(topic, partitions)
+
     def settings(self) -> Settings:
         """The settings loop_app builds from :attr:`env`, for the test's own producer."""
         env = self.env
         return Settings.from_mapping(
             {
-                "redis_retry_kafka": {"bootstrap.servers": env["CRR_BOOTSTRAP"], **KAFKA_EXTRA},
+                "redis_retry_kafka": {"bootstrap.servers": env["CRR_BOOTSTRAP"], **self.kafka_extra_for("app")},
                 "redis_retry_targets": {"default": env["CRR_TARGET_URL"]},
                 "redis_retry_topic": env["CRR_TOPIC"],
                 "redis_retry_consumer_group": env["CRR_GROUP"],
@@ -119,14 +154,15 @@ class LoopStack:
 
     def start_worker(self, concurrency: int = 2) -> CeleryWorker:
         self.worker = CeleryWorker(
-            "loop_app", queues=[f"queue-{self.name}"], concurrency=concurrency, env=self.env,
+            "loop_app", queues=[f"queue-{self.name}"], concurrency=concurrency, env=self.env_for("worker"),
             cwd=str(self.workdir), log_dir=self.workdir,
         )
         return self.worker.start(timeout=90)
 
     def start_bridge(self, *args: str, env: dict[str, str] | None = None) -> CeleryCommand:
         bridge = CeleryCommand(
-            "loop_app", ["redis-retry", "bridge", *args], env={**self.env, **(env or {})}, cwd=str(self.workdir),
+            "loop_app", ["redis-retry", "bridge", *args], env={**self.env_for("bridge"), **(env or {})},
+            cwd=str(self.workdir),
             log_dir=self.workdir,
         )
         self.bridges.append(bridge)
@@ -136,7 +172,7 @@ class LoopStack:
         """``celery -A loop_app ARGS`` run to completion as a real subprocess, with this stack's settings."""
         return subprocess.run(
             [sys.executable, "-m", "celery", "-A", "loop_app", *args],
-            env={**os.environ, **self.env}, cwd=str(self.workdir), input=input,
+            env={**os.environ, **self.env_for("operator")}, cwd=str(self.workdir), input=input,
             capture_output=True, text=True, timeout=120, check=False,
         )
 
@@ -183,11 +219,11 @@ class LoopStack:
             raise AssertionError(f"{exc}\n{logs}") from exc
 
     def dead_letters(self, count: int | None = None, timeout: float = 60.0, idle: float = 3.0) -> list[DeadLetter]:
-        records = read_topic(self.kafka.bootstrap_servers, self.dlq_topic, count=count, timeout=timeout, idle=idle)
+        records = read_topic(self.observer_config, self.dlq_topic, count=count, timeout=timeout, idle=idle)
         return [decode_record(r.value or b"") for r in records]
 
     def dlq_is_empty(self, settle: float = 3.0) -> bool:
-        return not read_topic(self.kafka.bootstrap_servers, self.dlq_topic, timeout=settle + 2, idle=settle)
+        return not read_topic(self.observer_config, self.dlq_topic, timeout=settle + 2, idle=settle)
 
     def worker_log_count(self, pattern: str) -> int:
         return len(re.findall(pattern, self.worker.log_text())) if self.worker else 0

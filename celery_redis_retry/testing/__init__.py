@@ -19,6 +19,15 @@ so the code is checked against two implementations of the protocol, not one.
 """
 
 
+from .apache_kafka import (
+    KAFKA_VERSION,
+    ApacheKafka,
+    KafkaNode,
+    KafkaUser,
+    SelfSignedCertificates,
+    java_binary,
+    kafka_libs,
+)
 from .celery_processes import CeleryCommand, CeleryWorker
 from .kafka_brokers import (
     TEST_CONSUMER_SETTINGS,
@@ -41,8 +50,33 @@ from .rabbitmq import RabbitMQServer, rabbitmq_server_binary
 from .redis_servers import RedisCluster, RedisSentinel, RedisServer, redis_server_binary, valkey_server_binary
 
 __all__ = [
-    "TEST_CONSUMER_SETTINGS", "CeleryCommand", "CeleryWorker", "EmbeddedKafka", "HarnessError", "HarnessTimeoutError",
-    "KafkaBroker", "ManagedProcess", "ProcessExitedError", "RabbitMQServer", "RedisCluster", "RedisSentinel",
-    "RedisServer", "TansuKafka", "TopicRecord", "free_port", "rabbitmq_server_binary", "read_topic",
-    "redis_server_binary", "tansu_binary", "valkey_server_binary", "wait_until",
+    "KAFKA_VERSION",
+    "TEST_CONSUMER_SETTINGS",
+    "ApacheKafka",
+    "CeleryCommand",
+    "CeleryWorker",
+    "EmbeddedKafka",
+    "HarnessError",
+    "HarnessTimeoutError",
+    "KafkaBroker",
+    "KafkaNode",
+    "KafkaUser",
+    "ManagedProcess",
+    "ProcessExitedError",
+    "RabbitMQServer",
+    "RedisCluster",
+    "RedisSentinel",
+    "RedisServer",
+    "SelfSignedCertificates",
+    "TansuKafka",
+    "TopicRecord",
+    "free_port",
+    "java_binary",
+    "kafka_libs",
+    "rabbitmq_server_binary",
+    "read_topic",
+    "redis_server_binary",
+    "tansu_binary",
+    "valkey_server_binary",
+    "wait_until",
 ]

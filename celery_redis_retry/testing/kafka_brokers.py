@@ -180,9 +180,12 @@ class TopicRecord:
 
 
 def read_topic(
-    bootstrap_servers: str, topic: str, *, count: int | None = None, timeout: float = 30.0, idle: float = 3.0
+    bootstrap_servers: str | Mapping[str, Any], topic: str, *, count: int | None = None, timeout: float = 30.0,
+    idle: float = 3.0,
 ) -> list[TopicRecord]:
     """The records of ``topic`` from the beginning, in order within each partition.
+
+    ``bootstrap_servers`` is the broker list, or a whole client configuration (for TLS or SASL).
 
     Reads every partition directly, without joining or committing a consumer group, so
     it never disturbs the bridge's group. With ``count``, returns as soon as ``count``
@@ -194,9 +197,8 @@ def read_topic(
     """
     deadline = time.monotonic() + timeout
     records: list[TopicRecord] = []
-    consumer = new_consumer(
-        {"bootstrap.servers": bootstrap_servers}, f"crr-read-topic-{uuid.uuid4().hex}", **{"enable.auto.commit": False}
-    )
+    config = {"bootstrap.servers": bootstrap_servers} if isinstance(bootstrap_servers, str) else bootstrap_servers
+    consumer = new_consumer(config, f"crr-read-topic-{uuid.uuid4().hex}", **{"enable.auto.commit": False})
     try:
         # Waiting for the topic to exist only makes sense when records are expected.
         wait_for_topic = deadline if count is not None else min(deadline, time.monotonic() + idle)
