@@ -147,7 +147,11 @@ def _delete_rabbitmq_queue(url: str, name: str) -> None:
 
 @pytest.mark.redis_and_valkey
 def test_permanent_failures_and_poison_go_to_the_dlq(make_loop: Callable[..., LoopStack]) -> None:
-    stack = make_loop()
+    permanent_failures_and_poison(make_loop())
+
+
+def permanent_failures_and_poison(stack: LoopStack) -> None:
+    """Scenario 2: wrong-type ops, unregistered scripts and a poison record, each dead-lettered once."""
     with stack.client() as r:
         r.set("a-string", "x")
     stack.start_worker()
