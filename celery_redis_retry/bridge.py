@@ -156,10 +156,10 @@ class Bridge:
             **{**self._overrides, **kafka.FORCED_CONSUMER},
         )
         try:
-            consumer.list_topics(timeout=10)
+            kafka.cluster_metadata(consumer, timeout=10)
             for role, topic in (("retry", self.settings.topic), ("DLQ", self.settings.dlq_topic)):
                 kafka.require_topic(consumer, topic, self.settings.kafka, role=role)
-        except kafka.TopicMissingError:
+        except (kafka.TopicMissingError, kafka.KafkaCredentialsError):
             consumer.close()
             raise
         except kafka.KafkaException as exc:

@@ -49,7 +49,20 @@ def _app(ctx: click.Context) -> Any:
     return app
 
 
-@click.group("redis-retry")
+class _RedisRetryGroup(click.Group):
+    """The ``redis-retry`` group: refused Kafka credentials end any command with exit 3, naming the setting."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from .kafka import KafkaCredentialsError
+
+        try:
+            return super().invoke(ctx)
+        except KafkaCredentialsError as exc:
+            click.echo(f"configuration error: {exc}", err=True)
+            ctx.exit(EXIT_CONFIG)
+
+
+@click.group("redis-retry", cls=_RedisRetryGroup)
 @click.pass_context
 def redis_retry(ctx: click.Context) -> None:
     """Replay failed Redis writes from Kafka with Celery (celery_redis_retry)."""

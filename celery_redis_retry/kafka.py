@@ -31,15 +31,20 @@ from confluent_kafka import (
 from confluent_kafka import admin as _admin
 from confluent_kafka.admin import AdminClient
 
+from .errors import ConfigurationError
+
 #: A topic to create (confluent_kafka exports it at runtime, but its type stubs do not).
 NewTopic: Any = _admin.NewTopic  # type: ignore[attr-defined]
 
 __all__ = [
+    "AUTHENTICATION_CODES",
+    "AUTHORIZATION_CODES",
     "OFFSET_BEGINNING",
     "OFFSET_END",
     "AdminClient",
     "Consumer",
     "EmbeddedBroker",
+    "KafkaCredentialsError",
     "KafkaError",
     "KafkaException",
     "Message",
@@ -49,9 +54,12 @@ __all__ = [
     "TopicDescription",
     "TopicMissingError",
     "TopicPartition",
+    "authorization_problem",
     "cluster_brokers",
+    "cluster_metadata",
     "consumer_config",
     "create_topics",
+    "credentials_problem",
     "describe_topics",
     "group_offsets",
     "new_admin",
@@ -148,14 +156,112 @@ def consumer_config(user: Mapping[str, Any], group_id: str, **overrides: Any) ->
     return conf
 
 
+# -- refused credentials and missing ACLs ----------------------------------------------------
+
+#: How librdkafka reports credentials the cluster refused (a wrong SASL user or password).
+AUTHENTICATION_CODES = frozenset((KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED))
+
+#: How a broker refuses an operation to an authenticated principal that has no ACL for it.
+AUTHORIZATION_CODES = frozenset(
+    (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
+     KafkaError.CLUSTER_AUTHORIZATION_FAILED)
+)
+
+
+def credentials_problem(user: Mapping[str, Any], detail: str) -> str:
+    """What to tell an operator whose SASL login the cluster refused: the settings to check."""
+    mechanism = user.get("sasl.mechanism") or user.get("sasl.mechanisms") or "GSSAPI"
+    return (
+        f"Kafka at {user.get('bootstrap.servers')} refused the credentials of sasl.username "
+        f"{user.get('sasl.username')!r} ({mechanism}): check redis_retry_kafka['sasl.username'] and "
+        f"redis_retry_kafka['sasl.password'] ({detail})"
+    )
+
+
+def authorization_problem(user: Mapping[str, Any], topic: str, operation: str, detail: str) -> str:
+    """What to tell an operator whose principal may not ``operation`` ``topic``: the ACL to grant."""
+    name = user.get("sasl.username")
+    principal = f"User:{name}" if name else "this client's principal"
+    return (
+        f"Kafka refused {operation} on topic {topic!r} to {principal} ({detail}): grant it "
+        f"with an ACL (see docs/security.md)"
+    )
+
+
+class KafkaCredentialsError(ConfigurationError):
+    """The cluster refused this process's SASL credentials: a setting to fix, not an outage."""
+
+    def __init__(self, user: Mapping[str, Any], detail: str) -> None:
+        super().__init__(credentials_problem(user, detail))
+
+
+class _RefusedLogin:
+    """The ``error_cb`` of the clients built here: remembers a refused login, so that a
+    metadata request that would time out names the setting to fix instead."""
+
+    def __init__(self, user: Mapping[str, Any], chained: Any = None) -> None:
+        self.user = user
+        self.chained = chained
+        self.error: KafkaError | None = None
+
+    def __call__(self, error: KafkaError) -> None:
+        if error.code() in AUTHENTICATION_CODES:
+            self.error = error
+        if self.chained is not None:
+            self.chained(error)
+
+
+class _WatchedProducer(Producer):
+    refused_login: _RefusedLogin
+
+
+class _WatchedConsumer(Consumer):
+    refused_login: _RefusedLogin
+
+
 def new_producer(user: Mapping[str, Any], **overrides: Any) -> Producer:
     """A confluent-kafka Producer built with :func:`producer_config`."""
-    return Producer(producer_config(user, **overrides))
+    conf = producer_config(user, **overrides)
+    refused = conf["error_cb"] = _RefusedLogin(conf, conf.get("error_cb"))
+    producer = _WatchedProducer(conf)
+    producer.refused_login = refused
+    return producer
 
 
 def new_consumer(user: Mapping[str, Any], group_id: str, **overrides: Any) -> Consumer:
     """A confluent-kafka Consumer built with :func:`consumer_config`."""
-    return Consumer(consumer_config(user, group_id, **overrides))
+    conf = consumer_config(user, group_id, **overrides)
+    refused = conf["error_cb"] = _RefusedLogin(conf, conf.get("error_cb"))
+    consumer = _WatchedConsumer(conf)
+    consumer.refused_login = refused
+    return consumer
+
+
+def cluster_metadata(client: Consumer | Producer, topic: str | None = None, *, timeout: float = 10.0) -> Any:
+    """``client.list_topics(topic)``, but a refused login fails at once, naming the setting.
+
+    :raises KafkaCredentialsError: as soon as the cluster refused the SASL credentials.
+    :raises KafkaException: if Kafka does not answer within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.list_topics(topic, timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+        except KafkaException:
+            refused = _refused_login(client)
+            if refused is not None and refused.error is not None:
+                raise KafkaCredentialsError(refused.user, refused.error.str()) from None
+            if time.monotonic() >= deadline:
+                raise
+
+
+def _refused_login(client: Consumer | Producer) -> _RefusedLogin | None:
+    memory: _RefusedLogin | None = getattr(client, "refused_login", None)  # clients built here have one
+    if memory is not None and (not isinstance(client, Consumer) or not client.assignment()):
+        # Errors reach error_cb only through poll(); a consumer not yet assigned has no
+        # message to lose by it (and a producer's poll serves delivery reports, as it should).
+        client.poll(0)
+    return memory
 
 
 def new_admin(user: Mapping[str, Any]) -> AdminClient:
@@ -209,7 +315,7 @@ def read_to_end(
 
 def topic_partitions(client: Consumer, topic: str, timeout: float = 10.0) -> list[int]:
     """The partition ids of ``topic`` (empty if it does not exist yet)."""
-    described = client.list_topics(topic, timeout=timeout).topics.get(topic)
+    described = cluster_metadata(client, topic, timeout=timeout).topics.get(topic)
     if described is None or described.error is not None:
         return []
     return sorted(described.partitions)
@@ -261,7 +367,7 @@ def topic_missing(
     """
     deadline = time.monotonic() + window
     while True:
-        described = client.list_topics(topic, timeout=timeout).topics.get(topic)
+        described = cluster_metadata(client, topic, timeout=timeout).topics.get(topic)
         error = None if described is None else described.error
         if described is not None and (error is None or error.code() not in UNKNOWN_TOPIC_CODES):
             return False

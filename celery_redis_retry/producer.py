@@ -145,6 +145,8 @@ class RetryProducer:
         self._failure_logged_at = 0.0
         self._missing_topic: str | None = None
         self._missing_logged_at = 0.0
+        self._refusal: str | None = None
+        self._refusal_logged_at = 0.0
         _live_producers.add(self)
 
     @classmethod
@@ -167,12 +169,15 @@ class RetryProducer:
         """A JSON-ready snapshot for a health endpoint.
 
         ``state`` is ``idle`` (nothing published in this process yet), ``publishing``,
-        ``spooling`` (Kafka cannot take ops now; they go to the spool) or
-        ``topic_missing`` (the topic does not exist: ``topic_missing`` names it).
+        ``spooling`` (Kafka cannot take ops now; they go to the spool),
+        ``topic_missing`` (the topic does not exist: ``topic_missing`` names it) or
+        ``refused`` (Kafka refused the credentials or an ACL is missing: ``refusal`` says which).
         """
         state = self._state
         if self._missing_topic is not None:
             mode = "topic_missing"
+        elif self._refusal is not None:
+            mode = "refused"
         elif state is None:
             mode = "idle"
         else:
@@ -181,6 +186,7 @@ class RetryProducer:
             "state": mode,
             "topic": self.settings.topic,
             "topic_missing": self._missing_topic,
+            "refusal": self._refusal,
             "spool_path": str(self.spool.path),
             "spool_messages": self.spool.count(),
         }
@@ -333,6 +339,9 @@ class RetryProducer:
             if err.code() in kafka.UNKNOWN_TOPIC_CODES:
                 self._note_topic_missing(topic)  # says it better than the line below
                 return
+            if err.code() in kafka.AUTHORIZATION_CODES:
+                self._note_write_refused(topic, err)
+                return
             # A purge can fail 100k deliveries at once: one line per 5 s, with a count.
             self._failed_unlogged += 1
             now = time.monotonic()
@@ -348,6 +357,12 @@ class RetryProducer:
             logger.error("Kafka producer fatal error: %s; recreating the producer", err.str())
             if state is not None:
                 state.diverting = state.fatal = True
+        elif err.code() in kafka.AUTHENTICATION_CODES:
+            # Not an outage: nothing changes until someone fixes the settings. Ops waiting
+            # in librdkafka's queue go to the spool now rather than after message.timeout.ms.
+            if state is not None:
+                state.diverting = state.purge_requested = True
+            self._note_refusal(kafka.credentials_problem(self.settings.kafka, err.str()))
         elif err.code() == kafka.KafkaError._ALL_BROKERS_DOWN:
             if state is not None and not state.diverting:
                 logger.warning("all Kafka brokers are down: new ops go to the spool %s", self.spool.path)
@@ -404,6 +419,20 @@ class RetryProducer:
             missing = kafka.TopicMissingError(topic, str(self.settings.kafka.get("bootstrap.servers")), role="retry")
             logger.error("%s; until then ops are kept in the spool %s", missing, self.spool.path)
 
+    def _note_refusal(self, problem: str) -> None:
+        """Kafka refused our credentials or an ACL is missing: ops go to the spool; say so once a minute."""
+        state = self._state
+        if state is not None:
+            state.diverting = True
+        now = time.monotonic()
+        if problem != self._refusal or now - self._refusal_logged_at >= MISSING_TOPIC_LOG_INTERVAL:
+            self._refusal_logged_at = now
+            logger.error("%s; until then ops are kept in the spool %s", problem, self.spool.path)
+        self._refusal = problem
+
+    def _note_write_refused(self, topic: str, error: kafka.KafkaError) -> None:
+        self._note_refusal(kafka.authorization_problem(self.settings.kafka, topic, "WRITE and DESCRIBE", error.str()))
+
     def _kafka_ready(self, state: _ProcessState) -> bool:
         """Whether Kafka answers and has the topic: what the spool needs to drain.
 
@@ -420,6 +449,13 @@ class RetryProducer:
             self._note_topic_missing(topic)
             state.stopping.wait(MISSING_TOPIC_RECHECK)
             return False
+        if error is not None and error.code() in kafka.AUTHORIZATION_CODES:
+            self._note_write_refused(topic, error)
+            state.stopping.wait(MISSING_TOPIC_RECHECK)
+            return False
+        if self._refusal is not None:
+            logger.warning("Kafka takes ops for %r again: draining the spool %s", topic, self.spool.path)
+            self._refusal = None
         if self._missing_topic is not None:
             logger.warning("topic %r exists now: draining the spool %s into it", topic, self.spool.path)
             self._missing_topic = None
