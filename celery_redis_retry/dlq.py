@@ -5,6 +5,7 @@ message that could not be decoded, its raw bytes in base64, plus why and when it
 
     {"v": 1, "outcome": "dead" | "rejected", "reason": "retries_exhausted",
      "op": {...} | null, "raw": "<base64>" | null,
+     "raw_size": 812345, "raw_sha256": "<hex>",    (with "raw" only)
      "error": {"type": ..., "message": ..., "traceback": ...},
      "attempts": 4, "first_failure_at": ..., "last_failure_at": ..., "task_id": ...,
      "origin": {"topic": ..., "partition": ..., "offset": ...}}
@@ -14,11 +15,17 @@ The key fields are repeated as Kafka headers (``crr-outcome``, ``crr-reason``,
 ``crr-origin-topic``, ``crr-origin-partition``, ``crr-origin-offset``) so that tools can
 filter without parsing. Writes are confirmed by the broker, retried, and logged loudly
 when they fail: a dead letter is never dropped in silence.
+
+A record always fits in a Kafka message: ``raw`` keeps at most :data:`MAX_RAW_BYTES` of
+an invalid message (an 800 KB or 5 MB one would not fit once base64-encoded, and its
+DLQ write would fail for ever, stalling its partition), with the whole message's size
+and SHA-256 digest; ``origin`` says where the original is, while the ops topic keeps it.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import threading
 import time
@@ -38,6 +45,10 @@ logger = logging.getLogger(__name__)
 #: Tracebacks are cut to this many characters (the end is kept: it names the error).
 MAX_TRACEBACK = 8192
 
+#: Most bytes of an invalid message a DLQ record keeps (base64: 4/3 of that), far below
+#: Kafka's default message size limit (1 MB) whatever the message was.
+MAX_RAW_BYTES = 64 * 1024
+
 
 @dataclass(frozen=True)
 class Origin:
@@ -55,7 +66,10 @@ class DeadLetter:
     outcome: str  # "dead" | "rejected"
     reason: str
     op: RedisOp | None = None
-    raw: bytes | None = None  # the message as received, when it could not be decoded
+    raw: bytes | None = None  # the message as received, when it could not be decoded (its start, when read back)
+    #: The length and SHA-256 (hex) of the whole message ``raw`` came from; set when read back.
+    raw_size: int | None = None
+    raw_sha256: str | None = None
     error_type: str = ""
     error_message: str = ""
     traceback: str = ""
@@ -97,7 +111,7 @@ class DeadLetter:
             "outcome": self.outcome,
             "reason": self.reason,
             "op": op_document(self.op) if self.op is not None else None,
-            "raw": base64.b64encode(self.raw).decode() if self.raw is not None and self.op is None else None,
+            **self._raw_fields(),
             "error": {
                 "type": self.error_type,
                 "message": self.error_message[:4096],
@@ -111,6 +125,20 @@ class DeadLetter:
                 "topic": origin.topic, "partition": origin.partition, "offset": origin.offset
             },
         }
+
+    def _raw_fields(self) -> dict[str, Any]:
+        if self.raw is None or self.op is not None:
+            return {"raw": None}
+        return {
+            "raw": base64.b64encode(self.raw[:MAX_RAW_BYTES]).decode(),
+            "raw_size": self.raw_size if self.raw_size is not None else len(self.raw),
+            "raw_sha256": self.raw_sha256 or hashlib.sha256(self.raw).hexdigest(),
+        }
+
+    @property
+    def raw_truncated(self) -> bool:
+        """Whether :attr:`raw` is only the start of the message (see :data:`MAX_RAW_BYTES`)."""
+        return self.raw is not None and self.raw_size is not None and len(self.raw) < self.raw_size
 
     def headers(self) -> list[tuple[str, str | bytes | None]]:
         """The key fields as Kafka headers."""
@@ -187,6 +215,8 @@ def decode_record(value: bytes) -> DeadLetter:
             reason=doc["reason"],
             op=op,
             raw=base64.b64decode(doc["raw"]) if doc.get("raw") else None,
+            raw_size=doc.get("raw_size"),
+            raw_sha256=doc.get("raw_sha256"),
             error_type=error.get("type", ""),
             error_message=error.get("message", ""),
             traceback=error.get("traceback", ""),

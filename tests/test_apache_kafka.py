@@ -293,3 +293,47 @@ def test_two_bridges_on_the_consumer_protocol_one_killed(
     print(f"\nKIP-848: bridge SIGKILLed at 2s; {count} ops applied once each; longest apply stall "
           f"{watch.longest_stall:.1f}s; duplicates caught by the worker {duplicates}")
     assert stack.dlq_is_empty()
+
+
+# -- invalid messages too large for a DLQ record ----------------------------------------------
+
+
+def test_huge_invalid_messages_become_bounded_dlq_records_and_block_nothing(
+    make_loop: Callable[..., LoopStack], apache_kafka: ApacheKafka
+) -> None:
+    import hashlib
+    import os
+
+    from celery_redis_retry import kafka
+    from celery_redis_retry.dlq import MAX_RAW_BYTES
+
+    stack = make_loop(kafka_broker=apache_kafka, create_topics=False)
+    apache_kafka.create_topic(stack.topic, partitions=2, config={"max.message.bytes": "6000000"})
+    apache_kafka.create_topic(stack.dlq_topic, partitions=2)  # Kafka's default limit: about 1 MB
+    stack.start_worker()
+    stack.wait_assigned(stack.start_bridge())
+    behind = [ops.rpush("after-huge", i) for i in range(20)]
+    huge = {size: os.urandom(size) for size in (800_000, 5_000_000)}
+    producer = kafka.new_producer(apache_kafka.config, **{"message.max.bytes": 6_500_000})
+    started = time.monotonic()
+    for raw in huge.values():  # on the partition of the valid ops, ahead of them
+        producer.produce(stack.topic, raw, message.message_key(behind[0]))
+    assert producer.flush(30) == 0
+    stack.publish_all(behind)
+    letters = stack.dead_letters(count=2, timeout=60)
+    took = time.monotonic() - started
+    by_size = {letter.raw_size: letter for letter in letters}
+    assert set(by_size) == set(huge)
+    for size, raw in huge.items():
+        letter = by_size[size]
+        assert letter.outcome == "rejected"
+        assert letter.raw == raw[:MAX_RAW_BYTES]
+        assert letter.raw_truncated
+        assert letter.raw_sha256 == hashlib.sha256(raw).hexdigest()
+        assert letter.origin is not None
+        assert letter.origin.topic == stack.topic
+    with stack.client() as r:
+        stack.wait_for(lambda: r.llen("after-huge") == 20, 60, "the valid ops behind the huge ones applied")
+        assert sorted(int(v) for v in r.lrange("after-huge", 0, -1)) == list(range(20))
+    reasons = sorted(letter.reason for letter in letters)
+    print(f"\n800 KB and 5 MB invalid messages: rejected ({reasons}) within {took:.1f}s; the 20 ops behind applied")
