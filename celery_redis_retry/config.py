@@ -9,6 +9,7 @@ bridge or a web process fails at startup rather than at 3 a.m. on the first outa
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import weakref
 from collections.abc import Iterable, Mapping
@@ -28,6 +29,8 @@ TARGET_SCHEMES = frozenset(
     ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
 )
 # Celery brokers that redeliver an unacknowledged message after a visibility timeout.
+logger = logging.getLogger(__name__)
+
 _VISIBILITY_TIMEOUT_BROKERS = frozenset(("redis", "rediss", "sentinel", "sqs", "redis+socket"))
 _DEFAULT_VISIBILITY_TIMEOUT = 3600  # kombu's default for Redis and SQS
 
@@ -311,6 +314,32 @@ def check_broker_visibility(settings: Settings, conf: Mapping[str, Any]) -> None
         )
 
 
+def _server(url: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a redis:// or rediss:// URL (a cluster's seed node too); None for others."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+        return None
+    host = (parts.hostname or "localhost").lower()
+    return ("127.0.0.1" if host in ("localhost", "::1") else host), parts.port or 6379
+
+
+def broker_shared_with_targets(settings: Settings, conf: Mapping[str, Any]) -> list[str]:
+    """The targets whose Redis server is also the Celery broker (by host and port)."""
+    broker_url = getattr(conf, "broker_url", None) or conf.get("broker_url") or ""
+    brokers = {_server(url) for url in str(broker_url).split(";")} - {None}
+    return [name for name, url in settings.targets.items() if _server(url) in brokers]
+
+
+def warn_if_broker_is_a_target(settings: Settings, conf: Mapping[str, Any]) -> None:
+    """Log a warning when the Celery broker is the Redis server of a target: an outage stops both."""
+    for name in broker_shared_with_targets(settings, conf):
+        logger.warning(
+            "the Celery broker is the Redis server of target %r (%s): while it is down, replays for it cannot "
+            "be handed to Celery either, so the bridge stalls those partitions and their ops wait in Kafka "
+            "until it is back; give the Celery broker a server of its own", name, settings.targets[name],
+        )
+
+
 _cache: weakref.WeakKeyDictionary[Any, Settings] = weakref.WeakKeyDictionary()
 
 
@@ -320,5 +349,6 @@ def settings_for(app: Any) -> Settings:
     if settings is None:
         settings = Settings.from_mapping(app.conf)
         check_broker_visibility(settings, app.conf)
+        warn_if_broker_is_a_target(settings, app.conf)
         _cache[app] = settings
     return settings

@@ -304,3 +304,31 @@ def test_the_consumer_protocol_drops_the_classic_defaults_librdkafka_would_refus
     with pytest.raises(kafka.KafkaException, match=r"session\.timeout\.ms"):
         kafka.Consumer(mistaken)
     assert "group.protocol" not in kafka.producer_config({"group.protocol": "consumer"})
+
+
+# -- the Celery broker on a target's server ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("broker", "shared"),
+    [
+        ("redis://localhost:6379/1", ["default"]),
+        ("redis://127.0.0.1/2", ["default"]),
+        ("redis://127.0.0.1:6380/0", []),
+        ("redis://other:1;redis://127.0.0.1:6379/3", ["default"]),
+        ("amqp://guest@127.0.0.1:6379//", []),
+    ],
+)
+def test_a_celery_broker_on_a_targets_server_is_warned_about(
+    broker: str, shared: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from celery_redis_retry.config import broker_shared_with_targets
+
+    app = Celery(broker=broker)
+    app.conf.redis_retry_kafka = {"bootstrap.servers": "127.0.0.1:9092"}
+    app.conf.redis_retry_targets = {"default": "redis://127.0.0.1:6379/0", "sessions": "redis://127.0.0.1:7000/0"}
+    assert broker_shared_with_targets(Settings.from_mapping(app.conf), app.conf) == shared
+    with caplog.at_level("WARNING", logger="celery_redis_retry.config"):
+        settings_for(app)
+    warned = [r.getMessage() for r in caplog.records if "Celery broker is the Redis server" in r.getMessage()]
+    assert len(warned) == len(shared)
