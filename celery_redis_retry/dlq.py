@@ -29,7 +29,7 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -37,7 +37,7 @@ import orjson
 from . import kafka
 from .config import Settings
 from .errors import DecodeError, PublishError, RedisRetryError
-from .message import Signer, decode, dumps, message_key, op_document
+from .message import Signer, decode, dumps, encode, message_key, op_document
 from .ops import RedisOp
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,12 @@ MAX_TRACEBACK = 8192
 #: Most bytes of an invalid message a DLQ record keeps (base64: 4/3 of that), far below
 #: Kafka's default message size limit (1 MB) whatever the message was.
 MAX_RAW_BYTES = 64 * 1024
+
+#: Largest DLQ record written whole. A dead op close to ``redis_retry_max_message_bytes``
+#: plus its error and traceback may not fit Kafka's default limit (librdkafka's
+#: ``message.max.bytes``, 1,000,000): such a record keeps the op's encoding the way
+#: ``raw`` is kept (its start, size and digest) and names the op by ``op_id``.
+MAX_RECORD_BYTES = 900_000
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,8 @@ class DeadLetter:
     last_failure_at: float = field(default_factory=time.time)
     task_id: str | None = None
     origin: Origin | None = None
+    #: The op's id when the record holds no op body (it was too large to keep whole).
+    op_ref: str | None = None
 
     @classmethod
     def for_error(cls, exc: BaseException, *, op: RedisOp | None, raw: bytes, **fields: Any) -> DeadLetter:
@@ -100,7 +108,14 @@ class DeadLetter:
 
     @property
     def op_id(self) -> str | None:
-        return self.op.id if self.op is not None else None
+        return self.op.id if self.op is not None else self.op_ref
+
+    def without_op_body(self) -> DeadLetter:
+        """This record with the op replaced by the start, size and digest of its encoding."""
+        if self.op is None:
+            return self
+        return replace(self, op=None, raw=encode(self.op), raw_size=None, raw_sha256=None,
+                                   op_ref=self.op.id)
 
     def document(self) -> dict[str, Any]:
         """The record as the JSON-ready dict written to the DLQ topic."""
@@ -112,6 +127,7 @@ class DeadLetter:
             "reason": self.reason,
             "op": op_document(self.op) if self.op is not None else None,
             **self._raw_fields(),
+            **({"op_id": self.op_ref} if self.op_ref is not None else {}),
             "error": {
                 "type": self.error_type,
                 "message": self.error_message[:4096],
@@ -217,6 +233,7 @@ def decode_record(value: bytes) -> DeadLetter:
             raw=base64.b64decode(doc["raw"]) if doc.get("raw") else None,
             raw_size=doc.get("raw_size"),
             raw_sha256=doc.get("raw_sha256"),
+            op_ref=doc.get("op_id") if op is None else None,
             error_type=error.get("type", ""),
             error_message=error.get("message", ""),
             traceback=error.get("traceback", ""),
@@ -263,6 +280,9 @@ class DeadLetterWriter:
     def write(self, letter: DeadLetter, key: bytes | None = None) -> None:
         """Write ``letter`` to ``redis_retry_dlq_topic``; raise PublishError if it cannot."""
         value = dumps(letter.document())
+        if len(value) > MAX_RECORD_BYTES:
+            letter = letter.without_op_body()
+            value = dumps(letter.document())
         headers = letter.headers()
         name = letter.op_id or "<undecodable>"
         with self._lock:

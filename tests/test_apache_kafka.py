@@ -337,3 +337,32 @@ def test_huge_invalid_messages_become_bounded_dlq_records_and_block_nothing(
         assert sorted(int(v) for v in r.lrange("after-huge", 0, -1)) == list(range(20))
     reasons = sorted(letter.reason for letter in letters)
     print(f"\n800 KB and 5 MB invalid messages: rejected ({reasons}) within {took:.1f}s; the 20 ops behind applied")
+
+
+def test_a_dead_op_too_large_for_a_whole_dlq_record_keeps_its_id_size_and_digest(
+    make_loop: Callable[..., LoopStack], apache_kafka: ApacheKafka
+) -> None:
+    import hashlib
+    import os
+
+    stack = make_loop(kafka_broker=apache_kafka)  # Kafka's default message size limit on both topics
+    with stack.client() as r:
+        r.set("a-string", "x")
+    stack.start_worker()
+    stack.wait_assigned(stack.start_bridge())
+    # 987 KB encoded: its DLQ record would be over dlq.MAX_RECORD_BYTES (900 KB, kept below
+    # librdkafka's 1,000,000-byte message limit), so it is written without the op's body.
+    big = ops.lpush("a-string", os.urandom(740_000))
+    encoded = message.encode(big)
+    stack.publish_all([big, ops.set("after-big", "v")])
+    letters = stack.dead_letters(count=1, timeout=60)
+    assert len(letters) == 1
+    letter = letters[0]
+    assert (letter.outcome, letter.reason) == ("dead", "wrong_type")
+    assert letter.op is None
+    assert letter.op_id == big.id
+    assert letter.raw_size == len(encoded)
+    assert letter.raw_sha256 == hashlib.sha256(encoded).hexdigest()
+    assert letter.raw_truncated
+    with stack.client() as r:
+        stack.wait_for(lambda: r.get("after-big") == b"v", 60, "the op after the big one applied")
