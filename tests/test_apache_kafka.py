@@ -57,6 +57,19 @@ def test_a_restarted_node_keeps_its_log(apache_kafka: ApacheKafka, unique_topic:
     ]
 
 
+def test_a_cluster_id_that_starts_with_a_dash_is_formatted(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery_redis_retry.testing import apache_kafka
+
+    monkeypatch.setattr(apache_kafka, "_cluster_id", lambda: "-" + "A" * 21)  # 1 in 64 random ids do
+    cluster = ApacheKafka(1, dir=tmp_path)
+    try:
+        assert cluster.start().start_seconds is not None
+    finally:
+        cluster.stop()
+
+
 # -- the loop on three brokers ------------------------------------------------------------
 
 

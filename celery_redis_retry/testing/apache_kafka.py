@@ -242,8 +242,9 @@ class KafkaNode(ManagedProcess):
             "".join(f"{key}={value}\n" for key, value in self.cluster.node_properties(self).items())
         )
         done = subprocess.run(
-            [*self._java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.properties_path),
-             *self.cluster.format_args],
+            # --cluster-id=ID, not -t ID: one id in 64 starts with "-", which argparse takes for an option.
+            [*self._java, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+             "-c", str(self.properties_path), *self.cluster.format_args],
             capture_output=True, text=True, timeout=120, check=False,
         )
         if done.returncode != 0:
