@@ -44,6 +44,7 @@ from .processes import (
     ManagedProcess,
     ProcessExitedError,
     free_port,
+    free_ports,
     wait_until,
 )
 from .rabbitmq import RabbitMQServer, rabbitmq_server_binary
@@ -71,6 +72,7 @@ __all__ = [
     "TansuKafka",
     "TopicRecord",
     "free_port",
+    "free_ports",
     "java_binary",
     "kafka_libs",
     "rabbitmq_server_binary",

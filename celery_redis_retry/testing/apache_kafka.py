@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..kafka import KafkaException, NewTopic, new_admin, new_producer
-from .processes import HarnessError, HarnessTimeoutError, ManagedProcess, _StartedGroup, free_port, wait_until
+from .processes import HarnessError, HarnessTimeoutError, ManagedProcess, _StartedGroup, free_ports, wait_until
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -297,8 +297,9 @@ class ApacheKafka(_StartedGroup):
             for arg in ("--add-scram", f"{SCRAM_MECHANISM}=[name={name},password={password}]")
         ]
         self.tls = SelfSignedCertificates(self.dir / "tls") if self.scram_users else None
+        ports = iter(free_ports(brokers * (3 if self.scram_users else 2)))
         self.nodes = [
-            KafkaNode(self, node_id, free_port(), free_port(), free_port() if self.scram_users else None)
+            KafkaNode(self, node_id, next(ports), next(ports), next(ports) if self.scram_users else None)
             for node_id in range(1, brokers + 1)
         ]
         self.start_seconds: float | None = None
