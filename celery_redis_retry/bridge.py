@@ -156,7 +156,7 @@ class Bridge:
             **{**self._overrides, **kafka.FORCED_CONSUMER},
         )
         try:
-            kafka.cluster_metadata(consumer, timeout=10)
+            # The lookups are also the reachability check: an unreachable Kafka raises here.
             for role, topic in (("retry", self.settings.topic), ("DLQ", self.settings.dlq_topic)):
                 kafka.require_topic(consumer, topic, self.settings.kafka, role=role)
         except (kafka.TopicMissingError, kafka.KafkaCredentialsError):
