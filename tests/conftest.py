@@ -105,14 +105,19 @@ def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuKafka]:
         yield broker
 
 
+def _skip_unless_required(missing: HarnessError, variable: str) -> None:
+    """Skip the test, naming what is missing, or fail it when ``variable`` is 1 (as on CI)."""
+    if os.environ.get(variable) == "1":
+        pytest.fail(f"{missing}, and {variable}=1")
+    pytest.skip(f"{missing}; set {variable}=1 to make this a failure")
+
+
 def _apache_kafka(tmp_path_factory: pytest.TempPathFactory, brokers: int, **options: Any) -> Iterator[ApacheKafka]:
     """Start an Apache Kafka cluster, or skip visibly where Java or Maven is missing (never on CI)."""
     try:
         cluster = ApacheKafka(brokers, dir=tmp_path_factory.mktemp(f"apache-kafka-{brokers}"), **options)
     except HarnessError as exc:
-        if os.environ.get("CRR_REQUIRE_KAFKA") == "1":
-            pytest.fail(f"{exc}, and CRR_REQUIRE_KAFKA=1")
-        pytest.skip(f"{exc}; set CRR_REQUIRE_KAFKA=1 to make this a failure")
+        _skip_unless_required(exc, "CRR_REQUIRE_KAFKA")
     cluster.start()
     HARNESS_TIMINGS.append(f"Apache Kafka {cluster.version}, {brokers} broker(s): {cluster.start_seconds:.1f}s")
     try:
@@ -170,9 +175,7 @@ def rabbitmq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rabbit
     try:
         rabbitmq_server_binary()
     except HarnessError as exc:
-        if os.environ.get("CRR_REQUIRE_RABBITMQ") == "1":
-            pytest.fail(f"{exc}, and CRR_REQUIRE_RABBITMQ=1")
-        pytest.skip(f"{exc}; set CRR_REQUIRE_RABBITMQ=1 to make this a failure")
+        _skip_unless_required(exc, "CRR_REQUIRE_RABBITMQ")
     with RabbitMQServer(dir=str(tmp_path_factory.mktemp("rabbitmq"))).start() as server:
         yield server
 

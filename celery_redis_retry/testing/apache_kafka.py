@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..kafka import KafkaException, NewTopic, new_admin, new_producer
+from ..kafka import KafkaException, create_topics, new_admin, new_producer, produce_confirmed
 from .processes import HarnessError, HarnessTimeoutError, ManagedProcess, _StartedGroup, free_ports, wait_until
 
 if TYPE_CHECKING:
@@ -456,18 +456,13 @@ class ApacheKafka(_StartedGroup):
         wait_until(lambda: self._try_create(probe, 1, self.replication_factor, {}), timeout, interval=0.5,
                    what="the cluster to create its probe topic")
         producer = new_producer(self.config, **{"message.timeout.ms": 5000})
-        outcome: list[Any] = []
-        try:
-            while time.monotonic() < deadline:
-                outcome.clear()
-                producer.produce(probe, b"ready", on_delivery=lambda error, _msg: outcome.append(error))
-                producer.flush(6)
-                if outcome and outcome[0] is None:
-                    return
-                time.sleep(0.2)
-        finally:
-            producer.flush(0)
-        raise HarnessTimeoutError(f"the cluster at {self.bootstrap_servers} took no write in {timeout}s ({outcome})")
+        error: str | None = "not tried"
+        while time.monotonic() < deadline:
+            error = produce_confirmed(producer, probe, [(None, b"ready", None)])[0]
+            if error is None:
+                return
+            time.sleep(0.2)
+        raise HarnessTimeoutError(f"the cluster at {self.bootstrap_servers} took no write in {timeout}s ({error})")
 
     def create_topic(
         self, name: str, partitions: int = 4, replication: int | None = None, config: Mapping[str, str] | None = None,
@@ -477,18 +472,12 @@ class ApacheKafka(_StartedGroup):
             raise HarnessError(f"topic {name!r} was not created on {self.bootstrap_servers}")
 
     def _try_create(self, name: str, partitions: int, replication: int, config: dict[str, str]) -> bool:
-        admin = new_admin(self.config)
-        futures = admin.create_topics([NewTopic(name, partitions, replication, config=config)], request_timeout=10)
-        try:
-            futures[name].result(15)
-        except KafkaException as exc:
-            error = exc.args[0]
-            if error.name() == "TOPIC_ALREADY_EXISTS":
-                return True
-            if error.retriable() or error.name() in ("_TRANSPORT", "_TIMED_OUT", "INVALID_REPLICATION_FACTOR"):
-                return False  # the cluster is not up yet (or not every broker has registered)
-            raise HarnessError(f"create topic {name!r}: {error}") from exc
-        return True
+        error = create_topics(new_admin(self.config), [(name, partitions, replication, config)], timeout=10)[name]
+        if error is None or error.name() == "TOPIC_ALREADY_EXISTS":
+            return True
+        if error.retriable() or error.name() in ("_TRANSPORT", "_TIMED_OUT", "INVALID_REPLICATION_FACTOR"):
+            return False  # the cluster is not up yet (or not every broker has registered)
+        raise HarnessError(f"create topic {name!r}: {error}")
 
     def node(self, node_id: int) -> KafkaNode:
         """The node with ``node.id`` ``node_id``."""
