@@ -469,6 +469,9 @@ class RetryProducer:
         topic = self.settings.topic
         try:
             missing = kafka.topic_missing(state.producer, topic, timeout=5.0)
+        except kafka.KafkaCredentialsError as exc:
+            self._note_refusal(str(exc))  # _on_client_error saw it too; this says it at once
+            return
         except (kafka.KafkaException, RuntimeError):
             return  # no answer (or the handle is gone): ALL_BROKERS_DOWN and the drain loop deal with it
         if missing:

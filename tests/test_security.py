@@ -101,3 +101,16 @@ def test_a_principal_without_write_access_gets_a_clear_error_and_keeps_the_op(
     assert stack.topic in errors, errors
     assert "WRITE" in errors, errors
     assert "User:outsider" in errors or "outsider" in errors, errors
+
+
+def test_a_producer_with_a_wrong_password_keeps_its_ops_and_says_which_setting(
+    make_loop: Callable[..., LoopStack], secure_kafka: ApacheKafka, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack = secure_loop(make_loop, secure_kafka)
+    stack.kafka_roles["app"] = {"sasl.username": "app", "sasl.password": "not-the-password"}
+    with caplog.at_level("ERROR", logger="celery_redis_retry"):
+        stack.producer.publish(ops.set("kept", "v"))
+        wait_until(lambda: stack.producer.health()["state"] == "refused", 30, what="the refusal to be noticed")
+        wait_until(lambda: stack.producer.spool.count() == 1, 30, what="the op to be in the spool")
+    errors = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert "redis_retry_kafka['sasl.password']" in errors, errors
