@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..kafka import KafkaException, create_topics, new_admin, new_producer, produce_confirmed
+from ..topics import min_insync_for
 from .processes import HarnessError, HarnessTimeoutError, ManagedProcess, _StartedGroup, free_ports, wait_until
 
 if TYPE_CHECKING:
@@ -312,8 +313,8 @@ class ApacheKafka(_StartedGroup):
 
     @property
     def min_insync_replicas(self) -> int:
-        """``min.insync.replicas``: 2 once there are replicas to spare, else 1."""
-        return 2 if self.replication_factor >= 3 else 1
+        """``min.insync.replicas``, by the rule ``redis-retry topics create`` follows (2 from RF 3 on)."""
+        return min_insync_for(self.replication_factor)
 
     @property
     def bootstrap_servers(self) -> str:
