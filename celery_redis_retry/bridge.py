@@ -15,6 +15,13 @@ partition is rewound to its first op not handed over and paused with a growing
 backoff, then tried again: it is never skipped. Several bridges share the consumer
 group to scale out.
 
+Outages: the bridge watches every target's circuit (:mod:`celery_redis_retry.circuit`).
+While a target's circuit is open, its ops read from the retry topic are parked in the
+target's waiting topic (:mod:`celery_redis_retry.waiting`) and their offsets stored, so
+the other targets' ops on the same partitions keep flowing; the bridge reads the
+waiting topic again once a probe finds the target back, at a rate that ramps up. An op
+past its deadline or ``redis_retry_max_age`` ends ``expired`` here, without a task.
+
 At start, the retry topic and the DLQ topic must exist: on a cluster that does not
 create topics on use (production: ``auto.create.topics.enable=false``) a missing one
 stops the bridge with :class:`~celery_redis_retry.kafka.TopicMissingError` naming it,
@@ -34,12 +41,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import kafka
+from .circuit import OPEN, PROBE_TIMEOUT, RECOVERING, Circuits, CircuitState, probe
 from .config import settings_for
 from .dispatch import Batcher, Consumed, HandoverError, OffsetTracker, Partition, TaskSender
 from .dlq import DeadLetter, DeadLetterWriter, Origin
 from .errors import DecodeError, PublishError, RedisRetryError
 from .message import decode
 from .ops import RedisOp
+from .redis_exec import connect, expired, is_cluster_url
+from .waiting import Parked, ParkedHeaders, WaitingWriter
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +64,8 @@ class BridgeUnavailableError(RedisRetryError):
 class _Stall:
     offset: int
     resume_at: float
+    #: A target whose circuit must not be open either (a held waiting topic).
+    wait_for: str | None = None
 
 
 @dataclass
@@ -65,6 +77,8 @@ class BridgeStats:
     rejected: int = 0
     stalls: int = 0
     held: int = 0  # times the Celery queue was too long and reading paused
+    parked: int = 0  # ops moved to a waiting topic: their target's circuit was open
+    expired: int = 0  # ops past their deadline or redis_retry_max_age, ended here
     started: float = field(default_factory=time.monotonic)
 
 
@@ -118,6 +132,12 @@ class Bridge:
         self._consumer: kafka.Consumer | None = None
         self._assigned: set[Partition] = set()
         self._topic_gone_logged_at = -60.0
+        self._waiting = WaitingWriter(self.settings, parked_by="bridge")
+        self._probe_clients: dict[str, Any] = {}
+        self.circuits = Circuits(
+            self.settings.targets, self._probe_target, recovery_rate=self.settings.recovery_rate,
+            on_change=self._circuit_changed,
+        )
 
     @property
     def reading_paused(self) -> bool:
@@ -157,7 +177,7 @@ class Bridge:
         )
         try:
             # The lookups are also the reachability check: an unreachable Kafka raises here.
-            for role, topic in (("retry", self.settings.topic), ("DLQ", self.settings.dlq_topic)):
+            for role, topic in self._topics():
                 kafka.require_topic(consumer, topic, self.settings.kafka, role=role)
         except (kafka.TopicMissingError, kafka.KafkaCredentialsError):
             consumer.close()
@@ -167,8 +187,13 @@ class Bridge:
             raise BridgeUnavailableError(
                 f"cannot reach Kafka at {self.settings.kafka.get('bootstrap.servers')!r}: {exc}"
             ) from exc
-        consumer.subscribe([self.settings.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        topics = [self.settings.topic, *self.settings.waiting_topics.values()]
+        consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         return consumer
+
+    def _topics(self) -> list[tuple[str, str]]:
+        waiting = [(f"waiting ({target})", topic) for target, topic in self.settings.waiting_topics.items()]
+        return [("retry", self.settings.topic), ("DLQ", self.settings.dlq_topic), *waiting]
 
     def stop(self, *_: Any) -> None:
         """Ask the loop to finish what is in flight, commit and return."""
@@ -181,6 +206,7 @@ class Bridge:
         self._use_publisher_confirms()
         self._check_celery_broker()
         consumer = self._consumer = self._connect_kafka()
+        self.circuits.start()
         logger.info(
             "bridge consuming %s as group %s -> Celery queue %s",
             self.settings.topic, self.group, self.settings.queue,
@@ -217,15 +243,18 @@ class Bridge:
             if exc.args[0].code() != kafka.KafkaError._NO_OFFSET:
                 logger.error("final offset commit failed: %s", exc)
         consumer.close()
+        self.circuits.stop()
         self._dlq.close()
+        self._waiting.close()
         self._sender.close()
         self._report()
 
     def _report(self) -> None:
         stats = self.stats
         logger.info(
-            "bridge: %d dispatched in %d tasks, %d rejected, %d stalls, %d holds in %.0f s",
-            stats.dispatched, stats.tasks, stats.rejected, stats.stalls, stats.held, time.monotonic() - stats.started,
+            "bridge: %d dispatched in %d tasks, %d parked, %d expired, %d rejected, %d stalls, %d holds in %.0f s",
+            stats.dispatched, stats.tasks, stats.parked, stats.expired, stats.rejected, stats.stalls, stats.held,
+            time.monotonic() - stats.started,
         )
 
     # -- rebalances ----------------------------------------------------------------------
@@ -272,6 +301,12 @@ class Bridge:
         if (topic, partition) in self._stalled:
             return  # rewound: it comes again once the partition resumes
         self._offsets.consumed(topic, partition, offset)
+        parked = None
+        waiting_for = self.settings.target_of_waiting_topic(topic)
+        if waiting_for is not None:
+            parked = ParkedHeaders.read(message.headers())
+            if self._wait_longer(consumer, (topic, partition), waiting_for, parked):
+                return
         raw: bytes = message.value() or b""
         op: RedisOp | None = None
         try:
@@ -285,7 +320,13 @@ class Bridge:
             else:
                 self._handed_over(consumer, [(topic, partition, offset)])
             return
-        item = Consumed(topic, partition, offset, raw.decode(), op.id)
+        why = expired(op, max_age=self.settings.max_age)
+        if why is not None:
+            self.stats.expired += 1
+            logger.info("op %s expired: %s", op.id, why)
+            self._handed_over(consumer, [(topic, partition, offset)])
+            return
+        item = Consumed(topic, partition, offset, raw.decode(), op, parked.origin if parked else None)
         full = self._batcher.add(op.target, item)
         if full is not None:
             self._ready.append(full)
@@ -301,8 +342,12 @@ class Bridge:
             logger.error("%s (%s)", gone, error.str())
 
     def _send_all(self, consumer: kafka.Consumer, waiting: Iterable[list[Consumed]]) -> None:
-        # Ops of a partition rewound meanwhile will be read again: do not send them twice.
-        batches = [b for b in ([i for i in w if (i.topic, i.partition) not in self._stalled] for w in waiting) if b]
+        batches = self._not_stalled(waiting)
+        if not batches:
+            return
+        batches, to_park = self._admit(consumer, batches)
+        for target, items in to_park.items():
+            self._park(consumer, target, items)
         if not batches:
             return
         try:
@@ -315,6 +360,50 @@ class Bridge:
         self.stats.tasks += tasks
         self._sent_since_check += tasks
         self._handed_over(consumer, [(i.topic, i.partition, i.offset) for b in batches for i in b])
+
+    def _not_stalled(self, waiting: Iterable[list[Consumed]]) -> list[list[Consumed]]:
+        # Ops of a partition rewound meanwhile will be read again: do not send them twice.
+        return [b for b in ([i for i in w if (i.topic, i.partition) not in self._stalled] for w in waiting) if b]
+
+    def _admit(
+        self, consumer: kafka.Consumer, batches: list[list[Consumed]]
+    ) -> tuple[list[list[Consumed]], dict[str, list[Consumed]]]:
+        """Split batches by their target's circuit: what goes to Celery now, what is parked.
+
+        Ops the circuit does not admit (open, or its recovery rate used up) are parked
+        when they come from the retry topic; a waiting topic holding them is paused and
+        rewound to them instead, to be read again later.
+        """
+        admitted: list[list[Consumed]] = []
+        to_park: dict[str, list[Consumed]] = {}
+        holds: dict[Partition, str] = {}
+        for batch in batches:
+            target = batch[0].op.target
+            count = self.circuits.admit(target, len(batch))
+            if count:
+                admitted.append(batch[:count])
+            for item in batch[count:]:
+                if self.settings.target_of_waiting_topic(item.topic) is None:
+                    to_park.setdefault(target, []).append(item)
+                else:
+                    holds[(item.topic, item.partition)] = target
+        for key, target in holds.items():
+            self._hold(consumer, key, target)
+        if holds:
+            admitted = self._not_stalled(admitted)
+        return admitted, to_park
+
+    def _park(self, consumer: kafka.Consumer, target: str, items: list[Consumed]) -> None:
+        """Move ops of a target whose circuit is open to its waiting topic, then store their offsets."""
+        parked = [Parked(i.message.encode(), i.op, tuple(i.origin)) for i in items]  # type: ignore[arg-type]
+        reason = self.circuits.reason(target) or "circuit open"
+        try:
+            self._waiting.park(target, parked, reason)
+        except PublishError as exc:
+            self._stall(consumer, sorted({(i.topic, i.partition) for i in items}), exc)
+            return
+        self.stats.parked += len(items)
+        self._handed_over(consumer, [(i.topic, i.partition, i.offset) for i in items])
 
     def _handed_over(self, consumer: kafka.Consumer, positions: list[tuple[str, int, int]]) -> None:
         """Store, once per partition, the offset up to which every op is handed over."""
@@ -361,6 +450,29 @@ class Bridge:
             consumer.resume([p for p in consumer.assignment() if (p.topic, p.partition) not in self._stalled])
             logger.info("Celery queue %s down to %d tasks: reading again", self.settings.queue, depth)
 
+    # -- circuits ------------------------------------------------------------------------
+
+    def _probe_target(self, target: str) -> None:
+        client = self._probe_clients.get(target)
+        if client is None:
+            url = self.settings.targets[target]
+            client = self._probe_clients[target] = connect(
+                url, socket_timeout=PROBE_TIMEOUT, socket_connect_timeout=PROBE_TIMEOUT, health_check_interval=0
+            )
+        probe(client, cluster=is_cluster_url(self.settings.targets[target]))
+
+    def _circuit_changed(self, circuit: CircuitState) -> None:
+        # One line per change of state, never one per op.
+        waiting = self.settings.waiting_topic(circuit.target)
+        if circuit.state == OPEN:
+            logger.warning("target %r cannot take writes (%s): circuit open; its ops wait in %s",
+                           circuit.target, circuit.reason, waiting)
+        elif circuit.state == RECOVERING:
+            logger.warning("target %r takes writes again: circuit recovering; its ops flow from %s at %d ops/s, "
+                           "doubling every second", circuit.target, waiting, self.settings.recovery_rate)
+        else:
+            logger.info("target %r: circuit closed", circuit.target)
+
     def _origin(self, message: kafka.Message) -> Origin:
         return Origin(*_position(message))
 
@@ -377,26 +489,57 @@ class Bridge:
 
     def _stall(self, consumer: kafka.Consumer, partitions: list[Partition], exc: Exception) -> None:
         """Rewind each partition to its first op not handed over, and pause it for a while."""
-        self._batcher.drop(set(partitions))
-        for topic, partition in partitions:
-            offset = self._offsets.first_open(topic, partition)
-            self._offsets.forget(topic, partition)
+        for key in partitions:
+            failures = self._failures.get(key, 0) + 1
+            delay = min(self.max_stall, 0.5 * 2 ** min(failures, 10))
+            offset = self._rewind(consumer, key, delay)
             if offset is None:
                 continue
-            key = (topic, partition)
-            failures = self._failures[key] = self._failures.get(key, 0) + 1
-            delay = min(self.max_stall, 0.5 * 2 ** min(failures, 10))
-            self._stalled[key] = _Stall(offset, time.monotonic() + delay)
+            self._failures[key] = failures
             self.stats.stalls += 1
-            consumer.pause([kafka.TopicPartition(topic, partition, offset)])
             logger.error(
                 "%s[%d]@%d not handed over (%s); partition paused for %.1f s, then tried again from there",
-                topic, partition, offset, exc, delay,
+                *key, offset, exc, delay,
             )
+
+    def _hold(self, consumer: kafka.Consumer, key: Partition, target: str, delay: float = 0.0) -> None:
+        """Pause a waiting topic's partition at its first op not handed over, until its target may take it.
+
+        It resumes after ``delay`` seconds and once the circuit is not open; while the
+        circuit recovers and its rate is used up, a fifth of a second later.
+        """
+        if not delay and self.circuits.state(target) == RECOVERING:
+            delay = 0.2
+        self._rewind(consumer, key, delay, wait_for=target)
+
+    def _wait_longer(self, consumer: kafka.Consumer, key: Partition, target: str, parked: ParkedHeaders) -> bool:
+        """Hold a waiting topic whose next op may not go yet; True if it was held."""
+        delay = parked.not_before - time.time()
+        if delay > 0:
+            self.circuits.suspect(target)  # a worker met an outage just now: look at once
+        if delay > 0 or self.circuits.state(target) == OPEN:
+            self._hold(consumer, key, target, max(0.0, delay))
+            return True
+        return False
+
+    def _rewind(
+        self, consumer: kafka.Consumer, key: Partition, delay: float, *, wait_for: str | None = None
+    ) -> int | None:
+        """Pause ``key`` at its first op not handed over; return that offset (None if nothing is open)."""
+        self._batcher.drop({key})
+        offset = self._offsets.first_open(*key)
+        self._offsets.forget(*key)
+        if offset is None:
+            return None
+        self._stalled[key] = _Stall(offset, time.monotonic() + delay, wait_for)
+        consumer.pause([kafka.TopicPartition(key[0], key[1], offset)])
+        return offset
 
     def _resume_due(self, consumer: kafka.Consumer) -> None:
         now = time.monotonic()
         for (topic, number), stall in list(self._stalled.items()):
+            if stall.wait_for is not None and self.circuits.state(stall.wait_for) == OPEN:
+                continue
             if stall.resume_at <= now:
                 del self._stalled[(topic, number)]
                 partition = kafka.TopicPartition(topic, number, stall.offset)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -54,10 +55,18 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "redis_retry_batch_size": 1000,
         "redis_retry_batch_linger_ms": 5,
         "redis_retry_queue_high_water": 500,
+        "redis_retry_max_age": 24 * 3600,
+        "redis_retry_max_countdown_tasks": 1000,
+        "redis_retry_recovery_rate": 2000,
         "redis_retry_bridge_metrics_port": None,
         "redis_retry_worker_metrics_port": None,
     }
 )
+
+
+def waiting_topic_name(topic: str, target: str) -> str:
+    """``<redis_retry_topic>.waiting.<target>``: where a target's ops wait while it is down."""
+    return f"{topic}.waiting.{target}"
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,13 @@ class Settings:
     batch_size: int = 1000
     batch_linger_ms: int = 5
     queue_high_water: int = 500
+    #: Seconds after capture at which an op without an earlier deadline ends ``expired``
+    #: (0: never). Keep it below the topics' ``retention.ms``.
+    max_age: int = 24 * 3600
+    #: Countdown (retry) tasks one worker may hold; becomes ``worker_eta_task_limit``.
+    max_countdown_tasks: int = 1000
+    #: Ops per second handed over for a target whose circuit just closed; doubles every second.
+    recovery_rate: int = 2000
     #: Ports on which the bridge and the worker serve Prometheus metrics (None: off).
     bridge_metrics_port: int | None = None
     worker_metrics_port: int | None = None
@@ -107,6 +123,21 @@ class Settings:
     def cluster_targets(self) -> frozenset[str]:
         """Names of the targets that are Redis Clusters (``redis+cluster://``...)."""
         return frozenset(n for n, url in self.targets.items() if urlsplit(url).scheme.endswith("+cluster"))
+
+    def waiting_topic(self, target: str) -> str:
+        """The Kafka topic where ``target``'s ops wait while its circuit is open."""
+        return waiting_topic_name(self.topic, target)
+
+    @property
+    def waiting_topics(self) -> dict[str, str]:
+        """Target name -> its waiting topic."""
+        return {target: self.waiting_topic(target) for target in self.targets}
+
+    def target_of_waiting_topic(self, topic: str) -> str | None:
+        """The target whose waiting topic ``topic`` is, or None for any other topic."""
+        prefix = f"{self.topic}.waiting."
+        name = topic[len(prefix):] if topic.startswith(prefix) else None
+        return name if name in self.targets else None
 
     @property
     def signer(self) -> Signer | None:
@@ -178,11 +209,19 @@ def _kafka(reader: _Reader) -> dict[str, Any]:
     return kafka
 
 
+_TARGET_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
 def _targets(reader: _Reader) -> dict[str, str]:
     targets = reader.mapping("redis_retry_targets", required=True)
     if "default" not in targets:
         raise ConfigurationError("redis_retry_targets must name a 'default' target")
     for name, url in targets.items():
+        if not _TARGET_NAME.fullmatch(name):
+            # The name is part of a Kafka topic name (its waiting topic).
+            raise ConfigurationError(
+                f"redis_retry_targets name {name!r} must be 1-100 letters, digits, '.', '_' or '-'"
+            )
         scheme = urlsplit(url).scheme if isinstance(url, str) else ""
         if scheme not in TARGET_SCHEMES:
             raise ConfigurationError(
@@ -277,6 +316,9 @@ def _read(reader: _Reader) -> Settings:
         batch_size=reader.integer("redis_retry_batch_size", 1),
         batch_linger_ms=reader.integer("redis_retry_batch_linger_ms", 0),
         queue_high_water=reader.integer("redis_retry_queue_high_water", 0),
+        max_age=reader.integer("redis_retry_max_age", 0),
+        max_countdown_tasks=reader.integer("redis_retry_max_countdown_tasks", 1),
+        recovery_rate=reader.integer("redis_retry_recovery_rate", 1),
         bridge_metrics_port=_port(reader, "redis_retry_bridge_metrics_port"),
         worker_metrics_port=_port(reader, "redis_retry_worker_metrics_port"),
     )

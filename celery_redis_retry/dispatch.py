@@ -24,6 +24,7 @@ from typing import Any
 from kombu.exceptions import ChannelError
 
 from .errors import RedisRetryError
+from .ops import RedisOp
 from .tasks import DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 
 logger = logging.getLogger(__name__)
@@ -45,12 +46,18 @@ class Consumed:
     partition: int
     offset: int
     message: str  # the op's wire bytes as text, exactly as read
-    op_id: str
+    op: RedisOp = field(compare=False)
+    #: Where a parked op was first read (the retry topic), when it was read from a waiting topic.
+    first_origin: tuple[str, int, int] | None = None
+
+    @property
+    def op_id(self) -> str:
+        return self.op.id
 
     @property
     def origin(self) -> list[str | int]:
-        """Where it came from, as the replay tasks receive it."""
-        return [self.topic, self.partition, self.offset]
+        """Where it came from, as the replay tasks receive it (its first position in Kafka)."""
+        return list(self.first_origin) if self.first_origin else [self.topic, self.partition, self.offset]
 
 
 class OffsetTracker:
@@ -176,7 +183,8 @@ class TaskSender:
         # the repr of every message.
         if self.one_task_per_op:
             for item in batch:
-                origin = {"topic": item.topic, "partition": item.partition, "offset": item.offset}
+                topic, partition, offset = item.origin
+                origin = {"topic": topic, "partition": partition, "offset": offset}
                 self.app.send_task(
                     REPLAY_TASK, args=(item.message,), kwargs={"origin": origin}, queue=self.queue,
                     link_error=self._errback, producer=producer, argsrepr=f"(op {item.op_id})", kwargsrepr="",

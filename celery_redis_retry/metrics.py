@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .bridge import Bridge
 
 #: The outcomes a replay can count, in flow order (``retrying``: sent back with a countdown).
-OUTCOMES = ("applied", "duplicate", "superseded", "expired", "retrying", "dead", "rejected")
+OUTCOMES = ("applied", "duplicate", "superseded", "expired", "retrying", "waiting", "dead", "rejected")
 
 
 def _client() -> Any:

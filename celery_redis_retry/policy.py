@@ -65,6 +65,37 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, rex.ResponseError) and error_code(exc) in RETRYABLE_CODES
 
 
+#: Reply codes that say the server cannot take writes now, whatever the op: it is
+#: loading its dataset, is a replica (mid-failover), lost its master, or is a cluster
+#: that is failing over or resharding. They open the target's circuit.
+OUTAGE_CODES = frozenset(("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"))
+
+_OUTAGE_TYPES: tuple[type[BaseException], ...] = (
+    rex.ConnectionError,  # refused, reset, BusyLoadingError (LOADING), a password being rotated
+    rex.TimeoutError,
+    rex.ReadOnlyError,
+    rex.TryAgainError,
+    rex.ClusterDownError,
+    rex.MasterDownError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when ``exc`` says the target is unavailable, not that this op is wrong.
+
+    Such a failure is not the op's: it does not spend one of its attempts, and its
+    target's circuit opens (see :mod:`celery_redis_retry.circuit`). The other retryable
+    errors (BUSY, OOM, NOREPLICAS, NOPERM) concern what the op asks and count.
+    """
+    if isinstance(exc, rex.MaxConnectionsError):
+        return False  # this process ran out of connections: the server is fine
+    if isinstance(exc, _OUTAGE_TYPES):
+        return True
+    return isinstance(exc, rex.ResponseError) and error_code(exc) in OUTAGE_CODES
+
+
 def outcome_unknown(exc: BaseException) -> bool:
     """True when Redis may have applied the write although the client saw an error.
 

@@ -78,12 +78,13 @@ _CLIENT_DEFAULTS: dict[str, Any] = {
 }
 
 
-def connect(url: str) -> Any:
+def connect(url: str, **overrides: Any) -> Any:
     """A redis-py client for a ``redis_retry_targets`` URL (plain, TLS, unix, Sentinel, Cluster).
 
     Sentinel: ``redis+sentinel://host1:26379,host2:26379/<service>/<db>``.
     Cluster: ``redis+cluster://host:port`` (any node; the others are discovered).
-    Query parameters (``?socket_timeout=2``...) are passed to redis-py as usual.
+    Query parameters (``?socket_timeout=2``...) are passed to redis-py as usual;
+    ``overrides`` replace this module's client defaults (the circuit probe's short timeouts).
     """
     parts = urlsplit(url)
     scheme = parts.scheme
@@ -91,7 +92,7 @@ def connect(url: str) -> Any:
         from redis.cluster import RedisCluster
 
         plain = url.replace(scheme, scheme.split("+")[0], 1)
-        return RedisCluster.from_url(plain, **_defaults_for(parts.query), retry=Retry(NoBackoff(), 0))
+        return RedisCluster.from_url(plain, **_defaults_for(parts.query, overrides), retry=Retry(NoBackoff(), 0))
     if scheme.endswith("+sentinel"):
         from redis.sentinel import Sentinel
 
@@ -102,10 +103,12 @@ def connect(url: str) -> Any:
         db = int(path[1]) if len(path) > 1 else 0
         # redis-py's own URL parser turns the query (?socket_timeout=2...) into typed options.
         given = parse_url(f"redis://?{parts.query}") if parts.query else {}  # type: ignore[no-untyped-call]
-        options = {**_defaults_for(parts.query), **given, "password": parts.password, "username": parts.username}
+        options = {
+            **_defaults_for(parts.query, overrides), **given, "password": parts.password, "username": parts.username,
+        }
         sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": 2.0}, **options)  # type: ignore[no-untyped-call]
         return sentinel.master_for(path[0], db=db, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call]
-    return redis.Redis.from_url(url, **_defaults_for(parts.query), retry=Retry(NoBackoff(), 0))
+    return redis.Redis.from_url(url, **_defaults_for(parts.query, overrides), retry=Retry(NoBackoff(), 0))
 
 
 def is_cluster_url(url: str) -> bool:
@@ -113,9 +116,9 @@ def is_cluster_url(url: str) -> bool:
     return urlsplit(url).scheme.endswith("+cluster")
 
 
-def _defaults_for(query: str) -> dict[str, Any]:
+def _defaults_for(query: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     given = parse_qs(query)
-    return {k: v for k, v in _CLIENT_DEFAULTS.items() if k not in given}
+    return {k: v for k, v in {**_CLIENT_DEFAULTS, **(overrides or {})}.items() if k not in given}
 
 
 class TargetClients:
@@ -422,11 +425,17 @@ def absolute_expiries(command: Command) -> list[int]:
     return []
 
 
-def expired(op: RedisOp, now: float | None = None) -> str | None:
-    """Why ``op`` must not be applied any more (deadline or expiry passed), or None."""
+def expired(op: RedisOp, now: float | None = None, *, max_age: float = 0) -> str | None:
+    """Why ``op`` must not be applied any more, or None.
+
+    Its deadline passed, an absolute expiry it sets (``PXAT``...) passed, or it is older
+    than ``max_age`` seconds (``redis_retry_max_age``; 0: no limit).
+    """
     now = time.time() if now is None else now
     if op.deadline is not None and now >= op.deadline:
         return f"deadline passed {now - op.deadline:.3f} s ago"
+    if max_age and now >= op.created_at + max_age:
+        return f"older than redis_retry_max_age ({max_age:g} s) by {now - op.created_at - max_age:.3f} s"
     now_ms = now * 1000
     for command in op.commands:
         for at in absolute_expiries(command):

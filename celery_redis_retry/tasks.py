@@ -1,8 +1,12 @@
 """Steps 5 and 7 of the flow: the Celery tasks that replay ops and dead-letter them.
 
-``celery_redis_retry.replay`` runs one op on its target Redis. A retryable Redis error
-reschedules it with ``self.retry(countdown=...)`` (never a sleep inside the task); a
-permanent one, or the last failed attempt, makes the task fail with a
+``celery_redis_retry.replay`` runs one op on its target Redis. An outage of the target
+(refused, timed out, LOADING, READONLY...: :func:`~celery_redis_retry.policy.is_outage`)
+is not the op's fault: the op is parked in the target's waiting topic in Kafka, spends no
+attempt, and the task ends (``waiting``); the bridge hands it over again once the target
+is back. Any other retryable Redis error reschedules it with ``self.retry(countdown=...)``
+(never a sleep inside the task); a permanent one, or the last failed attempt, makes the
+task fail with a
 :class:`~celery_redis_retry.errors.ReplayError` whose ``reason`` says why. The bridge
 attaches ``celery_redis_retry.dead_letter`` as the error callback (``link_error``): Celery
 calls it in the worker with the failed request, and it writes the DLQ record.
@@ -27,19 +31,31 @@ from celery import bootsteps, shared_task, signals
 from kombu.entity import Queue
 
 from . import policy
+from .circuit import LocalCircuit
 from .config import Settings, settings_for
 from .dlq import DeadLetterWriter, letter_for_failure
-from .errors import DecodeError, PermanentReplayError, RedisRetryError, ReplayError, RetriesExhaustedError
+from .errors import (
+    DecodeError,
+    PermanentReplayError,
+    PublishError,
+    RedisRetryError,
+    ReplayError,
+    RetriesExhaustedError,
+)
 from .message import Signer, decode
 from .metrics import count_outcomes, serve_worker_metrics
 from .ops import RedisOp
 from .redis_exec import Applied, Executor, expired
+from .waiting import WORKER_PARK_HOLD, Parked, WaitingWriter
 
 logger = logging.getLogger(__name__)
 
 REPLAY_TASK = "celery_redis_retry.replay"
 REPLAY_BATCH_TASK = "celery_redis_retry.replay_batch"
 DEAD_LETTER_TASK = "celery_redis_retry.dead_letter"
+
+_Item = tuple[str, list[Any], RedisOp]  # one op of a batch: message, origin, op
+_Retry = tuple[str, list[Any], RedisOp, int]  # ..., and how many outages it met
 
 
 class _Runtime:
@@ -51,6 +67,31 @@ class _Runtime:
         self.signer: Signer | None = settings.signer
         self.executor = Executor(settings)
         self.dlq = DeadLetterWriter(settings)
+        self.circuit = LocalCircuit()
+        self.waiting = WaitingWriter(settings, parked_by="worker")
+
+    def limit(self, op: RedisOp) -> int:
+        """How many retries ``op`` may have for failures of its own."""
+        return self.settings.max_retries if op.max_retries is None else op.max_retries
+
+    def expired(self, op: RedisOp) -> bool:
+        """Whether ``op`` is past its deadline or ``redis_retry_max_age`` (logged with why)."""
+        why = expired(op, max_age=self.settings.max_age)
+        if why is not None:
+            logger.info("op %s expired: %s", op.id, why)
+        return why is not None
+
+    def park(self, items: list[Parked], reason: str) -> bool:
+        """Park ops of one target in its waiting topic; False when Kafka did not confirm them."""
+        try:
+            self.waiting.park(items[0].op.target, items, reason, hold=WORKER_PARK_HOLD)
+        except PublishError as exc:
+            logger.warning("could not park %d ops for target %r in Kafka (%s): Celery retries them",
+                           len(items), items[0].op.target, exc)
+            return False
+        logger.info("%d ops for target %r parked in %s: %s", len(items), items[0].op.target,
+                    self.settings.waiting_topic(items[0].op.target), reason)
+        return True
 
 
 _runtimes: weakref.WeakKeyDictionary[Any, _Runtime] = weakref.WeakKeyDictionary()
@@ -118,54 +159,69 @@ _TASK_OPTIONS: dict[str, Any] = {
 
 
 @shared_task(name=REPLAY_TASK, **_TASK_OPTIONS)
-def replay(self: Any, message: str, origin: dict[str, Any] | None = None) -> str:
+def replay(self: Any, message: str, origin: dict[str, Any] | None = None, outages: int = 0) -> str:
     """Run the op in ``message`` (wire format v1) on its target; return its outcome.
 
     Outcomes: ``applied``, ``duplicate`` (a dedupe marker shows it was applied before),
-    ``superseded`` (its guard failed), ``expired``. Raises
-    :class:`~celery.exceptions.Retry` for a retryable Redis error while attempts
-    remain, else a :class:`~celery_redis_retry.errors.ReplayError` (the error callback
-    then writes the DLQ record).
+    ``superseded`` (its guard failed), ``expired``, or ``waiting`` (its target is down:
+    parked in Kafka until it is back). Raises :class:`~celery.exceptions.Retry` for a
+    retryable Redis error of the op while attempts remain, else a
+    :class:`~celery_redis_retry.errors.ReplayError` (the error callback then writes the
+    DLQ record). ``outages`` counts the retries that were outages (Kafka could not take
+    the op to park it): they are not the op's attempts.
     """
     rt = runtime(self.app)
     op = read_op(message, rt)
-    why = expired(op)
-    if why is not None:
-        logger.info("op %s expired: %s", op.id, why)
+    if rt.expired(op):
         count_outcomes({"expired": 1})
         return "expired"
-    try:
-        result = rt.executor.run(op)
-    except Exception as exc:
-        retries = self.request.retries
-        limit = rt.settings.max_retries if op.max_retries is None else op.max_retries
-        error = final_error(op, exc, retries, limit)
-        if error is not None:
-            raise error from exc
-        countdown = rt.settings.backoff.countdown(retries)
-        logger.info(
-            "op %s attempt %d/%d failed (%s); retrying in %.2f s",
-            op.id, retries + 1, limit + 1, type(exc).__name__, countdown,
-        )
-        count_outcomes({"retrying": 1})
-        raise self.retry(countdown=countdown, exc=exc) from exc
-    _log_outcome(op, result.outcome)
-    count_outcomes({result.outcome: 1})
-    return result.outcome
+    spent = op.attempt + self.request.retries - outages
+    outage: BaseException | None = None
+    if rt.circuit.is_open(op.target):
+        outage = ConnectionError(f"target {op.target!r} failed moments ago in this worker")
+    else:
+        try:
+            result = rt.executor.run(op)
+        except Exception as exc:
+            if not policy.is_outage(exc):
+                limit = rt.limit(op)
+                error = final_error(op, exc, spent, limit)
+                if error is not None:
+                    raise error from exc
+                countdown = rt.settings.backoff.countdown(spent)
+                logger.info(
+                    "op %s attempt %d/%d failed (%s); retrying in %.2f s",
+                    op.id, spent + 1, limit + 1, type(exc).__name__, countdown,
+                )
+                count_outcomes({"retrying": 1})
+                raise self.retry(countdown=countdown, exc=exc) from exc
+            rt.circuit.opened(op.target)
+            outage = exc
+        else:
+            _log_outcome(op, result.outcome)
+            count_outcomes({result.outcome: 1})
+            return result.outcome
+    parked = Parked(message.encode(), op, _origin_tuple(origin), attempts=spent)
+    if rt.park([parked], f"{type(outage).__name__}: {outage}"):
+        count_outcomes({"waiting": 1})
+        return "waiting"
+    # Kafka cannot take it either: Celery holds it, and that attempt is not the op's.
+    countdown = rt.settings.backoff.countdown(min(outages, 10))
+    raise self.retry(countdown=countdown, exc=outage, kwargs={"origin": origin, "outages": outages + 1})
 
 
 @shared_task(name=REPLAY_BATCH_TASK, **_TASK_OPTIONS)
 def replay_batch(self: Any, messages: list[str], origins: list[list[Any]]) -> dict[str, int]:
     """Run many ops in pipelined round trips; return how many ended in each outcome.
 
-    This is the first attempt of every op in it. An op that fails falls back to its own
-    path: a retryable error sends it as a ``replay`` task that continues with attempt 2
-    after the usual countdown; anything that ends it is dead-lettered here, with its
-    own DLQ record, exactly as ``replay`` would have.
+    An op that fails falls back to its own path: an outage of its target parks it in
+    Kafka (``waiting``); another retryable error sends it as a ``replay`` task that
+    continues with its next attempt after the usual countdown; anything that ends it is
+    dead-lettered here, with its own DLQ record, exactly as ``replay`` would have.
     """
     rt = runtime(self.app)
     outcomes: Counter[str] = Counter()
-    ready: dict[str, list[tuple[str, list[Any], RedisOp]]] = {}
+    ready: dict[str, list[_Item]] = {}
     ended: list[tuple[str, list[Any], BaseException]] = []
     for message, origin in zip(messages, origins, strict=True):
         try:
@@ -173,38 +229,23 @@ def replay_batch(self: Any, messages: list[str], origins: list[list[Any]]) -> di
         except DecodeError as exc:
             ended.append((message, origin, exc))
             continue
-        why = expired(op)
-        if why is not None:
-            logger.info("op %s expired: %s", op.id, why)
+        if rt.expired(op):
             outcomes["expired"] += 1
             continue
         ready.setdefault(op.target, []).append((message, origin, op))
 
-    retry_later: list[tuple[str, list[Any]]] = []
-    for items in ready.values():
-        try:
-            results: list[Applied | Exception] = rt.executor.run_many([op for _, _, op in items])
-        except Exception as exc:  # noqa: BLE001 - the round trip failed: every op falls back
-            results = [exc] * len(items)
-        for (message, origin, op), result in zip(items, results, strict=True):
-            if isinstance(result, Applied):
-                outcomes[result.outcome] += 1
-                _log_outcome(op, result.outcome)
-                continue
-            limit = rt.settings.max_retries if op.max_retries is None else op.max_retries
-            error = final_error(op, result, 0, limit)
-            if error is None:
-                retry_later.append((message, origin))
-            else:
-                ended.append((message, origin, error))
+    retry_later: list[_Retry] = []
+    for target, items in ready.items():
+        _run_target(rt, target, items, outcomes=outcomes, ended=ended, retry_later=retry_later)
 
     # Fallbacks first: if the Celery broker refuses them, retrying this whole batch is
     # safe (markers), while DLQ records written before would be written twice.
     errback = self.app.signature(DEAD_LETTER_TASK)
-    for message, origin in retry_later:
+    for message, origin, op, outages in retry_later:
         self.app.send_task(
-            REPLAY_TASK, args=(message,), kwargs={"origin": _origin_dict(origin)}, queue=rt.settings.queue,
-            link_error=errback, retries=1, countdown=rt.settings.backoff.countdown(0),
+            REPLAY_TASK, args=(message,), kwargs={"origin": _origin_dict(origin), "outages": outages},
+            queue=rt.settings.queue, link_error=errback, retries=1,
+            countdown=rt.settings.backoff.countdown(0 if outages else op.attempt),
         )
     outcomes["retrying"] += len(retry_later)
     for message, origin, error in ended:
@@ -215,6 +256,48 @@ def replay_batch(self: Any, messages: list[str], origins: list[list[Any]]) -> di
         outcomes["rejected" if isinstance(error, DecodeError) else "dead"] += 1
     count_outcomes({k: n for k, n in outcomes.items() if k not in ("dead", "rejected")})  # see _write_dead_letter
     return dict(outcomes)
+
+
+def _run_target(
+    rt: _Runtime, target: str, items: list[_Item], *, outcomes: Counter[str],
+    ended: list[tuple[str, list[Any], BaseException]], retry_later: list[_Retry],
+) -> None:
+    """Run one target's ops of a batch in one round trip; sort each op by what happened to it."""
+    to_park: list[_Item] = []
+    outage: BaseException | None = None
+    results: list[Applied | Exception] = []
+    if rt.circuit.is_open(target):
+        to_park, outage = list(items), ConnectionError(f"target {target!r} failed moments ago in this worker")
+    else:
+        try:
+            results = rt.executor.run_many([op for _, _, op in items])
+        except Exception as exc:  # noqa: BLE001 - the round trip failed: every op falls back
+            results = [exc] * len(items)
+    for (message, origin, op), result in zip(items, results, strict=False):
+        if isinstance(result, Applied):
+            outcomes[result.outcome] += 1
+            _log_outcome(op, result.outcome)
+        elif policy.is_outage(result):
+            to_park.append((message, origin, op))
+            outage = result
+        else:
+            error = final_error(op, result, op.attempt, rt.limit(op))
+            if error is None:
+                retry_later.append((message, origin, op, 0))
+            else:
+                ended.append((message, origin, error))
+    if to_park:
+        rt.circuit.opened(target)
+        parked = [Parked(m.encode(), op, _origin_tuple(o), attempts=op.attempt) for m, o, op in to_park]
+        if rt.park(parked, f"{type(outage).__name__}: {outage}"):
+            outcomes["waiting"] += len(to_park)
+        else:
+            retry_later += [(m, o, op, 1) for m, o, op in to_park]
+
+
+def _origin_tuple(origin: list[Any] | dict[str, Any] | None) -> tuple[str, int, int] | None:
+    as_dict = _origin_dict(origin)
+    return None if as_dict is None else (as_dict["topic"], as_dict["partition"], as_dict["offset"])
 
 
 def _origin_dict(origin: list[Any] | dict[str, Any] | None) -> dict[str, Any] | None:
@@ -308,7 +391,12 @@ def attach(app: Any) -> None:
             app.steps["worker"].add(step)
 
     def add_queue(**_: Any) -> None:
-        queue = settings_for(app).queue
+        settings = settings_for(app)
+        queue = settings.queue
+        if app.conf.worker_eta_task_limit is None:
+            # Countdown tasks are held by the worker, unacknowledged, until due; without a
+            # limit a burst of retries raises the prefetch count without bound (celery #9849).
+            app.conf.worker_eta_task_limit = settings.max_countdown_tasks
         queues = app.conf.task_queues
         # Without an explicit task_queues, Celery creates queues on demand (-Q redis-retry).
         if queues is not None and queue not in {q.name for q in queues}:

@@ -1,10 +1,12 @@
-"""``celery -A proj redis-retry topics create|describe``: the two topics, made as production needs them.
+"""``celery -A proj redis-retry topics create|describe``: the topics, made as production needs them.
 
 Production clusters run with ``auto.create.topics.enable=false``: the retry topic
-(``redis_retry_topic``) and its dead-letter topic (``redis_retry_dlq_topic``) are made by
-an admin step, before any producer, bridge or worker starts. :func:`plan` says how,
-from the app's settings; :func:`create` makes what is missing and leaves what exists
-alone (reporting where it differs from the plan); :func:`describe` reads both back.
+(``redis_retry_topic``), its dead-letter topic (``redis_retry_dlq_topic``) and one
+waiting topic per target (``<redis_retry_topic>.waiting.<target>``, where a target's
+ops wait while it is down) are made by an admin step, before any producer, bridge or
+worker starts. :func:`plan` says how, from the app's settings; :func:`create` makes what
+is missing and leaves what exists alone (reporting where it differs from the plan);
+:func:`describe` reads them back.
 
 The defaults, and why:
 
@@ -17,8 +19,10 @@ The defaults, and why:
   (at least 1), so that one broker down does not stop every write.
 * **retention** of the retry topic: an op must still be in Kafka when it ends, so the
   topic keeps records longer than the longest retry schedule
-  (``redis_retry_max_retries`` x ``redis_retry_backoff_max``) plus a margin for a bridge
-  stopped over a long weekend, and never less than 7 days. The DLQ keeps records 28 days:
+  (``redis_retry_max_retries`` x ``redis_retry_backoff_max``) and than
+  ``redis_retry_max_age`` (an outage can keep an op waiting that long), plus a margin for
+  a bridge stopped over a long weekend, and never less than 7 days. Waiting topics keep
+  records as long, with as many partitions. The DLQ keeps records 28 days:
   the time an operator has to look at them.
 """
 
@@ -62,15 +66,16 @@ def retry_window_ms(settings: Settings) -> int:
 
 
 def ops_retention_ms(settings: Settings) -> int:
-    """The retry topic's ``retention.ms``: the retry window plus 3 days, at least 7 days."""
-    return max(MIN_RETENTION_MS, retry_window_ms(settings) + RETENTION_MARGIN_MS)
+    """``retention.ms`` of the retry and waiting topics: the longest an op may wait plus 3 days, at least 7."""
+    longest = max(retry_window_ms(settings), settings.max_age * 1000)
+    return max(MIN_RETENTION_MS, longest + RETENTION_MARGIN_MS)
 
 
 @dataclass(frozen=True)
 class TopicPlan:
     """One topic as :func:`create` would make it."""
 
-    role: str  # "retry" or "DLQ"
+    role: str  # "retry", "DLQ" or "waiting (<target>)"
     name: str
     partitions: int
     replication_factor: int
@@ -109,6 +114,10 @@ def plan(
                   {**common, "retention.ms": str(retention)}),
         TopicPlan("DLQ", settings.dlq_topic, dlq_partitions, replication_factor,
                   {**common, "retention.ms": str(dlq_retention_ms)}),
+        # Where a target's ops wait while it is down: kept as long as the ops themselves.
+        *(TopicPlan(f"waiting ({target})", topic, partitions, replication_factor,
+                    {**common, "retention.ms": str(retention)})
+          for target, topic in settings.waiting_topics.items()),
     ]
 
 
@@ -121,12 +130,17 @@ def plan_warnings(settings: Settings, plans: list[TopicPlan]) -> list[str]:
     out = []
     for p in plans:
         retention = int(p.config.get("retention.ms", "-1"))
-        if p.role == "retry" and (retention < 0 or retention > settings.dedupe_ttl * 1000):
+        if p.role != "DLQ" and (retention < 0 or retention > settings.dedupe_ttl * 1000):
             shown = "forever" if retention < 0 else f"{retention / DAY_MS:g} days"
             out.append(
                 f"retry topic {p.name} keeps ops {shown}, longer than redis_retry_dedupe_ttl "
                 f"({settings.dedupe_ttl / 86400:g} days): raise redis_retry_dedupe_ttl to at least "
                 f"{max(retention, 0) // 1000} s, or an op read again after its marker expired may apply twice"
+            )
+        if p.role != "DLQ" and 0 <= retention < settings.max_age * 1000:
+            out.append(
+                f"{p.role} topic {p.name} keeps ops {retention / DAY_MS:g} days, less than redis_retry_max_age "
+                f"({settings.max_age / 86400:g} days): an op waiting out a long outage could be deleted unread"
             )
     return out
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from celery_redis_retry.config import Settings
+from celery_redis_retry.config import Settings, waiting_topic_name
 from celery_redis_retry.dlq import DeadLetter, decode_record
 from celery_redis_retry.kafka import CLASSIC_PROTOCOL_ONLY
 from celery_redis_retry.producer import RetryProducer
@@ -57,6 +57,8 @@ class LoopStack:
     backoff: float = 0.5
     backoff_max: float = 4.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Targets besides "default": name -> Redis URL.
+    extra_targets: dict[str, str] = field(default_factory=dict)
     #: The Celery broker's redis-server, when the stack started one.
     broker: RedisServer | None = None
     #: librdkafka settings on top of the test defaults, e.g. ``{"group.protocol": "consumer"}``.
@@ -92,6 +94,7 @@ class LoopStack:
             "CRR_MAX_RETRIES": str(self.max_retries),
             "CRR_BACKOFF": str(self.backoff),
             "CRR_BACKOFF_MAX": str(self.backoff_max),
+            "CRR_EXTRA_TARGETS": json.dumps(self.extra_targets),
             **self.extra_env,
         }
 
@@ -117,9 +120,14 @@ class LoopStack:
             extra = {k: v for k, v in extra.items() if k not in CLASSIC_PROTOCOL_ONLY}
         return extra
 
+    @property
+    def waiting_topics(self) -> list[str]:
+        """The waiting topic of every target of the stack."""
+        return [waiting_topic_name(self.topic, target) for target in ("default", *self.extra_targets)]
+
     def create_topics(self, partitions: int = 4) -> None:
-        """Create the ops and DLQ topics (a no-op on brokers that create topics on first use)."""
-        for topic in (self.topic, self.dlq_topic):
+        """Create the ops, DLQ and waiting topics (a no-op on brokers that create topics on first use)."""
+        for topic in (self.topic, self.dlq_topic, *self.waiting_topics):
             self.kafka.create_topic(topic, partitions)
 
     def settings(self) -> Settings:
@@ -128,7 +136,7 @@ class LoopStack:
         return Settings.from_mapping(
             {
                 "redis_retry_kafka": {"bootstrap.servers": env["CRR_BOOTSTRAP"], **self.kafka_extra_for("app")},
-                "redis_retry_targets": {"default": env["CRR_TARGET_URL"]},
+                "redis_retry_targets": {"default": env["CRR_TARGET_URL"], **self.extra_targets},
                 "redis_retry_topic": env["CRR_TOPIC"],
                 "redis_retry_consumer_group": env["CRR_GROUP"],
                 "redis_retry_scripts": SCRIPTS,
@@ -227,4 +235,11 @@ class LoopStack:
 
     def worker_log_count(self, pattern: str) -> int:
         return len(re.findall(pattern, self.worker.log_text())) if self.worker else 0
+
+    def bridge_log_count(self, pattern: str) -> int:
+        return sum(len(re.findall(pattern, b.log_text())) for b in self.bridges)
+
+    def outage_seen(self) -> bool:
+        """Whether a bridge opened a circuit or a worker parked ops: the target's outage was noticed."""
+        return self.bridge_log_count(r"circuit open") + self.worker_log_count(r"ops for target \S+ parked") > 0
 

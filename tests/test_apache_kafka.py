@@ -194,6 +194,8 @@ def running_loop_on_cluster(make_loop: Callable[..., LoopStack], cluster: Apache
     stack = make_loop(kafka_broker=cluster, create_topics=False)
     cluster.create_topic(stack.topic, partitions=4, config={"message.timestamp.type": "LogAppendTime"})
     cluster.create_topic(stack.dlq_topic, partitions=4)
+    for waiting in stack.waiting_topics:
+        cluster.create_topic(waiting, partitions=4)
     stack.start_worker(concurrency=2)
     stack.wait_assigned(stack.start_bridge())
     return stack
@@ -323,6 +325,8 @@ def test_huge_invalid_messages_become_bounded_dlq_records_and_block_nothing(
     stack = make_loop(kafka_broker=apache_kafka, create_topics=False)
     apache_kafka.create_topic(stack.topic, partitions=2, config={"max.message.bytes": "6000000"})
     apache_kafka.create_topic(stack.dlq_topic, partitions=2)  # Kafka's default limit: about 1 MB
+    for waiting in stack.waiting_topics:
+        apache_kafka.create_topic(waiting, partitions=2)
     stack.start_worker()
     stack.wait_assigned(stack.start_bridge())
     behind = [ops.rpush("after-huge", i) for i in range(20)]

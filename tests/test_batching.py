@@ -19,7 +19,7 @@ from celery_redis_retry.testing import RedisServer
 
 
 def item(partition: int, offset: int, topic: str = "t") -> Consumed:
-    return Consumed(topic, partition, offset, "{}", f"op-{partition}-{offset}")
+    return Consumed(topic, partition, offset, "{}", ops.set(f"k-{partition}-{offset}", "v"))
 
 
 # -- offsets: never commit past an op not handed over -------------------------------------

@@ -116,7 +116,8 @@ def outage_then_recovery(stack: LoopStack, count: int) -> None:
         stack.wait_for(lambda: not failing_checks(r, checks), 180, f"all {count} ops applied")
         assert failing_checks(r, checks) == []
     assert stack.dlq_is_empty()
-    assert stack.worker_log_count(r"retrying in") > 0, "the outage should have caused retries"
+    assert stack.outage_seen(), "the outage should have opened the circuit"
+    assert stack.worker_log_count(r"retrying in") == 0, "an outage spends no attempt of the op"
 
 
 @pytest.mark.redis_and_valkey
@@ -201,7 +202,10 @@ def permanent_failures_and_poison(stack: LoopStack) -> None:
 
 
 def test_ops_are_dead_after_their_last_retry(make_loop: Callable[..., LoopStack]) -> None:
-    stack = make_loop(target_running=False, max_retries=2, backoff=0.2, backoff_max=1.0)
+    # A target that refuses every write with OOM (noeviction, no memory to spare): a failure of
+    # what the op asks, not an outage (PING and ROLE answer), so each one spends an attempt.
+    stack = make_loop(target_args=("--maxmemory", "1", "--maxmemory-policy", "noeviction"), max_retries=2,
+                      backoff=0.2, backoff_max=1.0)
     stack.start_worker()
     bridge = stack.start_bridge()
     built = [ops.set(f"k{i}", i) if i % 2 else ops.incrby(f"n{i}", i) for i in range(20)]
@@ -214,7 +218,7 @@ def test_ops_are_dead_after_their_last_retry(make_loop: Callable[..., LoopStack]
         assert letter.reason == "retries_exhausted"
         assert letter.attempts == 3  # max_retries + 1
         assert letter.error_type == "celery_redis_retry.errors.RetriesExhaustedError"
-        assert "Connection refused" in letter.error_message
+        assert "OutOfMemoryError" in letter.error_message
         assert letter.task_id
     records = stack.dead_letters(idle=3)
     assert len(records) == 20

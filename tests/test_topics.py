@@ -77,12 +77,12 @@ def test_topics_create_then_describe_and_rerun_on_apache_kafka(
 
     dry = stack.cli("redis-retry", "topics", "create", *flags, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.count("would create") == 2
+    assert dry.stdout.count("would create") == 3  # retry, DLQ and the waiting topic of target "default"
     assert _described(stack, stack.topic, stack.dlq_topic) == {stack.topic: None, stack.dlq_topic: None}
 
     created = stack.cli("redis-retry", "topics", "create", *flags)
     assert created.returncode == 0, created.stderr
-    assert created.stdout.count("created") == 2
+    assert created.stdout.count("created") == 3
     # What the cluster has, read back independently of the command's own report.
     ops_topic, dlq_topic = _described(stack, stack.topic, stack.dlq_topic).values()
     assert ops_topic is not None
@@ -93,6 +93,9 @@ def test_topics_create_then_describe_and_rerun_on_apache_kafka(
     assert ops_topic.config["retention.ms"] == SEVEN_DAYS_MS
     assert dlq_topic.config["retention.ms"] == TWENTY_EIGHT_DAYS_MS
     assert ops_topic.config["min.insync.replicas"] == dlq_topic.config["min.insync.replicas"] == "1"
+    waiting = _described(stack, f"{stack.topic}.waiting.default")[f"{stack.topic}.waiting.default"]
+    assert waiting is not None
+    assert (waiting.partitions, waiting.config["retention.ms"]) == (6, SEVEN_DAYS_MS)
 
     described = stack.cli("redis-retry", "topics", "describe", *flags)
     assert described.returncode == 0, described.stderr
@@ -104,7 +107,7 @@ def test_topics_create_then_describe_and_rerun_on_apache_kafka(
 
     again = stack.cli("redis-retry", "topics", "create", *flags)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("exists") == 2
+    assert again.stdout.count("exists") == 3
     assert "created" not in again.stdout
 
     # Asked for something else, it leaves the topics alone and says how they differ.
@@ -166,7 +169,7 @@ def test_topics_create_on_tansu(tansu: Any, stack_on: Callable[..., LoopStack]) 
     assert ops_topic.config["retention.ms"] == SEVEN_DAYS_MS
     again = stack.cli("redis-retry", "topics", "create", "--replication-factor", "1", "--partitions", "5")
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("exists") == 2
+    assert again.stdout.count("exists") == 3
 
 
 def test_topics_create_on_the_dev_broker_says_it_creates_topics_itself(
@@ -206,8 +209,15 @@ def test_bridge_exits_at_once_naming_the_missing_topic(apache_kafka: Any, stack_
 
     apache_kafka.create_topic(stack.dlq_topic, partitions=1)
     third = bridge()
-    third.wait_for_log(r"bridge consuming", timeout=60)  # both exist: the same command now runs
-    assert third.running
+    code, _ = _exit_of(third, 15)
+    assert code == 5, third.log_tail()
+    waiting = f"{stack.topic}.waiting.default"
+    assert f"waiting (default) topic '{waiting}' does not exist on {bootstrap}; {CREATE_HINT}" in third.log_text()
+
+    apache_kafka.create_topic(waiting, partitions=2)
+    fourth = bridge()
+    fourth.wait_for_log(r"bridge consuming", timeout=60)  # all exist: the same command now runs
+    assert fourth.running
 
 
 def test_producer_spools_and_names_the_missing_topic(

@@ -3,6 +3,8 @@
 CRR_BROKER_URL     the Celery broker (a test redis-server, or RabbitMQ)
 CRR_BOOTSTRAP      Kafka bootstrap servers
 CRR_TARGET_URL     the target Redis
+CRR_EXTRA_TARGETS  JSON object of more targets (name -> Redis URL)
+CRR_MAX_AGE        redis_retry_max_age, in seconds
 CRR_TOPIC          the topic (each test uses its own)
 CRR_GROUP          the consumer group
 CRR_QUEUE          the Celery queue
@@ -42,7 +44,8 @@ app.conf.update(
     task_default_queue="default-not-used",
     redis_retry_kafka={"bootstrap.servers": env["CRR_BOOTSTRAP"], **json.loads(env.get("CRR_KAFKA_EXTRA", "{}"))},
     redis_retry_spool_path=env.get("CRR_SPOOL"),
-    redis_retry_targets={"default": env["CRR_TARGET_URL"]},
+    redis_retry_targets={"default": env["CRR_TARGET_URL"], **json.loads(env.get("CRR_EXTRA_TARGETS", "{}"))},
+    redis_retry_max_age=int(env["CRR_MAX_AGE"]) if env.get("CRR_MAX_AGE") else None,
     redis_retry_topic=env.get("CRR_TOPIC", "redis-retry-queue"),
     redis_retry_dlq_topic=env.get("CRR_DLQ_TOPIC"),
     redis_retry_consumer_group=env.get("CRR_GROUP", "redis-retry-consumer-group"),
