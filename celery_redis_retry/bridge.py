@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 from . import kafka
 from .circuit import OPEN, PROBE_TIMEOUT, RECOVERING, Circuits, CircuitState, probe
-from .config import settings_for
+from .config import settings_for, waiting_group
 from .dispatch import Batcher, Consumed, HandoverError, OffsetTracker, Partition, TaskSender
 from .dlq import DeadLetter, DeadLetterWriter, Origin
 from .errors import DecodeError, PublishError, RedisRetryError
@@ -80,6 +80,17 @@ class BridgeStats:
     parked: int = 0  # ops moved to a waiting topic: their target's circuit was open
     expired: int = 0  # ops past their deadline or redis_retry_max_age, ended here
     started: float = field(default_factory=time.monotonic)
+
+
+def _read(consumer: kafka.Consumer, count: int, timeout: float) -> list[kafka.Message]:
+    """Up to ``count`` messages, as soon as one is there (within ``timeout``).
+
+    ``Consumer.consume(count, timeout)`` waits until it has ``count`` messages or the
+    timeout passed: at a low rate every op would wait the whole timeout. So wait for one,
+    then take what is already fetched.
+    """
+    first = consumer.poll(timeout)
+    return [] if first is None else [first, *consumer.consume(count - 1, 0)]
 
 
 def _position(message: kafka.Message) -> tuple[str, int, int]:
@@ -129,7 +140,10 @@ class Bridge:
         # One attempt per hand-over: on failure the partition stalls and is retried with backoff.
         self._dlq = DeadLetterWriter(self.settings, attempts=1)
         self._signer = self.settings.signer
-        self._consumer: kafka.Consumer | None = None
+        # Two members, two groups: the retry topic's partitions are balanced among the
+        # bridges on their own, whatever the waiting topics' assignment is.
+        self._consumer: kafka.Consumer | None = None  # the retry topic
+        self._waiting_consumer: kafka.Consumer | None = None  # every waiting topic
         self._assigned: set[Partition] = set()
         self._topic_gone_logged_at = -60.0
         self._waiting = WaitingWriter(self.settings, parked_by="bridge")
@@ -146,8 +160,16 @@ class Bridge:
 
     @property
     def assigned_partitions(self) -> int:
-        """How many partitions this bridge owns now."""
-        return len(self._assigned)
+        """How many partitions of the retry topic this bridge owns now."""
+        return sum(1 for topic, _ in self._assigned if topic == self.settings.topic)
+
+    def _consumer_for(self, topic: str) -> kafka.Consumer:
+        consumer = self._consumer if topic == self.settings.topic else self._waiting_consumer
+        assert consumer is not None, "the bridge is not running"
+        return consumer
+
+    def _consumers(self) -> list[kafka.Consumer]:
+        return [c for c in (self._consumer, self._waiting_consumer) if c is not None]
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -169,15 +191,15 @@ class Bridge:
                 f"cannot reach the Celery broker {self.app.conf.broker_url!r}: {exc}"
             ) from exc
 
-    def _connect_kafka(self) -> kafka.Consumer:
+    def _connect_kafka(self, group: str, topics: list[str], *, check: bool) -> kafka.Consumer:
         consumer = kafka.new_consumer(
             self.settings.kafka,
-            self.group,
+            group,
             **{**self._overrides, **kafka.FORCED_CONSUMER},
         )
         try:
             # The lookups are also the reachability check: an unreachable Kafka raises here.
-            for role, topic in self._topics():
+            for role, topic in self._topics() if check else ():
                 kafka.require_topic(consumer, topic, self.settings.kafka, role=role)
         except (kafka.TopicMissingError, kafka.KafkaCredentialsError):
             consumer.close()
@@ -187,7 +209,6 @@ class Bridge:
             raise BridgeUnavailableError(
                 f"cannot reach Kafka at {self.settings.kafka.get('bootstrap.servers')!r}: {exc}"
             ) from exc
-        topics = [self.settings.topic, *self.settings.waiting_topics.values()]
         consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         return consumer
 
@@ -205,7 +226,10 @@ class Bridge:
         """Run until :meth:`stop` (SIGTERM/SIGINT when installed by the CLI)."""
         self._use_publisher_confirms()
         self._check_celery_broker()
-        consumer = self._consumer = self._connect_kafka()
+        retry = self._consumer = self._connect_kafka(self.group, [self.settings.topic], check=True)
+        waiting_topics = self._waiting_consumer = self._connect_kafka(
+            waiting_group(self.group), list(self.settings.waiting_topics.values()), check=False
+        )
         self.circuits.start()
         logger.info(
             "bridge consuming %s as group %s -> Celery queue %s",
@@ -215,20 +239,28 @@ class Bridge:
         next_report = time.monotonic() + 30
         try:
             while not self._stopping:
-                self._resume_due(consumer)
-                self._apply_backpressure(consumer)
+                self._resume_due()
+                self._apply_backpressure()
                 wait = self._batcher.seconds_to_next()
                 timeout = self.poll_timeout if wait is None else min(self.poll_timeout, wait)
-                for message in consumer.consume(fetch, timeout):
-                    self._handle(consumer, message)
-                self._send_all(consumer, [*self._ready, *self._batcher.due()])
+                if self._stalled:
+                    timeout = min(timeout, 0.25)  # look often at whether a held partition may go on
+                waiting = _read(waiting_topics, fetch, 0)
+                for message in waiting:
+                    self._handle(message)
+                # While a backlog drains from a waiting topic, do not sit on the retry topic.
+                for message in _read(retry, fetch, 0.05 if waiting else timeout):
+                    self._handle(message)
+                self._send_all([*self._ready, *self._batcher.due()])
                 self._ready.clear()
+                self._serve_parked()
                 if time.monotonic() >= next_report:
                     self._report()
                     next_report = time.monotonic() + 30
-            self._send_all(consumer, self._batcher.due(everything=True))
+            self._send_all(self._batcher.due(everything=True))
+            self._serve_parked(wait=15.0)
         finally:
-            self._close(consumer)
+            self._close()
         return self.stats
 
     def install_signal_handlers(self) -> None:
@@ -236,13 +268,14 @@ class Bridge:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
 
-    def _close(self, consumer: kafka.Consumer) -> None:
-        try:
-            consumer.commit(asynchronous=False)
-        except kafka.KafkaException as exc:
-            if exc.args[0].code() != kafka.KafkaError._NO_OFFSET:
-                logger.error("final offset commit failed: %s", exc)
-        consumer.close()
+    def _close(self) -> None:
+        for consumer in self._consumers():
+            try:
+                consumer.commit(asynchronous=False)
+            except kafka.KafkaException as exc:
+                if exc.args[0].code() != kafka.KafkaError._NO_OFFSET:
+                    logger.error("final offset commit failed: %s", exc)
+            consumer.close()
         self.circuits.stop()
         self._dlq.close()
         self._waiting.close()
@@ -263,15 +296,15 @@ class Bridge:
         logger.info("assigned %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
         self._assigned.update((p.topic, p.partition) for p in partitions if p.topic is not None)
         if self._held:
-            self._held = False  # look at the Celery queue again now, and pause them too if need be
-            self._next_depth_check = 0.0
+            self._next_depth_check = 0.0  # look at the Celery queue now: these are paused too if it is still long
 
     def _on_revoke(self, consumer: kafka.Consumer, partitions: list[kafka.TopicPartition]) -> None:
         # Hand over what waits in batches, then commit, before another bridge takes these.
         revoked = {(p.topic, p.partition) for p in partitions if p.topic is not None}
         full = [b for b in self._ready if any((i.topic, i.partition) in revoked for i in b)]
         self._ready = [b for b in self._ready if b not in full]
-        self._send_all(consumer, [*full, *self._batcher.partitions_waiting(revoked)])
+        self._send_all([*full, *self._batcher.partitions_waiting(revoked)])
+        self._serve_parked(wait=15.0)  # their offsets are stored before the commit below
         self._assigned -= revoked
         for key in revoked:
             self._stalled.pop(key, None)
@@ -287,7 +320,7 @@ class Bridge:
 
     # -- one message ---------------------------------------------------------------------
 
-    def _handle(self, consumer: kafka.Consumer, message: kafka.Message) -> None:
+    def _handle(self, message: kafka.Message) -> None:
         error = message.error()
         if error is not None:
             if error.fatal():
@@ -305,7 +338,7 @@ class Bridge:
         waiting_for = self.settings.target_of_waiting_topic(topic)
         if waiting_for is not None:
             parked = ParkedHeaders.read(message.headers())
-            if self._wait_longer(consumer, (topic, partition), waiting_for, parked):
+            if self._wait_longer((topic, partition), waiting_for, parked):
                 return
         raw: bytes = message.value() or b""
         op: RedisOp | None = None
@@ -316,15 +349,15 @@ class Bridge:
             try:
                 self._reject(message, raw, op, exc)
             except HandoverError as failure:
-                self._stall(consumer, [(topic, partition)], failure)
+                self._stall([(topic, partition)], failure)
             else:
-                self._handed_over(consumer, [(topic, partition, offset)])
+                self._handed_over([(topic, partition, offset)])
             return
         why = expired(op, max_age=self.settings.max_age)
         if why is not None:
             self.stats.expired += 1
             logger.info("op %s expired: %s", op.id, why)
-            self._handed_over(consumer, [(topic, partition, offset)])
+            self._handed_over([(topic, partition, offset)])
             return
         item = Consumed(topic, partition, offset, raw.decode(), op, parked.origin if parked else None)
         full = self._batcher.add(op.target, item)
@@ -341,32 +374,31 @@ class Bridge:
                                            role="retry")
             logger.error("%s (%s)", gone, error.str())
 
-    def _send_all(self, consumer: kafka.Consumer, waiting: Iterable[list[Consumed]]) -> None:
+    def _send_all(self, waiting: Iterable[list[Consumed]]) -> None:
         batches = self._not_stalled(waiting)
         if not batches:
             return
-        batches, to_park = self._admit(consumer, batches)
+        batches, to_park = self._admit(batches)
         for target, items in to_park.items():
-            self._park(consumer, target, items)
+            self._park(target, items)
         if not batches:
             return
         try:
             self._sender.send(batches)
         except HandoverError as exc:
-            self._stall(consumer, sorted({(i.topic, i.partition) for b in batches for i in b}), exc)
+            self._stall(sorted({(i.topic, i.partition) for b in batches for i in b}), exc)
             return
         tasks = sum(len(b) for b in batches) if self.batch_size == 1 else len(batches)
         self.stats.dispatched += sum(len(b) for b in batches)
         self.stats.tasks += tasks
         self._sent_since_check += tasks
-        self._handed_over(consumer, [(i.topic, i.partition, i.offset) for b in batches for i in b])
+        self._handed_over([(i.topic, i.partition, i.offset) for b in batches for i in b])
 
     def _not_stalled(self, waiting: Iterable[list[Consumed]]) -> list[list[Consumed]]:
         # Ops of a partition rewound meanwhile will be read again: do not send them twice.
         return [b for b in ([i for i in w if (i.topic, i.partition) not in self._stalled] for w in waiting) if b]
 
-    def _admit(
-        self, consumer: kafka.Consumer, batches: list[list[Consumed]]
+    def _admit(self, batches: list[list[Consumed]]
     ) -> tuple[list[list[Consumed]], dict[str, list[Consumed]]]:
         """Split batches by their target's circuit: what goes to Celery now, what is parked.
 
@@ -388,24 +420,40 @@ class Bridge:
                 else:
                     holds[(item.topic, item.partition)] = target
         for key, target in holds.items():
-            self._hold(consumer, key, target)
+            self._hold(key, target)
         if holds:
             admitted = self._not_stalled(admitted)
         return admitted, to_park
 
-    def _park(self, consumer: kafka.Consumer, target: str, items: list[Consumed]) -> None:
-        """Move ops of a target whose circuit is open to its waiting topic, then store their offsets."""
+    def _park(self, target: str, items: list[Consumed]) -> None:
+        """Move ops of a target whose circuit is open to its waiting topic; store their offsets once confirmed.
+
+        The write does not block the loop: other targets' ops keep flowing while the
+        broker confirms it (reports are served by :meth:`_serve_parked` every loop).
+        """
         parked = [Parked(i.message.encode(), i.op, tuple(i.origin)) for i in items]  # type: ignore[arg-type]
         reason = self.circuits.reason(target) or "circuit open"
-        try:
-            self._waiting.park(target, parked, reason)
-        except PublishError as exc:
-            self._stall(consumer, sorted({(i.topic, i.partition) for i in items}), exc)
-            return
-        self.stats.parked += len(items)
-        self._handed_over(consumer, [(i.topic, i.partition, i.offset) for i in items])
 
-    def _handed_over(self, consumer: kafka.Consumer, positions: list[tuple[str, int, int]]) -> None:
+        def confirmed(errors: list[str | None]) -> None:
+            failed = [e for e in errors if e is not None]
+            if failed:
+                error = PublishError(f"{len(failed)} of {len(items)} ops not confirmed by "
+                                     f"{self.settings.waiting_topic(target)}: {failed[0]}")
+                self._stall(sorted({(i.topic, i.partition) for i in items}), error)
+                return
+            self.stats.parked += len(items)
+            self._handed_over([(i.topic, i.partition, i.offset) for i in items])
+
+        self._waiting.park_async(target, parked, reason, confirmed)
+
+    def _serve_parked(self, *, wait: float = 0.0) -> None:
+        """Deliver the broker's reports of parked ops (storing their offsets); with ``wait``, all of them."""
+        if wait:
+            self._waiting.flush(wait)
+        else:
+            self._waiting.poll(0)
+
+    def _handed_over(self, positions: list[tuple[str, int, int]]) -> None:
         """Store, once per partition, the offset up to which every op is handed over."""
         safe: dict[Partition, int] = {}
         for topic, partition, offset in positions:
@@ -413,13 +461,16 @@ class Bridge:
             if moved is not None:
                 safe[(topic, partition)] = moved
         if safe:
-            consumer.store_offsets(offsets=[kafka.TopicPartition(t, p, o) for (t, p), o in safe.items()])
+            for topic in {t for t, _ in safe}:
+                self._consumer_for(topic).store_offsets(
+                    offsets=[kafka.TopicPartition(t, p, o) for (t, p), o in safe.items() if t == topic]
+                )
             for key in safe:
                 self._failures.pop(key, None)
 
     # -- backpressure --------------------------------------------------------------------
 
-    def _apply_backpressure(self, consumer: kafka.Consumer) -> None:
+    def _apply_backpressure(self) -> None:
         """Stop reading Kafka while too many tasks wait in the Celery queue.
 
         Kafka is the durable buffer: a backlog belongs there, not in the Celery
@@ -440,15 +491,20 @@ class Bridge:
         if not self._held and depth >= self.high_water:
             self._held = True
             self.stats.held += 1
-            consumer.pause(consumer.assignment())
+            for consumer in self._consumers():
+                consumer.pause(consumer.assignment())
             logger.warning(
                 "%d tasks wait in Celery queue %s (redis_retry_queue_high_water %d): reading paused",
                 depth, self.settings.queue, self.high_water,
             )
         elif self._held and depth <= self.high_water // 2:
             self._held = False
-            consumer.resume([p for p in consumer.assignment() if (p.topic, p.partition) not in self._stalled])
+            for consumer in self._consumers():
+                consumer.resume([p for p in consumer.assignment() if (p.topic, p.partition) not in self._stalled])
             logger.info("Celery queue %s down to %d tasks: reading again", self.settings.queue, depth)
+        elif self._held:
+            for consumer in self._consumers():  # partitions assigned since the pause
+                consumer.pause(consumer.assignment())
 
     # -- circuits ------------------------------------------------------------------------
 
@@ -487,12 +543,12 @@ class Bridge:
 
     # -- stalled partitions --------------------------------------------------------------
 
-    def _stall(self, consumer: kafka.Consumer, partitions: list[Partition], exc: Exception) -> None:
+    def _stall(self, partitions: list[Partition], exc: Exception) -> None:
         """Rewind each partition to its first op not handed over, and pause it for a while."""
         for key in partitions:
             failures = self._failures.get(key, 0) + 1
             delay = min(self.max_stall, 0.5 * 2 ** min(failures, 10))
-            offset = self._rewind(consumer, key, delay)
+            offset = self._rewind(key, delay)
             if offset is None:
                 continue
             self._failures[key] = failures
@@ -502,7 +558,7 @@ class Bridge:
                 *key, offset, exc, delay,
             )
 
-    def _hold(self, consumer: kafka.Consumer, key: Partition, target: str, delay: float = 0.0) -> None:
+    def _hold(self, key: Partition, target: str, delay: float = 0.0) -> None:
         """Pause a waiting topic's partition at its first op not handed over, until its target may take it.
 
         It resumes after ``delay`` seconds and once the circuit is not open; while the
@@ -510,20 +566,19 @@ class Bridge:
         """
         if not delay and self.circuits.state(target) == RECOVERING:
             delay = 0.2
-        self._rewind(consumer, key, delay, wait_for=target)
+        self._rewind(key, delay, wait_for=target)
 
-    def _wait_longer(self, consumer: kafka.Consumer, key: Partition, target: str, parked: ParkedHeaders) -> bool:
+    def _wait_longer(self, key: Partition, target: str, parked: ParkedHeaders) -> bool:
         """Hold a waiting topic whose next op may not go yet; True if it was held."""
         delay = parked.not_before - time.time()
         if delay > 0:
             self.circuits.suspect(target)  # a worker met an outage just now: look at once
         if delay > 0 or self.circuits.state(target) == OPEN:
-            self._hold(consumer, key, target, max(0.0, delay))
+            self._hold(key, target, max(0.0, delay))
             return True
         return False
 
-    def _rewind(
-        self, consumer: kafka.Consumer, key: Partition, delay: float, *, wait_for: str | None = None
+    def _rewind(self, key: Partition, delay: float, *, wait_for: str | None = None
     ) -> int | None:
         """Pause ``key`` at its first op not handed over; return that offset (None if nothing is open)."""
         self._batcher.drop({key})
@@ -532,10 +587,10 @@ class Bridge:
         if offset is None:
             return None
         self._stalled[key] = _Stall(offset, time.monotonic() + delay, wait_for)
-        consumer.pause([kafka.TopicPartition(key[0], key[1], offset)])
+        self._consumer_for(key[0]).pause([kafka.TopicPartition(key[0], key[1], offset)])
         return offset
 
-    def _resume_due(self, consumer: kafka.Consumer) -> None:
+    def _resume_due(self) -> None:
         now = time.monotonic()
         for (topic, number), stall in list(self._stalled.items()):
             if stall.wait_for is not None and self.circuits.state(stall.wait_for) == OPEN:
@@ -543,6 +598,7 @@ class Bridge:
             if stall.resume_at <= now:
                 del self._stalled[(topic, number)]
                 partition = kafka.TopicPartition(topic, number, stall.offset)
+                consumer = self._consumer_for(topic)
                 consumer.seek(partition)
                 if not self._held:  # otherwise it resumes with the others
                     consumer.resume([partition])

@@ -377,7 +377,7 @@ def dlq_purge(  # noqa: PLR0917 - click passes every option
 @click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.5), help="Seconds per query.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
-    """Where ops wait: spool, retry topic (lag), Celery queue, DLQ.
+    """Where ops wait: spool, retry topic (lag), Celery queue, DLQ, and each target's circuit.
 
     Exits 4 if a place is unreachable, 5 if the retry or DLQ topic does not exist.
     """
@@ -398,6 +398,10 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
             click.echo(f"  partition {partition}: end {offsets.high}, committed {offsets.committed}, lag {offsets.lag}")
         click.echo(f"celery queue {figures.queue}: {shown(figures.queued_tasks)} tasks waiting")
         click.echo(f"dlq          {figures.dlq_topic}: {shown(figures.dlq_pending)} pending")
+        for target in figures.targets:
+            why = f" ({target.reason})" if target.reason else ""
+            click.echo(f"target       {target.name}: circuit {target.circuit}{why}, "
+                       f"{shown(target.waiting)} ops waiting in {_settings(ctx).waiting_topic(target.name)}")
         for place, error in figures.errors.items():
             click.echo(f"error        {place}: {error}", err=True)
         for missing in figures.missing_topics:

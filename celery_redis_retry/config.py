@@ -69,6 +69,11 @@ def waiting_topic_name(topic: str, target: str) -> str:
     return f"{topic}.waiting.{target}"
 
 
+def waiting_group(group: str) -> str:
+    """The consumer group in which the bridges of ``group`` read the waiting topics."""
+    return f"{group}.waiting"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every ``redis_retry_*`` setting, validated. Build with :meth:`from_mapping` or :func:`settings_for`."""
@@ -376,9 +381,9 @@ def warn_if_broker_is_a_target(settings: Settings, conf: Mapping[str, Any]) -> N
     """Log a warning when the Celery broker is the Redis server of a target: an outage stops both."""
     for name in broker_shared_with_targets(settings, conf):
         logger.warning(
-            "the Celery broker is the Redis server of target %r (%s): while it is down, replays for it cannot "
-            "be handed to Celery either, so the bridge stalls those partitions and their ops wait in Kafka "
-            "until it is back; give the Celery broker a server of its own", name, settings.targets[name],
+            "the Celery broker is the Redis server of target %r (%s): while it is down, no op of any target "
+            "can be handed to Celery, so the bridge stalls its partitions and every op waits in Kafka until it "
+            "is back; give the Celery broker a server of its own", name, settings.targets[name],
         )
 
 

@@ -14,7 +14,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -509,16 +509,38 @@ def produce_confirmed(producer: Producer, topic: str, records: list[Record]) -> 
     Returns one entry per record: None once the broker confirmed it, else the error.
     Bounded: librdkafka reports every message within ``message.timeout.ms``.
     """
+    done: list[list[str | None]] = []
+    produce_reported(producer, topic, records, done.append)
+    while not done:
+        producer.poll(0.5)
+    return done[0]
+
+
+def produce_reported(
+    producer: Producer, topic: str, records: list[Record], on_reports: Callable[[list[str | None]], None]
+) -> None:
+    """Produce ``records`` without waiting; once every one is reported, call ``on_reports``.
+
+    ``on_reports`` gets one entry per record (None: confirmed, else the error) from inside
+    ``producer.poll()`` or ``flush()``, in the thread that calls them.
+    """
     reports: list[str | None] = [None] * len(records)
     pending = len(records)
 
+    def settle() -> None:
+        nonlocal pending
+        pending -= 1
+        if pending == 0:
+            on_reports(reports)
+
     def reported(index: int) -> Any:
         def on_delivery(err: KafkaError | None, _message: Message) -> None:
-            nonlocal pending
             reports[index] = None if err is None else err.str()
-            pending -= 1
+            settle()
         return on_delivery
 
+    if not records:
+        on_reports(reports)
     for index, (key, value, headers) in enumerate(records):
         while True:
             try:
@@ -528,11 +550,8 @@ def produce_confirmed(producer: Producer, topic: str, records: list[Record]) -> 
                 producer.poll(0.1)  # librdkafka's queue is full: let deliveries make room
             except KafkaException as exc:
                 reports[index] = str(exc)
-                pending -= 1
+                settle()
                 break
-    while pending:
-        producer.poll(0.5)
-    return reports
 
 
 class EmbeddedBroker:

@@ -116,8 +116,30 @@ def serve_bridge_metrics(bridge: Bridge, port: int) -> Any:
                       int(bridge.reading_paused))
         yield _family("gauge", "crr_bridge_assigned_partitions", "Partitions this bridge owns",
                       bridge.assigned_partitions)
+        yield _family("counter", "crr_bridge_ops_parked", "Ops moved to a waiting topic: their target was down",
+                      stats.parked)
+        yield _family("counter", "crr_bridge_ops_expired", "Ops past their deadline or redis_retry_max_age",
+                      stats.expired)
+        yield from _circuit_families(bridge)
 
     return serve(port, _Collector(families))
+
+
+def _circuit_families(bridge: Bridge) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from .circuit import CLOSED, OPEN, RECOVERING
+
+    state = GaugeMetricFamily("crr_bridge_circuit_state", "1 for the state each target's circuit is in now",
+                              labels=["target", "state"])
+    opened = CounterMetricFamily("crr_bridge_circuit_opened", "Times each target's circuit opened",
+                                 labels=["target"])
+    for circuit in bridge.circuits.snapshot():
+        for name in (CLOSED, OPEN, RECOVERING):
+            state.add_metric([circuit.target, name], int(circuit.state == name))
+        opened.add_metric([circuit.target], circuit.opened)
+    yield state
+    yield opened
 
 
 # -- worker --------------------------------------------------------------------------------

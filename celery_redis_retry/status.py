@@ -19,9 +19,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import kafka
-from .config import Settings
+from .config import Settings, waiting_group
 from .dispatch import TaskSender
 from .dlq_admin import DeadLetterQueue
+
+
+@dataclass(frozen=True)
+class TargetStatus:
+    """One target: can it take writes now (a probe, as the bridges make), and how many ops wait for it."""
+
+    name: str
+    circuit: str  # "closed" (takes writes) or "open"
+    reason: str  # why it is open ("" when closed)
+    waiting: int | None  # ops in its waiting topic the bridges have not handed over (None: unknown)
+
+    def document(self) -> dict[str, Any]:
+        return {"circuit": self.circuit, "reason": self.reason, "waiting": self.waiting}
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,7 @@ class Status:
     errors: dict[str, str]
     #: The retry or DLQ topic, when the cluster says it does not exist.
     missing_topics: list[kafka.TopicMissingError] = field(default_factory=list)
+    targets: list[TargetStatus] = field(default_factory=list)
 
     @property
     def lag(self) -> int | None:
@@ -69,6 +83,7 @@ class Status:
             "spool": {"path": self.spool_path, "messages": self.spool_messages, "oldest_age": self.spool_oldest_age},
             "errors": self.errors,
             "missing_topics": [m.topic for m in self.missing_topics],
+            "targets": {t.name: t.document() for t in self.targets},
         }
 
 
@@ -103,6 +118,8 @@ def collect(app: Any, settings: Settings, *, timeout: float = 10.0) -> Status:
     if queued is None:
         errors["celery_broker"] = f"cannot read queue {settings.queue!r} on the Celery broker"
     spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes).status()
+    targets = [_target_status(settings, name, timeout=timeout, kafka_ok="kafka" not in errors)
+               for name in settings.targets]
     return Status(
         topic=settings.topic,
         group=settings.consumer_group,
@@ -116,4 +133,33 @@ def collect(app: Any, settings: Settings, *, timeout: float = 10.0) -> Status:
         spool_oldest_age=None if spool.oldest_at is None else time.time() - spool.oldest_at,
         errors=errors,
         missing_topics=missing,
+        targets=targets,
     )
+
+
+def _target_status(settings: Settings, name: str, *, timeout: float, kafka_ok: bool) -> TargetStatus:
+    from . import policy
+    from .circuit import PROBE_TIMEOUT, probe
+    from .redis_exec import connect, is_cluster_url
+
+    url = settings.targets[name]
+    circuit, reason = "closed", ""
+    client = None
+    try:
+        client = connect(url, socket_timeout=PROBE_TIMEOUT, socket_connect_timeout=PROBE_TIMEOUT)
+        probe(client, cluster=is_cluster_url(url))
+    except Exception as exc:  # noqa: BLE001 - reported, as the bridges would see it
+        if policy.is_outage(exc):
+            circuit, reason = "open", f"{type(exc).__name__}: {exc}"
+    finally:
+        if client is not None:
+            client.close()
+    waiting = None
+    if kafka_ok:
+        try:
+            offsets = kafka.group_offsets(settings.kafka, settings.waiting_topic(name),
+                                          waiting_group(settings.consumer_group), timeout=timeout)
+            waiting = sum(o.lag for o in offsets.values())
+        except kafka.KafkaException:
+            waiting = None
+    return TargetStatus(name, circuit, reason, waiting)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +98,21 @@ class WaitingWriter:
         """Write ``items`` to ``target``'s waiting topic; :class:`PublishError` unless all were confirmed."""
         if not items:
             return
-        topic = self.settings.waiting_topic(target)
+        with self._lock:
+            done: list[list[str | None]] = []
+            self.park_async(target, items, reason, done.append, hold=hold)
+            while not done:
+                self._client().poll(0.5)
+        failed = [e for e in done[0] if e is not None]
+        if failed:
+            topic = self.settings.waiting_topic(target)
+            raise PublishError(f"{len(failed)} of {len(items)} ops not confirmed by {topic}: {failed[0]}")
+
+    def park_async(
+        self, target: str, items: Sequence[Parked], reason: str, on_reports: Callable[[list[str | None]], None],
+        *, hold: float = 0.0,
+    ) -> None:
+        """Write ``items`` without waiting; ``on_reports`` gets one error or None per item from :meth:`poll`."""
         not_before = f"{time.time() + hold:.3f}" if hold else None
         records: list[kafka.Record] = []
         for item in items:
@@ -113,11 +127,17 @@ class WaitingWriter:
                             ("crr-origin-partition", str(item.origin[1]).encode()),
                             ("crr-origin-offset", str(item.origin[2]).encode())]
             records.append((message_key(item.op), self._wire(item), headers))
-        with self._lock:
-            errors = kafka.produce_confirmed(self._client(), topic, records)
-        failed = [e for e in errors if e is not None]
-        if failed:
-            raise PublishError(f"{len(failed)} of {len(items)} ops not confirmed by {topic}: {failed[0]}")
+        kafka.produce_reported(self._client(), self.settings.waiting_topic(target), records, on_reports)
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Serve delivery reports of :meth:`park_async` writes."""
+        if self._producer is not None:
+            self._producer.poll(timeout)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait for every write in flight to be reported."""
+        if self._producer is not None:
+            self._producer.flush(timeout)
 
     def _wire(self, item: Parked) -> bytes:
         if item.attempts == item.op.attempt:

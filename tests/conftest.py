@@ -207,14 +207,15 @@ def make_loop(
     def make(
         *, broker_url: str | None = None, target_running: bool = True, cluster: bool = False, sentinel: bool = False,
         target_args: tuple[str, ...] = (), kafka_broker: KafkaBroker | ApacheKafka | None = None,
-        create_topics: bool = True, **options: Any,
+        create_topics: bool = True, sentinel_down_after_ms: int = 1000, **options: Any,
     ) -> LoopStack:
         workdir = tmp_path_factory.mktemp("loop")
         target: RedisServer | RedisCluster | RedisSentinel
         if cluster:
             target = RedisCluster(3, dir=str(workdir / "cluster"), binary=target_server).start()
         elif sentinel:
-            target = RedisSentinel(dir=str(workdir / "sentinel"), binary=target_server).start()
+            target = RedisSentinel(dir=str(workdir / "sentinel"), binary=target_server,
+                                   down_after_ms=sentinel_down_after_ms).start()
         else:
             target = RedisServer(
                 free_port(), args=("--appendonly", "yes", *target_args), dir=str(workdir), binary=target_server

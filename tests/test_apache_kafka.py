@@ -81,7 +81,8 @@ def loop_with_topics_from_the_cli(
     created = stack.cli("redis-retry", "topics", "create", "--partitions", "4", "--dlq-partitions", "4")
     assert created.returncode == 0, created.stdout + created.stderr
     described = stack.cli("redis-retry", "topics", "describe")
-    assert described.stdout.count("replication factor 3, min.insync.replicas 2") == 2, described.stdout
+    # The retry, DLQ and waiting topics.
+    assert described.stdout.count("replication factor 3, min.insync.replicas 2") == 3, described.stdout
     return stack
 
 

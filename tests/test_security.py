@@ -18,18 +18,26 @@ from loop_stack import LoopStack
 from test_loop import outage_then_recovery
 
 from celery_redis_retry import ops
+from celery_redis_retry.config import waiting_topic_name
 from celery_redis_retry.testing import ApacheKafka, CeleryCommand, wait_until
 
 pytestmark = pytest.mark.slow
 
 def grant_least_privilege(cluster: ApacheKafka, topic: str, group: str) -> None:
-    """Exactly the ACLs docs/security.md lists, for an ops topic, its DLQ and the bridge's group."""
+    """Exactly the ACLs docs/security.md lists, for an ops topic, its DLQ and waiting topic, and the bridge's groups."""
     dlq = f"{topic}.dlq"
+    waiting_topics = [waiting_topic_name(topic, "default")]
     cluster.allow("User:app", "topic", topic, "WRITE", "DESCRIBE")
     cluster.allow("User:bridge", "topic", topic, "READ", "DESCRIBE")
     cluster.allow("User:bridge", "group", group, "READ")
     cluster.allow("User:bridge", "topic", dlq, "WRITE", "DESCRIBE")
     cluster.allow("User:worker", "topic", dlq, "WRITE", "DESCRIBE")
+    for waiting in waiting_topics:
+        cluster.allow("User:bridge", "topic", waiting, "READ", "WRITE", "DESCRIBE")
+        cluster.allow("User:worker", "topic", waiting, "WRITE", "DESCRIBE")
+        cluster.allow("User:operator", "topic", waiting, "DESCRIBE")
+    cluster.allow("User:bridge", "group", f"{group}.waiting", "READ")
+    cluster.allow("User:operator", "group", f"{group}.waiting", "DESCRIBE")
     cluster.allow("User:operator", "topic", topic, "WRITE", "DESCRIBE")
     cluster.allow("User:operator", "topic", dlq, "READ", "DESCRIBE")
     cluster.allow("User:operator", "group", group, "DESCRIBE")
