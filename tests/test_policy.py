@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from redis._parsers.base import BaseParser
 from redis._parsers.socket import SERVER_CLOSED_CONNECTION_ERROR
 
-from celery_redis_retry.policy import Backoff, error_code, is_retryable, outcome_unknown
+from celery_redis_retry.policy import Backoff, error_code, is_outage, is_retryable, outcome_unknown
 
 
 def reply(text: str) -> BaseException:
@@ -198,3 +198,36 @@ def test_total() -> None:
     # Jitter never makes a countdown longer, so total() bounds every jittered schedule.
     jittered = Backoff(factor=1.0, maximum=600.0, jitter=True)
     assert sum(jittered.countdown(n, rand=lambda: 1.0) for n in range(12)) == jittered.total(12)
+
+
+# -- outages: the target's fault, not the op's ------------------------------------------------
+
+OUTAGE_REPLIES = RETRYABLE_REPLIES[:5]  # LOADING, READONLY, TRYAGAIN, CLUSTERDOWN, MASTERDOWN
+OWN_RETRYABLE_REPLIES = RETRYABLE_REPLIES[5:]  # BUSY, OOM, NOREPLICAS: what the op asks
+
+
+@pytest.mark.parametrize("text", OUTAGE_REPLIES)
+def test_server_state_replies_are_outages(text: str) -> None:
+    assert is_outage(reply(text))
+
+
+@pytest.mark.parametrize("text", [*OWN_RETRYABLE_REPLIES, *PERMANENT_REPLIES])
+def test_other_replies_are_not_outages(text: str) -> None:
+    assert not is_outage(reply(text))
+
+
+@pytest.mark.parametrize("exc", [
+    rex.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused."),
+    rex.TimeoutError("Timeout reading from socket"),
+    rex.AuthenticationError("invalid username-password pair"),
+    ConnectionResetError(104, "Connection reset by peer"),
+    TimeoutError("timed out"),
+])
+def test_connection_level_errors_are_outages(exc: BaseException) -> None:
+    assert is_outage(exc)
+
+
+def test_a_pool_out_of_connections_is_not_an_outage() -> None:
+    exc = rex.MaxConnectionsError("Too many connections")
+    assert is_retryable(exc)
+    assert not is_outage(exc)
