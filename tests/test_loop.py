@@ -452,6 +452,22 @@ def test_install_keeps_the_apps_own_queues_and_routes() -> None:
     assert DEAD_LETTER_TASK in app.tasks
 
 
+@pytest.mark.parametrize(("own", "expected"), [(None, 1000), (50, 50)])
+def test_install_bounds_the_countdown_tasks_a_worker_holds(own: int | None, expected: int) -> None:
+    from celery import Celery
+
+    import celery_redis_retry
+
+    app = Celery("bounded", broker="memory://", set_as_current=False)
+    app.conf.update(
+        redis_retry_kafka={"bootstrap.servers": "127.0.0.1:1"},
+        redis_retry_targets={"default": "redis://127.0.0.1:1/0"},
+        worker_eta_task_limit=own,
+    )
+    celery_redis_retry.install(app)
+    assert app.conf.worker_eta_task_limit == expected  # redis_retry_max_countdown_tasks, unless the app says
+
+
 def test_celery_retry_semantics_this_design_relies_on() -> None:
     """What Celery really does, and why replay checks its own limit and dead_letter is not bound.
 

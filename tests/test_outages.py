@@ -346,3 +346,38 @@ def test_a_target_loading_its_dataset_for_10_s_kills_no_op_and_applies_none_earl
     assert first_applied > loading_seen[-1], "an op was applied while the dataset was still loading"
     assert stack.dlq_is_empty()
     assert stack.worker_log_count(r"retrying in") == 0
+
+
+# -- restarts: nothing is remembered but the ops -------------------------------------------------
+
+
+def test_a_restarted_bridge_neither_forgets_an_outage_nor_keeps_one_that_ended(
+    make_loop: Callable[..., LoopStack],
+) -> None:
+    stack = make_loop(**DEFAULTS)
+    target = stack.target
+    assert isinstance(target, RedisServer)
+    stack.start_worker()
+    first = stack.start_bridge()
+    stack.wait_assigned(first)
+    target.kill()
+    counters = [f"n:{i}" for i in range(300)]
+    stack.publish_all([ops.incrby(key, 1) for key in counters])
+    stack.wait_for(lambda: json.loads(stack.cli("redis-retry", "status", "--json").stdout)
+                   ["targets"]["default"]["waiting"] == 300, 30, "every op parked")
+
+    first.kill()  # SIGKILL, mid-outage: whatever it knew is gone
+    second = stack.start_bridge()
+    second.wait_for_log(r"target 'default' cannot take writes", timeout=30)  # its first probe saw it
+    time.sleep(3)
+    assert stack.dlq_is_empty(settle=1)
+    assert "circuit recovering" not in second.log_text()
+
+    second.kill()
+    target.start()  # the outage ends while no bridge runs
+    third = stack.start_bridge()
+    with stack.client() as r:
+        stack.wait_for(lambda: r.mget(counters) == [b"1"] * 300, 60, "every op applied once")
+    assert "cannot take writes" not in third.log_text(), "a restarted bridge kept an outage that had ended"
+    assert stack.dlq_is_empty()
+    assert stack.worker_log_count(r"retrying in") == 0
