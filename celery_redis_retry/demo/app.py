@@ -9,8 +9,6 @@ CRR_DEMO_BROKER_URL    the Celery broker (a redis-server the demo starts)
 CRR_DEMO_BOOTSTRAP     Kafka bootstrap servers (the embedded broker)
 CRR_DEMO_TARGET_URL    the target Redis the story writes to
 CRR_DEMO_SPOOL         the producer's spool file (in the demo's work directory)
-CRR_DEMO_MAX_RETRIES   enough retries to outlast the outage
-CRR_DEMO_BACKOFF_MAX   backoff cap, seconds
 CRR_DEMO_WEB_APP       1 in the web app (the demo process), which runs a newer release
 """
 
@@ -47,8 +45,6 @@ app.conf.update(
     redis_retry_targets={"default": env.get("CRR_DEMO_TARGET_URL", "redis://127.0.0.1:6379/0")},
     redis_retry_spool_path=env.get("CRR_DEMO_SPOOL"),
     redis_retry_scripts=SCRIPTS,
-    redis_retry_max_retries=int(env.get("CRR_DEMO_MAX_RETRIES", "20")),
-    redis_retry_backoff=1.0,
-    redis_retry_backoff_max=float(env.get("CRR_DEMO_BACKOFF_MAX", "4")),
+    # The retry settings keep their defaults: the outage is waited out in Kafka, not in retries.
 )
 celery_redis_retry.install(app)
