@@ -41,14 +41,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import kafka
-from .circuit import OPEN, PROBE_TIMEOUT, RECOVERING, Circuits, CircuitState, probe
+from .circuit import OPEN, RECOVERING, Circuits, CircuitState, TargetProbe
 from .config import settings_for, waiting_group
 from .dispatch import Batcher, Consumed, HandoverError, OffsetTracker, Partition, TaskSender
 from .dlq import DeadLetter, DeadLetterWriter, Origin
 from .errors import DecodeError, PublishError, RedisRetryError
 from .message import decode
 from .ops import RedisOp
-from .redis_exec import connect, expired, is_cluster_url
+from .redis_exec import ends_expired
 from .waiting import Parked, ParkedHeaders, WaitingWriter
 
 logger = logging.getLogger(__name__)
@@ -147,9 +147,9 @@ class Bridge:
         self._assigned: set[Partition] = set()
         self._topic_gone_logged_at = -60.0
         self._waiting = WaitingWriter(self.settings, parked_by="bridge")
-        self._probe_clients: dict[str, Any] = {}
+        self._probes = {name: TargetProbe(url) for name, url in self.settings.targets.items()}
         self.circuits = Circuits(
-            self.settings.targets, self._probe_target, recovery_rate=self.settings.recovery_rate,
+            self.settings.targets, lambda name: self._probes[name](), recovery_rate=self.settings.recovery_rate,
             on_change=self._circuit_changed,
         )
 
@@ -277,6 +277,8 @@ class Bridge:
                     logger.error("final offset commit failed: %s", exc)
             consumer.close()
         self.circuits.stop()
+        for target_probe in self._probes.values():
+            target_probe.close()
         self._dlq.close()
         self._waiting.close()
         self._sender.close()
@@ -353,10 +355,8 @@ class Bridge:
             else:
                 self._handed_over([(topic, partition, offset)])
             return
-        why = expired(op, max_age=self.settings.max_age)
-        if why is not None:
+        if ends_expired(op, self.settings.max_age):
             self.stats.expired += 1
-            logger.info("op %s expired: %s", op.id, why)
             self._handed_over([(topic, partition, offset)])
             return
         item = Consumed(topic, partition, offset, raw.decode(), op, parked.origin if parked else None)
@@ -398,8 +398,7 @@ class Bridge:
         # Ops of a partition rewound meanwhile will be read again: do not send them twice.
         return [b for b in ([i for i in w if (i.topic, i.partition) not in self._stalled] for w in waiting) if b]
 
-    def _admit(self, batches: list[list[Consumed]]
-    ) -> tuple[list[list[Consumed]], dict[str, list[Consumed]]]:
+    def _admit(self, batches: list[list[Consumed]]) -> tuple[list[list[Consumed]], dict[str, list[Consumed]]]:
         """Split batches by their target's circuit: what goes to Celery now, what is parked.
 
         Ops the circuit does not admit (open, or its recovery rate used up) are parked
@@ -431,7 +430,7 @@ class Bridge:
         The write does not block the loop: other targets' ops keep flowing while the
         broker confirms it (reports are served by :meth:`_serve_parked` every loop).
         """
-        parked = [Parked(i.message.encode(), i.op, tuple(i.origin)) for i in items]  # type: ignore[arg-type]
+        parked = [Parked(i.message.encode(), i.op, i.first_position) for i in items]
         reason = self.circuits.reason(target) or "circuit open"
 
         def confirmed(errors: list[str | None]) -> None:
@@ -508,15 +507,6 @@ class Bridge:
 
     # -- circuits ------------------------------------------------------------------------
 
-    def _probe_target(self, target: str) -> None:
-        client = self._probe_clients.get(target)
-        if client is None:
-            url = self.settings.targets[target]
-            client = self._probe_clients[target] = connect(
-                url, socket_timeout=PROBE_TIMEOUT, socket_connect_timeout=PROBE_TIMEOUT, health_check_interval=0
-            )
-        probe(client, cluster=is_cluster_url(self.settings.targets[target]))
-
     def _circuit_changed(self, circuit: CircuitState) -> None:
         # One line per change of state, never one per op.
         waiting = self.settings.waiting_topic(circuit.target)
@@ -578,8 +568,7 @@ class Bridge:
             return True
         return False
 
-    def _rewind(self, key: Partition, delay: float, *, wait_for: str | None = None
-    ) -> int | None:
+    def _rewind(self, key: Partition, delay: float, *, wait_for: str | None = None) -> int | None:
         """Pause ``key`` at its first op not handed over; return that offset (None if nothing is open)."""
         self._batcher.drop({key})
         offset = self._offsets.first_open(*key)

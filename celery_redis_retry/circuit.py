@@ -70,6 +70,32 @@ def probe(client: Any, *, cluster: bool = False) -> None:
         raise rex.ReadOnlyError("READONLY the target is a replica now (ROLE says so): it takes no writes")
 
 
+class TargetProbe:
+    """:func:`probe` of one target URL, through a client of its own with the probe's timeouts."""
+
+    def __init__(self, url: str) -> None:
+        from .redis_exec import is_cluster_url
+
+        self.url = url
+        self.cluster = is_cluster_url(url)
+        self._client: Any = None
+
+    def __call__(self) -> None:
+        """Raise the error an op would meet if the target cannot take writes now."""
+        if self._client is None:
+            from .redis_exec import connect
+
+            self._client = connect(self.url, socket_timeout=PROBE_TIMEOUT, socket_connect_timeout=PROBE_TIMEOUT,
+                                   health_check_interval=0)
+        probe(self._client, cluster=self.cluster)
+
+    def close(self) -> None:
+        """Release the client's connections."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
 @dataclass(frozen=True)
 class CircuitState:
     """One target's circuit, as this process sees it now."""
@@ -258,3 +284,8 @@ class LocalCircuit:
     def opened(self, target: str) -> None:
         """An op for ``target`` just met an outage."""
         self._until[target] = time.monotonic() + self.hold
+
+    @staticmethod
+    def skipped(target: str) -> ConnectionError:
+        """Why an op for ``target`` is parked untried (the reason its parked message carries)."""
+        return ConnectionError(f"target {target!r} failed moments ago in this worker")

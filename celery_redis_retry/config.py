@@ -133,16 +133,18 @@ class Settings:
         """The Kafka topic where ``target``'s ops wait while its circuit is open."""
         return waiting_topic_name(self.topic, target)
 
-    @property
-    def waiting_topics(self) -> dict[str, str]:
+    @functools.cached_property
+    def waiting_topics(self) -> Mapping[str, str]:
         """Target name -> its waiting topic."""
-        return {target: self.waiting_topic(target) for target in self.targets}
+        return MappingProxyType({target: self.waiting_topic(target) for target in self.targets})
+
+    @functools.cached_property
+    def _targets_by_waiting_topic(self) -> Mapping[str, str]:
+        return MappingProxyType({topic: target for target, topic in self.waiting_topics.items()})
 
     def target_of_waiting_topic(self, topic: str) -> str | None:
         """The target whose waiting topic ``topic`` is, or None for any other topic."""
-        prefix = f"{self.topic}.waiting."
-        name = topic[len(prefix):] if topic.startswith(prefix) else None
-        return name if name in self.targets else None
+        return self._targets_by_waiting_topic.get(topic)
 
     @property
     def signer(self) -> Signer | None:

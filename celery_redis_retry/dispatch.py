@@ -55,9 +55,14 @@ class Consumed:
         return self.op.id
 
     @property
+    def first_position(self) -> tuple[str, int, int]:
+        """Where it was first read: the retry topic, even when read now from a waiting topic."""
+        return self.first_origin or (self.topic, self.partition, self.offset)
+
+    @property
     def origin(self) -> list[str | int]:
         """Where it came from, as the replay tasks receive it (its first position in Kafka)."""
-        return list(self.first_origin) if self.first_origin else [self.topic, self.partition, self.offset]
+        return list(self.first_position)
 
 
 class OffsetTracker:
@@ -183,7 +188,7 @@ class TaskSender:
         # the repr of every message.
         if self.one_task_per_op:
             for item in batch:
-                topic, partition, offset = item.origin
+                topic, partition, offset = item.first_position
                 origin = {"topic": topic, "partition": partition, "offset": offset}
                 self.app.send_task(
                     REPLAY_TASK, args=(item.message,), kwargs={"origin": origin}, queue=self.queue,

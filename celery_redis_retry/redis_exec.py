@@ -442,3 +442,11 @@ def expired(op: RedisOp, now: float | None = None, *, max_age: float = 0) -> str
             if at <= now_ms:
                 return f"{command[0]!s} expiry passed {(now_ms - at) / 1000:.3f} s ago"
     return None
+
+
+def ends_expired(op: RedisOp, max_age: float) -> bool:
+    """Whether ``op`` ends ``expired`` now (see :func:`expired`); logged with the reason when it does."""
+    why = expired(op, max_age=max_age)
+    if why is not None:
+        logger.info("op %s expired: %s", op.id, why)
+    return why is not None

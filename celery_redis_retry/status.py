@@ -139,21 +139,17 @@ def collect(app: Any, settings: Settings, *, timeout: float = 10.0) -> Status:
 
 def _target_status(settings: Settings, name: str, *, timeout: float, kafka_ok: bool) -> TargetStatus:
     from . import policy
-    from .circuit import PROBE_TIMEOUT, probe
-    from .redis_exec import connect, is_cluster_url
+    from .circuit import TargetProbe
 
-    url = settings.targets[name]
     circuit, reason = "closed", ""
-    client = None
+    target_probe = TargetProbe(settings.targets[name])
     try:
-        client = connect(url, socket_timeout=PROBE_TIMEOUT, socket_connect_timeout=PROBE_TIMEOUT)
-        probe(client, cluster=is_cluster_url(url))
+        target_probe()
     except Exception as exc:  # noqa: BLE001 - reported, as the bridges would see it
         if policy.is_outage(exc):
             circuit, reason = "open", f"{type(exc).__name__}: {exc}"
     finally:
-        if client is not None:
-            client.close()
+        target_probe.close()
     waiting = None
     if kafka_ok:
         try:

@@ -45,7 +45,7 @@ from .errors import (
 from .message import Signer, decode
 from .metrics import count_outcomes, serve_worker_metrics
 from .ops import RedisOp
-from .redis_exec import Applied, Executor, expired
+from .redis_exec import Applied, Executor, ends_expired
 from .waiting import WORKER_PARK_HOLD, Parked, WaitingWriter
 
 logger = logging.getLogger(__name__)
@@ -76,10 +76,7 @@ class _Runtime:
 
     def expired(self, op: RedisOp) -> bool:
         """Whether ``op`` is past its deadline or ``redis_retry_max_age`` (logged with why)."""
-        why = expired(op, max_age=self.settings.max_age)
-        if why is not None:
-            logger.info("op %s expired: %s", op.id, why)
-        return why is not None
+        return ends_expired(op, self.settings.max_age)
 
     def park(self, items: list[Parked], reason: str) -> bool:
         """Park ops of one target in its waiting topic; False when Kafka did not confirm them."""
@@ -178,7 +175,7 @@ def replay(self: Any, message: str, origin: dict[str, Any] | None = None, outage
     spent = op.attempt + self.request.retries - outages
     outage: BaseException | None = None
     if rt.circuit.is_open(op.target):
-        outage = ConnectionError(f"target {op.target!r} failed moments ago in this worker")
+        outage = rt.circuit.skipped(op.target)
     else:
         try:
             result = rt.executor.run(op)
@@ -267,7 +264,7 @@ def _run_target(
     outage: BaseException | None = None
     results: list[Applied | Exception] = []
     if rt.circuit.is_open(target):
-        to_park, outage = list(items), ConnectionError(f"target {target!r} failed moments ago in this worker")
+        to_park, outage = list(items), rt.circuit.skipped(target)
     else:
         try:
             results = rt.executor.run_many([op for _, _, op in items])

@@ -98,14 +98,11 @@ class WaitingWriter:
         """Write ``items`` to ``target``'s waiting topic; :class:`PublishError` unless all were confirmed."""
         if not items:
             return
+        topic = self.settings.waiting_topic(target)
         with self._lock:
-            done: list[list[str | None]] = []
-            self.park_async(target, items, reason, done.append, hold=hold)
-            while not done:
-                self._client().poll(0.5)
-        failed = [e for e in done[0] if e is not None]
+            errors = kafka.produce_confirmed(self._client(), topic, self._records(items, reason, hold))
+        failed = [e for e in errors if e is not None]
         if failed:
-            topic = self.settings.waiting_topic(target)
             raise PublishError(f"{len(failed)} of {len(items)} ops not confirmed by {topic}: {failed[0]}")
 
     def park_async(
@@ -113,6 +110,10 @@ class WaitingWriter:
         *, hold: float = 0.0,
     ) -> None:
         """Write ``items`` without waiting; ``on_reports`` gets one error or None per item from :meth:`poll`."""
+        records = self._records(items, reason, hold)
+        kafka.produce_reported(self._client(), self.settings.waiting_topic(target), records, on_reports)
+
+    def _records(self, items: Sequence[Parked], reason: str, hold: float) -> list[kafka.Record]:
         not_before = f"{time.time() + hold:.3f}" if hold else None
         records: list[kafka.Record] = []
         for item in items:
@@ -127,7 +128,7 @@ class WaitingWriter:
                             ("crr-origin-partition", str(item.origin[1]).encode()),
                             ("crr-origin-offset", str(item.origin[2]).encode())]
             records.append((message_key(item.op), self._wire(item), headers))
-        kafka.produce_reported(self._client(), self.settings.waiting_topic(target), records, on_reports)
+        return records
 
     def poll(self, timeout: float = 0.0) -> None:
         """Serve delivery reports of :meth:`park_async` writes."""
