@@ -52,6 +52,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "redis_retry_durable_publish": False,
         "redis_retry_max_message_bytes": 1_000_000,
         "redis_retry_dedupe_ttl": 7 * 24 * 3600,
+        "redis_retry_write_stamps": True,
         "redis_retry_batch_size": 1000,
         "redis_retry_batch_linger_ms": 5,
         "redis_retry_queue_high_water": 500,
@@ -94,6 +95,9 @@ class Settings:
     durable_publish: bool = False
     max_message_bytes: int = 1_000_000
     dedupe_ttl: int = 7 * 24 * 3600
+    #: Stamp each wrapped write and check replays against the stamps, so that a replay
+    #: never overwrites a newer write (see :mod:`celery_redis_retry.stamps`).
+    write_stamps: bool = True
     batch_size: int = 1000
     batch_linger_ms: int = 5
     queue_high_water: int = 500
@@ -320,6 +324,7 @@ def _read(reader: _Reader) -> Settings:
         durable_publish=reader.boolean("redis_retry_durable_publish"),
         max_message_bytes=reader.integer("redis_retry_max_message_bytes", 1024),
         dedupe_ttl=reader.integer("redis_retry_dedupe_ttl", 60),
+        write_stamps=reader.boolean("redis_retry_write_stamps"),
         batch_size=reader.integer("redis_retry_batch_size", 1),
         batch_linger_ms=reader.integer("redis_retry_batch_linger_ms", 0),
         queue_high_water=reader.integer("redis_retry_queue_high_water", 0),

@@ -35,12 +35,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import redis
+from redis._parsers import _RESP2Parser
 from redis.backoff import NoBackoff
 from redis.connection import parse_url
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from . import policy
+from . import policy, stamps
 from .commands import is_idempotent, spec_for
 from .config import Settings
 from .errors import PermanentReplayError, RedisRetryError, UnknownScriptError
@@ -52,7 +53,9 @@ logger = logging.getLogger(__name__)
 #: Lua's unpack() stops near 8,000 values: larger commands cannot take the Lua path.
 LUA_MAX_ARGS = 7_900
 
-_APPLY_ONCE = (Path(__file__).parent / "apply_once.lua").read_text()
+#: The Lua step every stamped write and every replay runs (see ``apply_once.lua``).
+APPLY_ONCE = (Path(__file__).parent / "apply_once.lua").read_text()
+APPLY_ONCE_SHA = hashlib.sha1(APPLY_ONCE.encode()).hexdigest()  # noqa: S324
 # A registered script runs inside this wrapper, which adds the dedupe marker as the last
 # key and its TTL as the last argument, then calls the user's code with the rest.
 _SCRIPT_WRAPPER = """\
@@ -209,13 +212,13 @@ class Executor:
         return _lua_outcome(op, call, reply)
 
     def _mode(self, op: RedisOp) -> str:
-        if op.kind == "command":
-            return "plain" if op.guard is None and is_idempotent(op.commands[0]) else "lua"
         if op.kind == "script" or op.guard is not None or op.transaction:
             return "lua"
-        if all(is_idempotent(c) for c in op.commands):
+        if op.kind == "command":
+            return "lua" if self.settings.write_stamps or not is_idempotent(op.commands[0]) else "plain"
+        if not self.settings.write_stamps and all(is_idempotent(c) for c in op.commands):
             return "plain"
-        if op.kind == "pipeline" and self.clients.is_cluster(op.target):
+        if self.clients.is_cluster(op.target):
             return "per_slot"
         return "lua"
 
@@ -231,14 +234,14 @@ class Executor:
         outcomes = set()
         for part, indexes in enumerate(group_by_slot(op.commands, keys_of)):
             commands = tuple(op.commands[i] for i in indexes)
-            keys = [k for i in indexes for k in keys_of[i]]
-            call = self._once_call(op, commands, marker_key(op, keys[0], part), keys)
+            anchor = next((k for i in indexes for k in keys_of[i]), None)
+            call = self._once_call(op, commands, marker_key(op, anchor, part) if _needs_marker(op) else None)
             reply = self._script(client, call)(keys=call.keys, args=call.args, client=client)
             result = _parse_once(reply, len(commands))
             outcomes.add(result.outcome)
             for i, error in zip(indexes, result.command_errors, strict=True):
                 errors[i] = error
-        outcome = "duplicate" if outcomes == {"duplicate"} else "applied"
+        outcome = outcomes.pop() if len(outcomes) == 1 else "applied"
         return _checked(op, Applied(outcome, tuple(errors)))
 
     # -- many ops, one round trip --------------------------------------------------------
@@ -309,18 +312,16 @@ class Executor:
                 f"user:{name}", _wrap_user_script(source), [*op.keys, marker_key(op)],
                 [*op.args, self._marker_ttl_ms(op)], 1,
             )
-        return self._once_call(op, op.commands, marker_key(op), op.all_keys())
+        return self._once_call(op, op.commands, marker_key(op) if _needs_marker(op) else None)
 
-    def _once_call(self, op: RedisOp, commands: tuple[Command, ...], marker: bytes, keys: list[Arg]) -> _Call:
+    def _once_call(self, op: RedisOp, commands: tuple[Command, ...], marker: bytes | None) -> _Call:
         guard = op.guard
-        if guard is None:
-            guard_key: Arg = marker
-            condition: list[Arg] = _NO_GUARD
-        else:
+        guard_key: Arg | None = None
+        condition: list[Arg] = _NO_GUARD
+        if guard is not None:
             guard_key = guard.key
             expected = guard.expected if guard.kind == "value" else guard.version
             condition = [guard.kind, "" if guard.field is None else guard.field, "" if expected is None else expected]
-        argv: list[Arg] = [self._marker_ttl_ms(op), *condition, len(commands)]
         for command in commands:
             if len(command) > LUA_MAX_ARGS:
                 raise PermanentReplayError(
@@ -328,16 +329,24 @@ class Executor:
                     f"(at most {LUA_MAX_ARGS}); split the op",
                     reason="too_large",
                 )
-            argv.append(len(command))
-            argv.extend(command)
-        return _Call("apply_once", _APPLY_ONCE, [marker, guard_key, *keys], argv, len(commands))
+        settings = self.settings
+        keys, argv = stamps.step(
+            commands,
+            mode="t" if op.transaction else "r",
+            stamp=stamps.stamp_of(op.created_at) if settings.write_stamps else None,
+            stamp_ttl=stamps.ttl_ms(settings.max_age, settings.dedupe_ttl),
+            marker=marker,
+            marker_ttl=self._marker_ttl_ms(op),
+            guard=condition,
+            guard_key=guard_key,
+        )
+        return _Call("apply_once", APPLY_ONCE, keys, argv, len(commands))
 
     def _marker_ttl_ms(self, op: RedisOp) -> int:
         retries = self.settings.max_retries if op.max_retries is None else op.max_retries
         ttl = self._marker_ttls.get(retries)
         if ttl is None:
-            window = self.settings.backoff.total(retries) + 3600
-            ttl = self._marker_ttls[retries] = int(max(self.settings.dedupe_ttl, window) * 1000)
+            ttl = self._marker_ttls[retries] = marker_ttl_ms(self.settings, retries)
         return ttl
 
     def _script(self, client: Any, call: _Call) -> Any:
@@ -347,6 +356,18 @@ class Executor:
         if script is None:
             script = self._scripts[key] = client.register_script(call.source)
         return script
+
+
+def marker_ttl_ms(settings: Settings, retries: int) -> int:
+    """How long a dedupe marker lives: the dedupe TTL, and never less than the retry window plus an hour."""
+    window = settings.backoff.total(retries) + 3600
+    return int(max(settings.dedupe_ttl, window) * 1000)
+
+
+def _needs_marker(op: RedisOp) -> bool:
+    # Running the op twice must not change the result twice: anything but idempotent
+    # commands, and transactions and guarded ops, whose "all or nothing" it protects.
+    return op.transaction or op.guard is not None or not all(is_idempotent(c) for c in op.commands)
 
 
 # -- reading replies ---------------------------------------------------------------------
@@ -365,7 +386,8 @@ def _parse_once(reply: Any, commands: int) -> Applied:
     if reply[0] == 2:
         return Applied("superseded", (None,) * commands)
     return Applied(
-        "applied", tuple(None if r == 1 else (r.decode() if isinstance(r, bytes) else str(r)) for r in reply[1:])
+        "applied",
+        tuple(None if r in (1, 2) else (r.decode() if isinstance(r, bytes) else str(r)) for r in reply[1:]),
     )
 
 
@@ -373,6 +395,9 @@ def _lua_outcome(op: RedisOp, call: _Call, reply: Any) -> Applied:
     if call.script != "apply_once":
         return Applied("duplicate" if reply == _ALREADY_APPLIED else "applied", (None,))
     return _checked(op, _parse_once(reply, call.commands))
+
+
+_PARSER = _RESP2Parser(socket_read_size=65536)  # type: ignore[no-untyped-call]
 
 
 def _plain_outcome(op: RedisOp, replies: Sequence[Any]) -> Applied:
@@ -393,6 +418,12 @@ def _plain_outcome(op: RedisOp, replies: Sequence[Any]) -> Applied:
 def _checked(op: RedisOp, applied: Applied) -> Applied:
     failed = [(i, e) for i, e in enumerate(applied.command_errors) if e is not None]
     if failed:
+        # An error the target would not give a moment later (OOM, READONLY, LOADING...)
+        # is raised as redis-py would have raised it: the op is retried, not ended.
+        for _, message in failed:
+            error = _PARSER.parse_error(message)  # type: ignore[no-untyped-call]
+            if policy.is_retryable(error):
+                raise error
         index, message = failed[0]
         raise PermanentReplayError(
             f"command {index} ({op.commands[index][0]!s}) of op {op.id} failed: {message}"

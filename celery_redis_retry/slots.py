@@ -44,9 +44,9 @@ def hash_tag(key: bytes) -> bytes:
 _slot_tags: dict[int, bytes] = {}
 
 
-def _tag_for_slot(slot: int) -> bytes:
-    # A short string hashing to ``slot``, for keys whose own tag contains "}" and so
-    # cannot be reused inside a marker's braces. Found once per slot (~16k CRCs).
+def tag_for_slot(slot: int) -> bytes:
+    """A short string hashing to ``slot``: the tag of a key whose own cannot go inside braces."""
+    # For keys whose own tag contains "}" (or is empty). Found once per slot (~16k CRCs).
     tag = _slot_tags.get(slot)
     if tag is None:
         n = 0
@@ -56,22 +56,28 @@ def _tag_for_slot(slot: int) -> bytes:
     return tag
 
 
+def brace_tag(key: bytes) -> bytes:
+    """What to put between braces so that a key of ours lands in ``key``'s cluster slot."""
+    tag = hash_tag(key)
+    if b"}" in tag or not tag:
+        tag = tag_for_slot(key_slot(key))
+    return tag
+
+
 def marker_key(op: RedisOp, anchor: Arg | None = None, part: int | None = None) -> bytes:
     """The dedupe marker of ``op`` (or of one slot group of it), in the slot of ``anchor``.
 
     ``anchor`` defaults to the op's first key. The marker carries the anchor's hash tag,
     so a Lua step touching the op's keys and its marker stays inside one slot.
     """
-    if anchor is None:
-        anchor = op.first_key
-    if anchor is None:
-        tag = b"-"
-    else:
-        tag = hash_tag(to_bytes(anchor))
-        if b"}" in tag or not tag:
-            tag = _tag_for_slot(slot_of(anchor))
+    return marker_for(op.id, op.first_key if anchor is None else anchor, part)
+
+
+def marker_for(op_id: str, anchor: Arg | None, part: int | None = None) -> bytes:
+    """The dedupe marker of the op ``op_id`` in the slot of ``anchor`` (see :func:`marker_key`)."""
+    tag = b"-" if anchor is None else brace_tag(to_bytes(anchor))
     suffix = b"" if part is None else b":" + str(part).encode()
-    return b"crr:{" + tag + b"}:applied:" + op.id.encode() + suffix
+    return b"crr:{" + tag + b"}:applied:" + op_id.encode() + suffix
 
 
 def guarded_keys(op: RedisOp) -> list[Arg]:

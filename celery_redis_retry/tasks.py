@@ -138,8 +138,8 @@ def _log_outcome(op: RedisOp, outcome: str) -> None:
     if outcome == "duplicate":
         logger.info("op %s was already applied (dedupe marker found)", op.id)
     elif outcome == "superseded":
-        logger.info("op %s superseded: its %s guard failed, a newer write won; nothing written", op.id,
-                    op.guard.kind if op.guard else "?")
+        why = f"its {op.guard.kind} guard failed" if op.guard else "a newer write is stamped on its keys"
+        logger.info("op %s superseded: %s, the newer write stays; nothing written", op.id, why)
     else:
         logger.debug("op %s %s", op.id, outcome)
 
