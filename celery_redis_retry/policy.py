@@ -58,9 +58,17 @@ def error_code(exc: BaseException) -> str:
     return ""
 
 
+def _cluster_unreachable(exc: BaseException) -> bool:
+    # A cluster client that reaches none of its nodes raises RedisClusterException
+    # ("Redis Cluster cannot be connected...") from the ConnectionError it met.
+    return isinstance(exc, rex.RedisClusterException) and isinstance(
+        exc.__cause__, (rex.ConnectionError, rex.TimeoutError, ConnectionError, TimeoutError)
+    )
+
+
 def is_retryable(exc: BaseException) -> bool:
     """True when the same op may succeed later: Redis was down, busy, failing over."""
-    if isinstance(exc, _RETRYABLE_TYPES):
+    if isinstance(exc, _RETRYABLE_TYPES) or _cluster_unreachable(exc):
         return True
     return isinstance(exc, rex.ResponseError) and error_code(exc) in RETRYABLE_CODES
 
@@ -91,7 +99,7 @@ def is_outage(exc: BaseException) -> bool:
     """
     if isinstance(exc, rex.MaxConnectionsError):
         return False  # this process ran out of connections: the server is fine
-    if isinstance(exc, _OUTAGE_TYPES):
+    if isinstance(exc, _OUTAGE_TYPES) or _cluster_unreachable(exc):
         return True
     return isinstance(exc, rex.ResponseError) and error_code(exc) in OUTAGE_CODES
 

@@ -46,16 +46,23 @@ import inspect
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+import msgspec
+import redis
 from redis.commands import READ_COMMANDS
+from redis.exceptions import NoScriptError
 
-from . import ops, policy
-from .commands import COMMANDS
-from .errors import CapturedWriteError, EncodeError, RedisRetryError
+from . import ops, policy, stamps
+from .commands import COMMANDS, is_idempotent
+from .config import Settings
+from .errors import CapturedWriteError, ConfigurationError, EncodeError, RedisRetryError
 from .ops import RedisOp
 from .producer import RetryProducer
+from .redis_exec import APPLY_ONCE, APPLY_ONCE_SHA, LUA_MAX_ARGS, marker_ttl_ms
+from .slots import marker_for, slot_of
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +75,11 @@ REPLY_CONSUMING = frozenset(
 )
 #: Commands a pipeline may hold besides writes without preventing its capture.
 _HARMLESS = frozenset(READ_COMMANDS) | {"PING", "ECHO", "TIME", "MULTI", "EXEC"}
+# What writes use before the producer's own settings can be read.
+_DEFAULT_SETTINGS = Settings(kafka={}, targets={})
+# Markers of confirmed writes are unlinked this many at a time, or at least this often.
+_FORGET_BATCH = 256
+_FORGET_EVERY_S = 1.0
 # Frames of these packages are skipped when naming the caller as the op's source.
 _OWN_PACKAGES = ("redis", "celery_redis_retry")
 
@@ -100,6 +112,10 @@ class _Capture:
         self.on_capture = on_capture
         self._scripts: dict[str, str] | None = None
         self._lock = threading.Lock()
+        self._settings: Settings | None = None
+        self._confirmed: list[bytes] = []
+        self._forgotten_at = 0.0
+        self.stamp_ttl = self.marker_ttl = 0
 
     @property
     def producer(self) -> RetryProducer:
@@ -167,6 +183,74 @@ class _Capture:
             return None
         return ops.pipeline(writes, transaction=transaction)
 
+    # -- writing -------------------------------------------------------------------------
+
+    def stamped_write(self, args: tuple[Any, ...]) -> StampedWrite | None:
+        """How to send the write ``args`` with its stamp and, if it is not idempotent, its
+        op id; None for what is sent as it is (reads, unknown commands, stamps off)."""
+        if not args or not isinstance(args[0], (str, bytes)):
+            return None
+        name = (args[0].decode() if isinstance(args[0], bytes) else args[0]).upper()
+        if name not in COMMANDS or len(args) > LUA_MAX_ARGS:
+            return None
+        spec = COMMANDS[name]
+        if not spec.check_arity(len(args)):
+            return None  # Redis' own error says what is wrong, better than a script's would
+        settings = self.settings
+        command = (name, *args[1:])
+        once = not is_idempotent(command)
+        if not (settings.write_stamps or once):
+            return None
+        issued_at = time.time()
+        op_id = ops.new_op_id() if once else None
+        keys, argv = stamps.step(
+            [command],
+            mode="d",
+            stamp=stamps.stamp_of(issued_at) if settings.write_stamps else None,
+            stamp_ttl=self.stamp_ttl,
+            marker=None if op_id is None else marker_for(op_id, args[spec.first_key] if len(args) > 1 else None),
+            marker_ttl=self.marker_ttl,
+        )
+        return StampedWrite(name, issued_at, op_id, keys, argv)
+
+    @property
+    def settings(self) -> Settings:
+        """The producer's settings, read on the first write (``install()`` may come after ``wrap()``)."""
+        settings = self._settings
+        if settings is None:
+            try:
+                settings = self.producer.settings
+            except ConfigurationError:
+                # No producer yet: writes still go out stamped, with the default windows,
+                # and the settings are looked up again at the next write.
+                settings = _DEFAULT_SETTINGS
+            else:
+                self._settings = settings
+            self.stamp_ttl = stamps.ttl_ms(settings.max_age, settings.dedupe_ttl)
+            self.marker_ttl = marker_ttl_ms(settings, settings.max_retries)
+        return settings
+
+    def forget_marker(self, marker: bytes, client: Any) -> None:
+        """Drop the marker of a write whose reply arrived: nothing will replay it.
+
+        Only writes whose reply was lost need their marker until their replay; the
+        others are unlinked in batches, so a hot counter does not leave one key per
+        increment behind. A batch that fails is left to the markers' TTL.
+        """
+        with self._lock:
+            self._confirmed.append(marker)
+            now = time.monotonic()
+            if len(self._confirmed) < _FORGET_BATCH and now - self._forgotten_at < _FORGET_EVERY_S:
+                return
+            markers, self._confirmed, self._forgotten_at = self._confirmed, [], now
+        try:
+            pipe = client.pipeline(transaction=False)
+            for key in markers:
+                pipe.unlink(key)
+            pipe.execute(raise_on_error=False)
+        except Exception as exc:  # noqa: BLE001 - the markers expire on their own
+            logger.debug("could not unlink %d confirmed write markers: %s", len(markers), exc)
+
     # -- publishing ----------------------------------------------------------------------
 
     def captured(self, op: RedisOp | None, exc: BaseException) -> Any:
@@ -191,6 +275,50 @@ class _Capture:
         return None
 
 
+class StampedWrite:
+    """One write sent through ``apply_once.lua``: applied with its stamp (and marker), its
+    reply given back as the plain command's would be."""
+
+    __slots__ = ("argv", "issued_at", "keys", "name", "op_id")
+
+    def __init__(self, name: str, issued_at: float, op_id: str | None, keys: list[Any], argv: list[Any]) -> None:
+        self.name = name
+        self.issued_at = issued_at
+        self.op_id = op_id
+        self.keys = keys
+        self.argv = argv
+
+    def run(self, execute: Callable[..., Any], client: Any, options: dict[str, Any]) -> Any:
+        """Send the write with ``execute`` (the client's own), loading the script if needed."""
+        call = ("EVALSHA", APPLY_ONCE_SHA, len(self.keys), *self.keys, *self.argv)
+        try:
+            reply = execute(*call, **options)
+        except NoScriptError:
+            execute("SCRIPT LOAD", APPLY_ONCE)
+            reply = execute(*call, **options)
+        callbacks = getattr(client, "response_callbacks", None) or _default_callbacks()
+        callback = callbacks.get(self.name)
+        return callback(reply, **options) if callback is not None else reply
+
+    def issued(self, op: RedisOp) -> RedisOp:
+        """``op`` (the capture of this write) with the id and issue time the write was sent with.
+
+        Its replay then carries the same stamp, and finds the marker if Redis applied
+        the write although its reply was lost.
+        """
+        return msgspec.structs.replace(op, id=self.op_id or op.id, created_at=self.issued_at)
+
+
+_callbacks: dict[str, Any] = {}
+
+
+def _default_callbacks() -> Any:
+    # A cluster client parses replies per node with redis-py's standard callbacks.
+    if not _callbacks:
+        _callbacks.update(redis.Redis().response_callbacks)
+    return _callbacks
+
+
 def _caller() -> str:
     """``module.function`` of the application code that issued the write (the op's source)."""
     frame = sys._getframe(2)
@@ -209,12 +337,22 @@ class _CapturingClient:
     _crr_plain: Any
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
+        capture = self._crr_capture
+        write = capture.stamped_write(args)
         try:
-            return super().execute_command(*args, **options)  # type: ignore[misc]
+            if write is None:
+                return super().execute_command(*args, **options)  # type: ignore[misc]
+            reply = write.run(super().execute_command, self, options)  # type: ignore[misc]
         except Exception as exc:
             if not policy.is_retryable(exc):
                 raise
-            return self._crr_capture.captured(self._crr_capture.command_op(args), exc)
+            op = capture.command_op(args)
+            if op is not None and write is not None:
+                op = write.issued(op)
+            return capture.captured(op, exc)
+        if write.op_id is not None:
+            capture.forget_marker(write.keys[0], self._crr_plain)
+        return reply
 
     @property
     def uncaptured(self) -> Any:
@@ -226,6 +364,14 @@ class _CapturingClient:
         pipe.__class__ = _capturing_class(type(pipe), _CapturingPipeline)
         pipe._crr_capture = self._crr_capture
         return pipe
+
+    def _split_command_across_slots(self, command: str, *keys: Any) -> Any:
+        # A cluster client sends DEL/UNLINK through a pipeline per slot; keys of one slot
+        # go through execute_command instead, so the write is stamped like any other
+        # (and a captured one returns None, as everywhere).
+        if len({slot_of(key) for key in keys}) == 1:
+            return self.execute_command(command, *keys)
+        return super()._split_command_across_slots(command, *keys)  # type: ignore[misc]
 
     def lock(self, *args: Any, **kwargs: Any) -> Any:
         # A lock taken later by a replay would be held by nobody: locks are never captured.
@@ -257,8 +403,9 @@ class _CapturingPipeline:
     def execute(self, raise_on_error: bool = True) -> Any:
         # execute() empties the stack whatever happens: keep what it held.
         stack = list(self.command_stack)
-        watched = self.watching
-        transaction = bool(self.transaction or self.explicit_transaction)
+        # A cluster pipeline has neither WATCH nor an explicit MULTI.
+        watched = getattr(self, "watching", False)
+        transaction = bool(getattr(self, "transaction", False) or getattr(self, "explicit_transaction", False))
         try:
             return super().execute(raise_on_error)  # type: ignore[misc]
         except Exception as exc:
