@@ -45,6 +45,11 @@ from loop_scripts import SCRIPTS  # noqa: E402 - lives beside the app, which imp
 KAFKA_EXTRA = {**TEST_CONSUMER_SETTINGS, "topic.metadata.refresh.interval.ms": 1000}
 
 
+def data_keys(client: Any) -> int:
+    """How many keys the ops wrote: every key but the write stamps and markers (``crr:...``)."""
+    return int(client.dbsize()) - sum(1 for _ in client.scan_iter(match="crr:*", count=1000))
+
+
 @dataclass
 class LoopStack:
     """One isolated copy of the system: its own topic, group, queue, target and spool."""

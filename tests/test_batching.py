@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import redis
-from loop_stack import LoopStack
+from loop_stack import LoopStack, data_keys
 
 from celery_redis_retry import ops
 from celery_redis_retry.config import Settings
@@ -174,5 +174,5 @@ def test_the_bridge_stops_reading_while_the_celery_queue_is_long(make_loop: Call
     assert max(lengths) * 10 < count, "most of the backlog must still be in Kafka"
     stack.start_worker()
     with stack.client() as r:
-        stack.wait_for(lambda: r.dbsize() == count, 120, "every op applied once the worker drains the queue")
+        stack.wait_for(lambda: data_keys(r) == count, 120, "every op applied once the worker drains the queue")
     assert "reading again" in bridge.log_text()

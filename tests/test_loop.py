@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from loop_stack import APPS_DIR, KAFKA_EXTRA, LoopStack
+from loop_stack import APPS_DIR, KAFKA_EXTRA, LoopStack, data_keys
 
 from celery_redis_retry import kafka, message, ops
 from celery_redis_retry.ops import RedisOp
@@ -411,7 +411,7 @@ def test_sigterm_stops_the_bridge_gracefully_with_offsets_committed(make_loop: C
     stack.publish_all(ops.set(f"k:{i}", i) for i in range(200))
     stack.wait_assigned(bridge)
     with stack.client() as r:
-        stack.wait_for(lambda: r.dbsize() == 200, 60, "all ops applied")
+        stack.wait_for(lambda: data_keys(r) == 200, 60, "all ops applied")
     assert bridge.stop(timeout=30) == 0
     assert "bridge stopping" in bridge.log_text()
     assert stack.committed_offsets() == stack.end_offsets()
