@@ -18,9 +18,13 @@ def test_the_demo_balances_its_accounting() -> None:
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
-    rows = dict(re.findall(r"^  (writes attempted|published|applied|dead|rejected|lost|duplicate effects)\s+(\d+)",
-                           output, re.MULTILINE))
+    rows = dict(re.findall(
+        r"^  (writes attempted|published|applied|superseded|dead|rejected|lost|newer writes overwritten|"
+        r"duplicate effects)\s+(\d+)", output, re.MULTILINE,
+    ))
     assert rows["lost"] == "0", output
+    assert rows["newer writes overwritten"] == "0", output
+    assert int(rows["superseded"]) > 0, "the hot keys written again after the outage supersede their replays"
     assert rows["duplicate effects"] == "0", output
     assert int(rows["published"]) > 0, "the outage should have captured writes"
     assert int(rows["applied"]) > 0, output

@@ -76,9 +76,12 @@ def table(acc: Accounting, *, topic: str, dlq_topic: str) -> str:
         ("published", acc.published, f"of {acc.captured} captured: each read back from {topic}"),
         ("applied", acc.applied, "replayed; each seen in Redis (value, or dedupe marker)"),
         ("expired", acc.expired, "cache entries whose TTL ran out before the replay"),
+        ("superseded", acc.superseded, "replays a newer write had overtaken: the newer write stays"),
         ("dead", dead, f"in {dlq_topic}, Redis refused the replay: {_reasons(acc.dead)}"),
         ("rejected", rejected, f"in {dlq_topic}, never valid: {_reasons(acc.rejected)}"),
         ("lost", acc.lost, "must be 0"),
+        ("newer writes overwritten", acc.overwritten,
+         f"must be 0; {acc.hot_keys} hot keys written during the outage and again as Redis came back"),
         ("duplicate effects", acc.duplicates, f"over {acc.totals_checked} counters, scores and set members"),
         ("time to drain", drain, "Redis back -> every captured op applied or dead-lettered"),
     ]

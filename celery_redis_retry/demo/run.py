@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from celery_redis_retry.testing import (
 )
 
 from .console import Console, bar, table
-from .story import Ledger, WebApp
+from .story import HOT_KEYS, Ledger, WebApp
 from .verify import Accounting, Tracker, account, read_dead_letters
 
 APP = "celery_redis_retry.demo.app"
@@ -152,13 +153,16 @@ def play(
         elif state == "restarting" and restarted_at:
             state = "up again"
             console.event(f"target Redis restarted on the same port; replays drain the backlog ({counts['captured']}"
-                          " captured so far)")
+                          f" captured so far); the app writes its {HOT_KEYS} hot prices again at once")
+            _write_hot(app, index, range(HOT_KEYS), counts, tracker)  # newer than every captured price
         delay = start + index / args.rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
         write = app.request(index)
         counts[write.path] += 1
         tracker.add(write)
+        if state == "down":  # a price changes on every request; each write is captured
+            _write_hot(app, index, [index % HOT_KEYS], counts, tracker)
         if state == "up again" and time.monotonic() >= next_poll:  # the backlog drains while the app writes
             next_poll = time.monotonic() + 0.5
             backlog = f"   replayed {bar(tracker.poll(checker), tracker.total, width=20)}"
@@ -173,6 +177,13 @@ def play(
     console.event(f"the app stopped after {len(ledger.writes)} writes: {counts['direct']} applied at once, "
                   f"{counts['captured']} captured, {counts['refused']} refused by Redis")
     return restarted_at[0]
+
+
+def _write_hot(app: WebApp, index: int, slots: Iterable[int], counts: dict[str, int], tracker: Tracker) -> None:
+    for slot in slots:
+        hot = app.hot_write(index, slot)
+        counts[hot.path] += 1
+        tracker.add(hot)
 
 
 def drain(tracker: Tracker, deployment: Deployment, console: Console, timeout: float) -> float | None:
@@ -291,7 +302,7 @@ def _verdict(console: Console, acc: Any, code: int) -> None:
         return
     if code == 0:
         console.say("the accounting balances: every failed write was captured, then applied exactly once or "
-                    "dead-lettered with a reason; nothing lost, nothing applied twice")
+                    "dead-lettered with a reason; nothing lost, nothing applied twice, no newer write overwritten")
         return
     console.say("the accounting does NOT balance:")
     for problem in acc.problems:

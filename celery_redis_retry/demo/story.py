@@ -32,6 +32,9 @@ CYCLE = ("cache", "profile", "views", "logout", "cache", "order", "points", "cac
 PAGES = ("home", "search", "product", "cart", "checkout")
 PLAYERS = ("ada", "grace", "linus", "guido", "barbara")
 CACHE_TTL = 600
+#: Prices the app writes on every request while Redis is down, then all again the moment it is
+#: back: their replays must find the newer write and leave it (``superseded``).
+HOT_KEYS = 20
 #: A key that is a string: pushing to it is a bug Redis refuses with WRONGTYPE.
 LEGACY_FEED = "legacy:feed"
 
@@ -57,6 +60,8 @@ class Write:
     #: Contributions to the ledger's totals, counted once the write went through or was captured.
     adds: list[tuple[tuple[str, str, str], int]] = field(default_factory=list)
     error: str = ""
+    #: What a hot-key write wrote (the key must end at the ledger's latest value for it).
+    value: bytes | None = None
 
     def captured_probe(self) -> tuple[Probe, Callable[[Any], bool]] | None:
         """How to see the replay of a captured op: its effect, or its dedupe marker."""
@@ -76,6 +81,8 @@ class Ledger:
     writes: list[Write] = field(default_factory=list)
     #: (probe command, key, member) -> expected total: counters, leaderboard scores, set members.
     totals: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    #: Hot key -> the value the app wrote to it last, directly or captured.
+    latest: dict[str, bytes] = field(default_factory=dict)
 
     def by_path(self, path: str) -> list[Write]:
         return [w for w in self.writes if w.path == path]
@@ -124,6 +131,25 @@ class WebApp:
             write.path = "captured" if write.op is not None else "direct"
             for total, amount in write.adds:
                 self.ledger.totals[total] += amount
+        self.ledger.writes.append(write)
+        return write
+
+    def hot_write(self, index: int, slot: int) -> Write:
+        """Write the price of hot key ``slot`` (``index`` makes the value unique), recorded."""
+        write = Write(index, "price")
+        self._last_op = None
+        key, value = f"price:{slot}", f"{index}:{time.time():.6f}"
+        try:
+            self.r.set(key, value)
+        except Exception as exc:  # noqa: BLE001 - seen by the accounting as a failed write
+            write.path, write.error = "failed", f"{type(exc).__name__}: {exc}"
+        else:
+            write.path = "captured" if self._last_op is not None else "direct"
+            write.op = self._last_op
+            self.ledger.latest[key] = value.encode()
+        latest = self.ledger.latest
+        write.value = value.encode()
+        write.probe, write.expect = ("GET", key), lambda reply: reply == latest.get(key)
         self.ledger.writes.append(write)
         return write
 

@@ -36,6 +36,11 @@ class Accounting:
     published: int = 0
     applied: int = 0
     expired: int = 0
+    #: Captured hot-key writes a newer write had overtaken: the newer one stayed.
+    superseded: int = 0
+    #: Hot keys whose newer write a replay overwrote (must be 0), and how many were written again.
+    overwritten: int = 0
+    hot_keys: int = 0
     #: DLQ records by reason (``dead``: Redis refused the replay; ``rejected``: never valid).
     dead: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
@@ -50,9 +55,10 @@ class Accounting:
     @property
     def balanced(self) -> bool:
         """Every captured op applied, expired or dead as expected; nothing lost or doubled."""
-        accounted = self.applied + self.expired + self.dead_letters
+        accounted = self.applied + self.expired + self.dead_letters + self.superseded
         return (
             not self.problems and self.lost == 0 and self.duplicates == 0 and self.failed == 0
+            and self.overwritten == 0
             and self.published == self.captured and accounted == self.captured
         )
 
@@ -143,6 +149,7 @@ def account(
     dead_by_id = _check_dlq(acc, captured, letters)
     _check_writes(acc, client, ledger, dead_by_id)
     _check_totals(acc, client, ledger)
+    acc.hot_keys = len(ledger.latest)
     return acc
 
 
@@ -202,12 +209,14 @@ def _check_writes(acc: Accounting, client: redis.Redis, ledger: Ledger, dead: di
     for write in ledger.writes:
         ok = id(write) not in failing
         if write.path == "captured":
-            _check_captured(acc, write, ok, dead, now_ms)
+            _check_captured(acc, write, ok, dead, now_ms, latest=ledger.latest)
         elif write.path == "direct" and not ok and not _expired(write, now_ms):
             acc.problem(f"write #{write.index} ({write.kind}) succeeded but its effect is gone", lost=True)
 
 
-def _check_captured(acc: Accounting, write: Write, ok: bool, dead: dict[str, DeadLetter], now_ms: float) -> None:
+def _check_captured(
+    acc: Accounting, write: Write, ok: bool, dead: dict[str, DeadLetter], now_ms: float, *, latest: dict[str, bytes]
+) -> None:
     assert write.op is not None
     if write.op.id in dead:
         acc.dead_letters += 1  # one that should have applied is reported by _check_dlq
@@ -215,6 +224,14 @@ def _check_captured(acc: Accounting, write: Write, ok: bool, dead: dict[str, Dea
             acc.problem(f"dead-lettered op {write.op.id} ({write.kind}) left an effect in Redis")
     elif write.dlq is not None:
         acc.problem(f"op {write.op.id} ({write.kind}) can never apply but is not in the DLQ", lost=True)
+    elif write.kind == "price":
+        if not ok:
+            acc.overwritten += 1
+            acc.problem(f"op {write.op.id} (price #{write.index}) overwrote the app's newer write", lost=True)
+        elif write.probe is not None and write.value == latest.get(write.probe[1]):
+            acc.applied += 1  # the app's last write to that key: applied
+        else:
+            acc.superseded += 1
     elif ok:
         acc.applied += 1
     elif _expired(write, now_ms):
