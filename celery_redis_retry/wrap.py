@@ -35,6 +35,13 @@ op and chained to the Redis error. ``on_capture`` is called with each captured o
 :class:`~celery_redis_retry.errors.RedisRetryError` that says why is raised from the
 Redis error, as ``on_failure`` does.
 
+Every write of the table goes out as one ``EVALSHA`` of ``apply_once.lua`` that runs
+it and stamps its keys with the time it was issued (see :mod:`celery_redis_retry.stamps`),
+so that no replay overwrites it; the reply is the plain command's. A non-idempotent write
+(INCRBY, LPUSH...) also carries its op id and a marker holding its reply: redis-py's own
+retries of it, and the replay of its capture, find the marker instead of applying it again.
+Pipelines are stamped command by command, without op ids.
+
 Opting out per call: the client you passed in is unchanged, use it (or
 ``wrapped.uncaptured``, the same object) for writes that must not be replayed.
 """
@@ -53,6 +60,7 @@ from typing import Any, TypeVar
 import msgspec
 import redis
 from redis.commands import READ_COMMANDS
+from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
 from . import ops, policy, stamps
@@ -114,6 +122,7 @@ class _Capture:
         self._lock = threading.Lock()
         self._settings: Settings | None = None
         self._confirmed: list[bytes] = []
+        self._apply_script: Script | None = None
         self._forgotten_at = 0.0
         self.stamp_ttl = self.marker_ttl = 0
 
@@ -185,9 +194,12 @@ class _Capture:
 
     # -- writing -------------------------------------------------------------------------
 
-    def stamped_write(self, args: tuple[Any, ...]) -> StampedWrite | None:
-        """How to send the write ``args`` with its stamp and, if it is not idempotent, its
-        op id; None for what is sent as it is (reads, unknown commands, stamps off)."""
+    def stamped_write(
+        self, args: tuple[Any, ...], *, issued_at: float | None = None, once: bool = True
+    ) -> StampedWrite | None:
+        """How to send the write ``args`` with its stamp and, if it is not idempotent (and
+        ``once``), its op id; None for what is sent as it is (reads, unknown commands,
+        stamps off). ``issued_at`` defaults to now."""
         if not args or not isinstance(args[0], (str, bytes)):
             return None
         name = (args[0].decode() if isinstance(args[0], bytes) else args[0]).upper()
@@ -198,10 +210,10 @@ class _Capture:
             return None  # Redis' own error says what is wrong, better than a script's would
         settings = self.settings
         command = (name, *args[1:])
-        once = not is_idempotent(command)
+        once = once and not is_idempotent(command)
         if not (settings.write_stamps or once):
             return None
-        issued_at = time.time()
+        issued_at = time.time() if issued_at is None else issued_at
         op_id = ops.new_op_id() if once else None
         keys, argv = stamps.step(
             [command],
@@ -251,6 +263,34 @@ class _Capture:
         except Exception as exc:  # noqa: BLE001 - the markers expire on their own
             logger.debug("could not unlink %d confirmed write markers: %s", len(markers), exc)
 
+    def stamp_stack(self, stack: list[Any]) -> StampedStack | None:
+        """Rewrite a pipeline's stacked writes (in place) into stamped steps, all with one
+        issue time; None when nothing is stamped (stamps off, a stack of another kind).
+
+        Pipelined writes carry stamps but no op id: a non-idempotent command of a pipeline
+        whose reply was lost can still apply twice (see docs/exactly-once.md).
+        """
+        if not self.settings.write_stamps or not stack:
+            return None
+        issued_at = time.time()
+        writes: dict[int, tuple[StampedWrite, dict[str, Any]]] = {}
+        for index, entry in enumerate(stack):
+            args = _stacked_args(entry)
+            if args is None:
+                return None  # not a redis.Redis pipeline's stack: leave it as it is
+            write = self.stamped_write(args, issued_at=issued_at, once=False)
+            if write is not None:
+                writes[index] = (write, entry[1])
+        for index, (write, options) in writes.items():
+            stack[index] = (write.call, options)
+        return StampedStack(issued_at, writes) if writes else None
+
+    def apply_script(self, client: Any) -> Script:
+        """``apply_once.lua`` as a redis-py Script, for a pipeline to load before a transaction."""
+        if self._apply_script is None:
+            self._apply_script = Script(client, APPLY_ONCE)
+        return self._apply_script
+
     # -- publishing ----------------------------------------------------------------------
 
     def captured(self, op: RedisOp | None, exc: BaseException) -> Any:
@@ -288,14 +328,24 @@ class StampedWrite:
         self.keys = keys
         self.argv = argv
 
+    @property
+    def call(self) -> tuple[Any, ...]:
+        """The ``EVALSHA`` that sends this write."""
+        return ("EVALSHA", APPLY_ONCE_SHA, len(self.keys), *self.keys, *self.argv)
+
     def run(self, execute: Callable[..., Any], client: Any, options: dict[str, Any]) -> Any:
         """Send the write with ``execute`` (the client's own), loading the script if needed."""
-        call = ("EVALSHA", APPLY_ONCE_SHA, len(self.keys), *self.keys, *self.argv)
         try:
-            reply = execute(*call, **options)
+            reply = execute(*self.call, **options)
         except NoScriptError:
             execute("SCRIPT LOAD", APPLY_ONCE)
-            reply = execute(*call, **options)
+            reply = execute(*self.call, **options)
+        return self.parsed(client, reply, options)
+
+    def parsed(self, client: Any, reply: Any, options: dict[str, Any]) -> Any:
+        """``reply`` as redis-py returns it for the plain command (``SET`` -> True...)."""
+        if isinstance(reply, Exception):
+            return reply
         callbacks = getattr(client, "response_callbacks", None) or _default_callbacks()
         callback = callbacks.get(self.name)
         return callback(reply, **options) if callback is not None else reply
@@ -307,6 +357,27 @@ class StampedWrite:
         the write although its reply was lost.
         """
         return msgspec.structs.replace(op, id=self.op_id or op.id, created_at=self.issued_at)
+
+
+class StampedStack:
+    """A pipeline's writes rewritten into stamped steps: where they are, and how to read their replies."""
+
+    __slots__ = ("issued_at", "writes")
+
+    def __init__(self, issued_at: float, writes: dict[int, tuple[StampedWrite, dict[str, Any]]]) -> None:
+        self.issued_at = issued_at
+        self.writes = writes
+
+    def parsed(self, client: Any, replies: list[Any]) -> list[Any]:
+        """The pipeline's replies, each stamped write's as its plain command's would be."""
+        out = list(replies)
+        for index, (write, options) in self.writes.items():
+            out[index] = write.parsed(client, out[index], options)
+        return out
+
+    def missing_script(self, replies: list[Any]) -> list[int]:
+        """Indexes of the stamped writes the server refused with NOSCRIPT (it lost its scripts)."""
+        return [i for i in self.writes if isinstance(replies[i], NoScriptError)]
 
 
 _callbacks: dict[str, Any] = {}
@@ -406,14 +477,44 @@ class _CapturingPipeline:
         # A cluster pipeline has neither WATCH nor an explicit MULTI.
         watched = getattr(self, "watching", False)
         transaction = bool(getattr(self, "transaction", False) or getattr(self, "explicit_transaction", False))
+        capture = self._crr_capture
+        stamped = None if watched else capture.stamp_stack(self.command_stack)
         try:
-            return super().execute(raise_on_error)  # type: ignore[misc]
+            if stamped is None:
+                return super().execute(raise_on_error)  # type: ignore[misc]
+            if transaction:
+                # A transaction cannot be re-run in part: make sure the server has the script.
+                self.scripts.add(capture.apply_script(self))  # type: ignore[attr-defined]
+            replies = super().execute(False)  # type: ignore[misc]
+            if not transaction and (missing := stamped.missing_script(replies)):
+                # The server lost its scripts (a restart): those writes did not run. Send them
+                # again, with the reads of the pipeline, so that a read still follows its write.
+                self.immediate_execute_command("SCRIPT LOAD", APPLY_ONCE)  # type: ignore[attr-defined]
+                again = [i for i, entry in enumerate(stack) if i in missing or _is_read(entry)]
+                for index in again:
+                    write_options = stamped.writes.get(index)
+                    self.command_stack.append(stack[index] if write_options is None else
+                                              (write_options[0].call, write_options[1]))
+                for index, reply in zip(again, super().execute(False), strict=True):  # type: ignore[misc]
+                    replies[index] = reply
         except Exception as exc:
             if not policy.is_retryable(exc) or watched or not stack:
                 raise
             commands = [_stacked_args(entry) for entry in stack]
-            op = None if None in commands else self._crr_capture.pipeline_op(commands, transaction)  # type: ignore[arg-type]
-            return self._crr_capture.captured(op, exc)
+            op = None if None in commands else capture.pipeline_op(commands, transaction)  # type: ignore[arg-type]
+            if op is not None and stamped is not None:
+                op = msgspec.structs.replace(op, created_at=stamped.issued_at)
+            return capture.captured(op, exc)
+        replies = stamped.parsed(self, replies)
+        if raise_on_error:
+            self.raise_first_error(stack, replies)  # type: ignore[attr-defined]
+        return replies
+
+
+def _is_read(entry: Any) -> bool:
+    args = _stacked_args(entry)
+    name = args[0] if args else b""
+    return (name.decode() if isinstance(name, bytes) else str(name)).upper() in READ_COMMANDS
 
 
 def _stacked_args(entry: Any) -> tuple[Any, ...] | None:

@@ -178,3 +178,25 @@ def test_a_direct_write_keeps_redis_replies_and_errors(stack: tuple[Executor, An
     assert r.type("hh") == b"hash"
     r.script_flush()  # a restarted server has no scripts: the client loads it again
     assert wrapped.incr("after-flush") == 1
+
+
+def test_pipelined_writes_are_stamped_too(stack: tuple[Executor, Any, redis.Redis]) -> None:
+    executor, wrapped, r = stack
+    with wrapped.pipeline(transaction=False) as pipe:
+        assert pipe.set("p", "new").get("p").incr("pn").hset("ph", "f", "v").execute() == [True, b"new", 1, 1]
+    with wrapped.pipeline() as pipe:  # MULTI/EXEC
+        assert pipe.set("{q}a", "new").incrby("{q}n", 2).get("{q}a").execute() == [True, 2, b"new"]
+    for key in ("p", "pn", "ph", "{q}a", "{q}n"):
+        assert r.exists(stamps.stamp_key(key)) == 1, key
+    assert executor.run(_older(ops.set("p", "old"))).outcome == "superseded"
+    assert executor.run(_older(ops.set("{q}a", "old"))).outcome == "superseded"
+    assert r.mget("p", "{q}a") == [b"new", b"new"]
+    # A server that lost its scripts (restarted): the writes run again, a read still after its write.
+    r.script_flush()
+    with wrapped.pipeline(transaction=False) as pipe:
+        assert pipe.set("p", "newer").get("p").execute() == [True, b"newer"]
+    r.script_flush()
+    with wrapped.pipeline() as pipe:
+        assert pipe.set("p", "newest").get("p").execute() == [True, b"newest"]
+    with pytest.raises(redis.ResponseError, match="Command # 2 .*WRONGTYPE"), wrapped.pipeline() as pipe:
+        pipe.set("p", "x").lpush("p", "y").execute()
