@@ -31,7 +31,7 @@ from celery_redis_retry.testing import (
     RedisSentinel,
     RedisServer,
     TansuKafka,
-    free_port,
+    quiet_port,
     rabbitmq_server_binary,
     redis_server_binary,
     valkey_server_binary,
@@ -217,8 +217,8 @@ def make_loop(
             target = RedisSentinel(dir=str(workdir / "sentinel"), binary=target_server,
                                    down_after_ms=sentinel_down_after_ms).start()
         else:
-            target = RedisServer(
-                free_port(), args=("--appendonly", "yes", *target_args), dir=str(workdir), binary=target_server
+            target = RedisServer(  # killed while clients reconnect: a port no client can be given as its own
+                quiet_port(), args=("--appendonly", "yes", *target_args), dir=str(workdir), binary=target_server
             )
             if target_running:
                 target.start()

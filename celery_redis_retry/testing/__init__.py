@@ -45,6 +45,7 @@ from .processes import (
     ProcessExitedError,
     free_port,
     free_ports,
+    quiet_port,
     wait_until,
 )
 from .rabbitmq import RabbitMQServer, rabbitmq_server_binary
@@ -75,6 +76,7 @@ __all__ = [
     "free_ports",
     "java_binary",
     "kafka_libs",
+    "quiet_port",
     "rabbitmq_server_binary",
     "read_topic",
     "redis_server_binary",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import re
 import shlex
 import signal
@@ -44,6 +45,30 @@ class HarnessTimeoutError(HarnessError, TimeoutError):
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
     return free_ports(1)[0]
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def quiet_port(low: int = 10000, room: int = 0) -> int:
+    """A free TCP port on 127.0.0.1 below the OS's ephemeral range (and ``port + room`` too).
+
+    For a server that is killed while clients keep reconnecting: a port inside the
+    ephemeral range can be handed to a client as its own source port, and the client then
+    connects to itself (TCP simultaneous open) and reads its own command back as a reply.
+    """
+    high = _ephemeral_low() - room
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(low, high)
+        if _bindable(port) and (not room or _bindable(port + room)):
+            return port
+    raise HarnessError(f"no free port in {low}-{high}")
 
 
 def free_ports(count: int) -> list[int]:

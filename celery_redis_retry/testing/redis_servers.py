@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import random
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -19,10 +18,10 @@ from .processes import (
     HarnessError,
     ManagedProcess,
     ProcessExitedError,
-    _bindable,
     _executable,
     _StartedGroup,
     free_port,
+    quiet_port,
     wait_until,
 )
 
@@ -160,14 +159,9 @@ class RedisServer(ManagedProcess):
 
 
 def _free_cluster_port() -> int:
-    # A cluster node also listens on port + 10000 (its cluster bus), so the usual
-    # ephemeral ports are too high; pick one where both ports are free.
-    rng = random.Random()
-    for _ in range(1000):
-        port = rng.randrange(20000, 45000)
-        if _bindable(port) and _bindable(port + 10000):
-            return port
-    raise HarnessError("no free port pair (port, port + 10000) for a cluster node")
+    # A cluster node also listens on port + 10000 (its cluster bus): both must be free,
+    # and below the ephemeral ports (see quiet_port).
+    return quiet_port(room=10000)
 
 
 class RedisCluster(_StartedGroup):
