@@ -380,8 +380,10 @@ class RetryProducer:
                          daemon=True).start()
         next_check = time.monotonic() + 5.0
         while not state.stopping.is_set():
-            state.producer.poll(0.2)
             try:
+                # poll() itself raises KafkaException on some fatal errors (an idempotent
+                # producer refused its producer id): the thread must live on to recreate it.
+                state.producer.poll(0.2)
                 if state.fatal:
                     self._recreate(state, "after a fatal error")
                 elif state.purge_requested:
@@ -392,6 +394,13 @@ class RetryProducer:
                 if state.diverting or time.monotonic() >= next_check:
                     next_check = time.monotonic() + 5.0
                     self._drain(state)
+            except kafka.KafkaException as exc:
+                if exc.args and getattr(exc.args[0], "fatal", lambda: False)():
+                    logger.error("Kafka producer: %s; recreating it", exc.args[0].str())
+                    state.diverting = state.fatal = True  # the next step recreates the producer
+                else:
+                    logger.exception("producer background step failed; retrying")
+                    state.stopping.wait(1.0)
             except Exception:
                 logger.exception("producer background step failed; retrying")
                 state.stopping.wait(1.0)
