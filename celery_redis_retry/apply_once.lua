@@ -1,6 +1,6 @@
--- Apply a write at most once, if its guard holds, and only where no newer write is
--- stamped (celery_redis_retry). One script serves both ends of the flow: a wrapped
--- client's own write ('d', direct) and the replay of a captured op ('r' / 't').
+-- Replay an op at most once, if its guard holds, and only where no newer write is
+-- stamped (celery_redis_retry). The stamps are written by write_stamped.lua, which sends
+-- the application's own writes, and by this script for what it applies.
 --
 -- KEYS[1]   the op's dedupe marker (any key of the slot when ARGV[1] is 0: no marker)
 -- KEYS[2]   the guard's key (KEYS[1] again when the op has no guard)
@@ -10,9 +10,8 @@
 -- ARGV[2]   guard kind: '' (none), 'value', 'absent' or 'version'
 -- ARGV[3]   guard hash field, '' to guard the key itself
 -- ARGV[4]   the expected value (value guard) or the op's version (version guard)
--- ARGV[5]   'd': a direct write, always applied, its reply returned as Redis gave it;
---           'r': a replay, each command applied where it is not superseded;
---           't': a replay applied whole or not at all (a transaction)
+-- ARGV[5]   'r': each command applied where it is not superseded;
+--           't': applied whole or not at all (a transaction)
 -- ARGV[6]   the write's stamp, microseconds since the epoch at issue ('' for no stamps)
 -- ARGV[7]   stamp TTL in milliseconds
 -- ARGV[8]   number of commands, then for each command: its item count, its write kind
@@ -21,7 +20,7 @@
 --           key or '.'..field, first item it covers, item count; 0 0 for the whole
 --           command), then the command's items
 --
--- A replay returns {0} when the marker exists (applied before: nothing runs), {2} when
+-- Returns {0} when the marker exists (applied before: nothing runs), {2} when
 -- the guard fails or every command is superseded (nothing is written), else
 -- {1, r1, r2, ...}: r is 1 for a command that ran, 2 for one superseded by a newer
 -- write, or the error of one that failed. Like MULTI/EXEC, a failing command does not
@@ -30,32 +29,8 @@ local marker_ttl, kind, field, condition = tonumber(ARGV[1]), ARGV[2], ARGV[3], 
 local mode, stamp_arg, stamp_ttl = ARGV[5], ARGV[6], ARGV[7]
 local stamp = tonumber(stamp_arg)
 
--- A direct write's marker holds its reply, so that a client retrying a write whose
--- reply was lost gets the reply of the one run that happened.
-local function encode_reply(reply)
-  local t = type(reply)
-  if t == 'number' then return 'i' .. reply end
-  if t == 'string' then return 'b' .. reply end
-  if t == 'table' and reply.ok then return 's' .. reply.ok end
-  if t == 'table' then return 'j' .. cjson.encode(reply) end
-  return 'n'
-end
-
-local function decode_reply(stored)
-  local tag, body = string.sub(stored, 1, 1), string.sub(stored, 2)
-  if tag == 'i' then return tonumber(body) end
-  if tag == 'b' then return body end
-  if tag == 's' then return redis.status_reply(body) end
-  if tag == 'j' then return cjson.decode(body) end
-  return false
-end
-
-if marker_ttl > 0 then
-  local seen = redis.call('GET', KEYS[1])
-  if seen then
-    if mode == 'd' then return decode_reply(seen) end
-    return {0}
-  end
+if marker_ttl > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0}
 end
 
 if kind == 'absent' then
@@ -131,7 +106,7 @@ for i, command in ipairs(commands) do
   local keep = { units = {}, dropped = {} }
   local whole_superseded, partial_left = false, false
   for _, unit in ipairs(command.units) do
-    if stamp and mode ~= 'd' and superseded(unit, command.kind) then
+    if stamp and superseded(unit, command.kind) then
       if unit.first == 0 then
         whole_superseded = true
       else
@@ -151,16 +126,14 @@ for i, command in ipairs(commands) do
   runs[i] = keep
 end
 
-if mode ~= 'd' then
-  if not any_runs then return {2} end
-  if mode == 't' then
-    for i = 1, #commands do
-      if not runs[i] then return {2} end
-    end
+if not any_runs then return {2} end
+if mode == 't' then
+  for i = 1, #commands do
+    if not runs[i] then return {2} end
   end
 end
 
-if marker_ttl > 0 and mode ~= 'd' then redis.call('SET', KEYS[1], '1', 'PX', marker_ttl) end
+if marker_ttl > 0 then redis.call('SET', KEYS[1], '1', 'PX', marker_ttl) end
 
 local results = {1}
 for i, command in ipairs(commands) do
@@ -178,10 +151,6 @@ for i, command in ipairs(commands) do
     local unwritten = reply == false or (reply == 0 and string.sub(items[1], -2) == 'NX')
     if not failed and not unwritten and stamp then
       for _, unit in ipairs(keep.units) do record(unit, command.kind) end
-    end
-    if mode == 'd' then
-      if not failed and marker_ttl > 0 then redis.call('SET', KEYS[1], encode_reply(reply), 'PX', marker_ttl) end
-      return reply
     end
     results[#results + 1] = failed and reply.err or 1
   end

@@ -53,9 +53,11 @@ logger = logging.getLogger(__name__)
 #: Lua's unpack() stops near 8,000 values: larger commands cannot take the Lua path.
 LUA_MAX_ARGS = 7_900
 
-#: The Lua step every stamped write and every replay runs (see ``apply_once.lua``).
+#: The Lua step replays run (see ``apply_once.lua``).
 APPLY_ONCE = (Path(__file__).parent / "apply_once.lua").read_text()
-APPLY_ONCE_SHA = hashlib.sha1(APPLY_ONCE.encode()).hexdigest()  # noqa: S324
+#: The Lua step a wrapped client sends each write with (see ``write_stamped.lua``).
+WRITE_STAMPED = (Path(__file__).parent / "write_stamped.lua").read_text()
+WRITE_STAMPED_SHA = hashlib.sha1(WRITE_STAMPED.encode()).hexdigest()  # noqa: S324
 # A registered script runs inside this wrapper, which adds the dedupe marker as the last
 # key and its TTL as the last argument, then calls the user's code with the rest.
 _SCRIPT_WRAPPER = """\

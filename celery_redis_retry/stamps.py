@@ -1,6 +1,6 @@
 """Write stamps: a replay never overwrites a write made after the one it replays.
 
-Every write a wrapped client sends runs in one Lua step (``apply_once.lua``) that
+Every write a wrapped client sends runs in one Lua step (``write_stamped.lua``) that
 also records, next to the key, when the client issued it: microseconds since the epoch
 on the client's clock, in a small hash ``crr:{<key>}:w`` (same Redis Cluster slot as the
 key). A captured op keeps that issue time as its ``created_at``; its replay is applied
@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .commands import spec_for
+from .commands import COMMANDS, spec_for
 from .slots import brace_tag, to_bytes
 
 #: Writes that build on what the key holds: superseded only by a newer overwrite.
@@ -113,6 +113,55 @@ def _zadd_units(command: Sequence[Any]) -> list[Unit]:
     return [(1, b"." + to_bytes(command[i]), i, 2) for i in members]
 
 
+_FIELD_WRITES = frozenset(("HSET", "HMSET", "HDEL", "SADD", "SREM", "ZREM", "HSETNX", "HINCRBY", "HINCRBYFLOAT",
+                           "ZINCRBY", "ZADD"))
+#: Writes of one key stamped as a whole (most of them): their units and kind need no parsing.
+_WHOLE_KEY: dict[str, str] = {
+    spec.name: ("+" if spec.name in BUILDS_ON else "=")
+    for spec in COMMANDS.values()
+    if spec.first_key == spec.last_key == 1
+    and spec.name not in _FIELD_WRITES | _TTL_WRITES | _DESTINATION_ONLY.keys()
+}
+
+
+def direct_step(
+    command: Sequence[Any], *, stamp: int | None, stamp_ttl: int, marker: bytes | None, marker_ttl: int
+) -> tuple[list[Any], list[Any]]:
+    """KEYS and ARGV of ``write_stamped.lua`` sending ``command`` (see the script's header).
+
+    ``stamp`` None sends it without stamps; ``marker`` None without a dedupe marker.
+    This runs on every wrapped write, so the common shape (one key, stamped whole) is
+    built without parsing.
+    """
+    name = command[0]
+    kind = _WHOLE_KEY.get(name)
+    if stamp is None:
+        keys: list[Any] = list(_data_keys(command))
+        argv: list[Any] = ["", stamp_ttl, marker_ttl if marker is not None else 0, kind or "=", 0, *command]
+    elif kind is not None:
+        key = command[1]
+        keys = [stamp_key(key), key]
+        argv = [stamp, stamp_ttl, marker_ttl if marker is not None else 0, kind, 1, 1, "", *command]
+    else:
+        stamp_keys: list[bytes] = []
+        unit_args: list[Any] = []
+        for position, unit, _, _ in units(command):
+            skey = stamp_key(command[position])
+            if skey not in stamp_keys:
+                stamp_keys.append(skey)
+            unit_args += (stamp_keys.index(skey) + 1, unit)
+        keys = [*stamp_keys, *_data_keys(command)]
+        argv = [stamp, stamp_ttl, marker_ttl if marker is not None else 0, write_kind(command), len(unit_args) // 2,
+                *unit_args, *command]
+    if marker is not None:
+        keys.append(marker)
+    return keys, argv
+
+
+def _data_keys(command: Sequence[Any]) -> list[Any]:
+    return [command[p] for p in spec_for(command[0]).key_positions(len(command))]
+
+
 def ttl_ms(max_age: int, dedupe_ttl: int) -> int:
     """How long stamps live: as long as an op can be replayed, plus :data:`STAMP_MARGIN_S`."""
     return ((max_age or dedupe_ttl) + STAMP_MARGIN_S) * 1000
@@ -129,7 +178,7 @@ def step(
     guard: Sequence[Any] = ("", "", ""),
     guard_key: Any = None,
 ) -> tuple[list[Any], list[Any]]:
-    """KEYS and ARGV of one ``apply_once.lua`` step for ``commands`` (see the script's header).
+    """KEYS and ARGV of one ``apply_once.lua`` replay step for ``commands`` (see the script's header).
 
     ``stamp`` None runs without stamps (neither checked nor written); ``marker`` None
     without a dedupe marker.
@@ -148,7 +197,7 @@ def step(
                 stamp_keys.append(skey)
                 index = index_of[skey] = len(stamp_keys) + 2
             body.extend((index, unit, first, count))
-        data_keys.extend(command[p] for p in spec_for(command[0]).key_positions(len(command)))
+        data_keys.extend(_data_keys(command))
         body.extend(command)
     first_key = marker if marker is not None else (stamp_keys[0] if stamp_keys else _any_key(data_keys))
     keys = [first_key, first_key if guard_key is None else guard_key, *stamp_keys, *data_keys]

@@ -35,7 +35,7 @@ op and chained to the Redis error. ``on_capture`` is called with each captured o
 :class:`~celery_redis_retry.errors.RedisRetryError` that says why is raised from the
 Redis error, as ``on_failure`` does.
 
-Every write of the table goes out as one ``EVALSHA`` of ``apply_once.lua`` that runs
+Every write of the table goes out as one ``EVALSHA`` of ``write_stamped.lua`` that runs
 it and stamps its keys with the time it was issued (see :mod:`celery_redis_retry.stamps`),
 so that no replay overwrites it; the reply is the plain command's. A non-idempotent write
 (INCRBY, LPUSH...) also carries its op id and a marker holding its reply: redis-py's own
@@ -69,7 +69,7 @@ from .config import Settings
 from .errors import CapturedWriteError, ConfigurationError, EncodeError, RedisRetryError
 from .ops import RedisOp
 from .producer import RetryProducer
-from .redis_exec import APPLY_ONCE, APPLY_ONCE_SHA, LUA_MAX_ARGS, marker_ttl_ms
+from .redis_exec import LUA_MAX_ARGS, WRITE_STAMPED, WRITE_STAMPED_SHA, marker_ttl_ms
 from .slots import marker_for, slot_of
 
 logger = logging.getLogger(__name__)
@@ -200,27 +200,30 @@ class _Capture:
         """How to send the write ``args`` with its stamp and, if it is not idempotent (and
         ``once``), its op id; None for what is sent as it is (reads, unknown commands,
         stamps off). ``issued_at`` defaults to now."""
-        if not args or not isinstance(args[0], (str, bytes)):
-            return None
-        name = (args[0].decode() if isinstance(args[0], bytes) else args[0]).upper()
-        if name not in COMMANDS or len(args) > LUA_MAX_ARGS:
-            return None
-        spec = COMMANDS[name]
-        if not spec.check_arity(len(args)):
+        # This runs before every call of a wrapped client: the common case (redis-py's own
+        # upper-case command names) costs two dict lookups.
+        spec = COMMANDS.get(args[0]) if args and isinstance(args[0], str) else None
+        if spec is None:
+            if not args or not isinstance(args[0], (str, bytes)):
+                return None
+            spec = COMMANDS.get((args[0].decode() if isinstance(args[0], bytes) else args[0]).upper())
+            if spec is None:
+                return None
+        if len(args) > LUA_MAX_ARGS or not spec.check_arity(len(args)):
             return None  # Redis' own error says what is wrong, better than a script's would
-        settings = self.settings
-        command = (name, *args[1:])
-        once = once and not is_idempotent(command)
+        name = spec.name
+        command = args if args[0] == name else (name, *args[1:])
+        settings = self._settings or self.settings
+        once = once and not (spec.idempotent if name != "ZADD" else is_idempotent(command))
         if not (settings.write_stamps or once):
             return None
         issued_at = time.time() if issued_at is None else issued_at
         op_id = ops.new_op_id() if once else None
-        keys, argv = stamps.step(
-            [command],
-            mode="d",
+        keys, argv = stamps.direct_step(
+            command,
             stamp=stamps.stamp_of(issued_at) if settings.write_stamps else None,
             stamp_ttl=self.stamp_ttl,
-            marker=None if op_id is None else marker_for(op_id, args[spec.first_key] if len(args) > 1 else None),
+            marker=None if op_id is None else marker_for(op_id, args[spec.first_key]),
             marker_ttl=self.marker_ttl,
         )
         return StampedWrite(name, issued_at, op_id, keys, argv)
@@ -286,9 +289,9 @@ class _Capture:
         return StampedStack(issued_at, writes) if writes else None
 
     def apply_script(self, client: Any) -> Script:
-        """``apply_once.lua`` as a redis-py Script, for a pipeline to load before a transaction."""
+        """``write_stamped.lua`` as a redis-py Script, for a pipeline to load before a transaction."""
         if self._apply_script is None:
-            self._apply_script = Script(client, APPLY_ONCE)
+            self._apply_script = Script(client, WRITE_STAMPED)
         return self._apply_script
 
     # -- publishing ----------------------------------------------------------------------
@@ -316,7 +319,7 @@ class _Capture:
 
 
 class StampedWrite:
-    """One write sent through ``apply_once.lua``: applied with its stamp (and marker), its
+    """One write sent through ``write_stamped.lua``: applied with its stamp (and marker), its
     reply given back as the plain command's would be."""
 
     __slots__ = ("argv", "issued_at", "keys", "name", "op_id")
@@ -331,14 +334,14 @@ class StampedWrite:
     @property
     def call(self) -> tuple[Any, ...]:
         """The ``EVALSHA`` that sends this write."""
-        return ("EVALSHA", APPLY_ONCE_SHA, len(self.keys), *self.keys, *self.argv)
+        return ("EVALSHA", WRITE_STAMPED_SHA, len(self.keys), *self.keys, *self.argv)
 
     def run(self, execute: Callable[..., Any], client: Any, options: dict[str, Any]) -> Any:
         """Send the write with ``execute`` (the client's own), loading the script if needed."""
         try:
             reply = execute(*self.call, **options)
         except NoScriptError:
-            execute("SCRIPT LOAD", APPLY_ONCE)
+            execute("SCRIPT LOAD", WRITE_STAMPED)
             reply = execute(*self.call, **options)
         return self.parsed(client, reply, options)
 
@@ -422,7 +425,7 @@ class _CapturingClient:
                 op = write.issued(op)
             return capture.captured(op, exc)
         if write.op_id is not None:
-            capture.forget_marker(write.keys[0], self._crr_plain)
+            capture.forget_marker(write.keys[-1], self._crr_plain)
         return reply
 
     @property
@@ -489,7 +492,7 @@ class _CapturingPipeline:
             if not transaction and (missing := stamped.missing_script(replies)):
                 # The server lost its scripts (a restart): those writes did not run. Send them
                 # again, with the reads of the pipeline, so that a read still follows its write.
-                self.immediate_execute_command("SCRIPT LOAD", APPLY_ONCE)  # type: ignore[attr-defined]
+                self.immediate_execute_command("SCRIPT LOAD", WRITE_STAMPED)  # type: ignore[attr-defined]
                 again = [i for i, entry in enumerate(stack) if i in missing or _is_read(entry)]
                 for index in again:
                     write_options = stamped.writes.get(index)
