@@ -309,6 +309,8 @@ def test_every_op_has_exactly_one_effect_despite_triple_delivery_and_killed_work
     with stack.client() as r:
         stack.wait_for(lambda: effects_complete(r), 420, f"all {count} ops applied")
         # Every duplicate delivery must have run too before the effects are final.
+        stack.wait_for(lambda: stack.worker_log_count(r"was already applied") >= 2 * count, 400,
+                       f"the {2 * count} duplicate deliveries to be caught")
         stack.wait_for(lambda: _worker_idle(stack), 400, "the worker to go idle")
         assert {k: int(r.get(k)) for k in sums} == sums
         assert {k: sorted(r.lrange(k, 0, -1)) for k in lists} == {k: sorted(v) for k, v in lists.items()}

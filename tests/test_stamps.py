@@ -173,7 +173,7 @@ def test_a_direct_write_keeps_redis_replies_and_errors(stack: tuple[Executor, An
     assert wrapped.zadd("z", {"m": 1.5}) == 1
     assert wrapped.incrbyfloat("f", 0.5) == 0.5
     assert wrapped.delete("s", "missing") == 1
-    with pytest.raises(redis.ResponseError, match="^WRONGTYPE"):
+    with pytest.raises(redis.ResponseError, match=r"^WRONGTYPE"):
         wrapped.lpush("hh", "x")
     assert r.type("hh") == b"hash"
     r.script_flush()  # a restarted server has no scripts: the client loads it again
@@ -198,5 +198,5 @@ def test_pipelined_writes_are_stamped_too(stack: tuple[Executor, Any, redis.Redi
     r.script_flush()
     with wrapped.pipeline() as pipe:
         assert pipe.set("p", "newest").get("p").execute() == [True, b"newest"]
-    with pytest.raises(redis.ResponseError, match="Command # 2 .*WRONGTYPE"), wrapped.pipeline() as pipe:
+    with pytest.raises(redis.ResponseError, match=r"Command # 2 .*WRONGTYPE"), wrapped.pipeline() as pipe:
         pipe.set("p", "x").lpush("p", "y").execute()
