@@ -550,7 +550,8 @@ def main(argv: Sequence[str] = ()) -> int:
     if args.profile:
         return profile(args.ops, args.kafka, brokers[0], args.batch_size)
     payload, markdown = run(args.ops, args.rounds, args.kafka, brokers, args.batch_size)
-    return publish_results(NAME, args.batch_size, payload, markdown, args.json)
+    publish_results(NAME, payload, markdown, args.json, args.batch_size)
+    return 0
 
 
 if __name__ == "__main__":

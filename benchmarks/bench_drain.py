@@ -52,10 +52,10 @@ from .common import (
     kafka_description,
     machine,
     markdown_table,
+    publish_results,
     rate,
     redis_server,
     server_versions,
-    write_results,
 )
 
 NAME = "bench_drain"
@@ -356,10 +356,7 @@ def main(argv: Sequence[str] = ()) -> int:
         parser.error("--ops >= 100, --concurrency >= 1")
     check_embedded_capacity(args.kafka, args.ops, 420)
     payload, markdown = run(args)
-    json_path, md_path = write_results(NAME, payload, markdown, args.json)
-    print()
-    print(markdown)
-    print(f"\nresults: {json_path}, {md_path}")
+    publish_results(NAME, payload, markdown, args.json)
     return 0 if all(d["all_applied"] for d in payload["drains"]) else 1
 
 

@@ -40,7 +40,16 @@ from celery_redis_retry.config import Settings
 from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.producer import RetryProducer
 
-from .common import RESULTS_DIR, describe_machine, embedded_kafka, machine, markdown_table, percentiles, write_results
+from .common import (
+    RESULTS_DIR,
+    describe_machine,
+    embedded_kafka,
+    machine,
+    markdown_table,
+    percentiles,
+    publish_results,
+    timer_overhead_us,
+)
 
 NAME = "bench_publish"
 GOAL_P50_US = 10.0
@@ -114,16 +123,6 @@ def _time_encode(settings: Settings, items: Sequence[RedisOp]) -> tuple[list[int
         key_of(op)
         samples[i] = clock() - t0
     return samples, clock() - start, 0
-
-
-def _timer_overhead(count: int) -> float:
-    """Median cost in us of the two clock reads every sample includes."""
-    clock = time.perf_counter_ns
-    samples = [0] * count
-    for i in range(count):
-        t0 = clock()
-        samples[i] = clock() - t0
-    return statistics.median(samples) / 1000
 
 
 # -- the benchmark ----------------------------------------------------------------------------
@@ -250,7 +249,7 @@ def run(count: int, rounds: int) -> tuple[dict[str, Any], str]:
             producer.close(timeout=FLUSH_TIMEOUT)
             raw.flush(FLUSH_TIMEOUT)
 
-    overhead = _timer_overhead(100_000)
+    overhead = timer_overhead_us(100_000)
     raw_row, pub_row, enc_row = (rows.median_round(r) for r in ("raw produce", "publish", "encode only"))
     ratio = pub_row["p50"] / raw_row["p50"]
     diff = pub_row["p50"] - raw_row["p50"]
@@ -472,10 +471,7 @@ def main(argv: Sequence[str] = ()) -> int:
     if args.profile:
         return profile(args.ops)
     payload, markdown = run(args.ops, args.rounds)
-    json_path, md_path = write_results(NAME, payload, markdown, args.json)
-    print()
-    print(markdown)
-    print(f"\nresults: {json_path}, {md_path}")
+    publish_results(NAME, payload, markdown, args.json)
     return 0
 
 

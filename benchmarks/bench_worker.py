@@ -358,7 +358,8 @@ def main(argv: Sequence[str] = ()) -> int:
         return profile(args.ops, args.concurrency, args.loglevel, kinds[0], args.batch_size)
     payload, markdown = run(args.ops, args.rounds, kinds, concurrency=args.concurrency, loglevel=args.loglevel,
                             batch_size=args.batch_size)
-    return publish_results(NAME, args.batch_size, payload, markdown, args.json)
+    publish_results(NAME, payload, markdown, args.json, args.batch_size)
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ import json
 import math
 import os
 import platform
+import statistics
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -45,6 +47,16 @@ def percentiles(samples_ns: Sequence[int], points: Sequence[float] = (50, 90, 99
     out["max"] = ordered[-1] / 1000
     out["mean"] = sum(ordered) / count / 1000
     return out
+
+
+def timer_overhead_us(count: int) -> float:
+    """Median cost in us of the two clock reads every sample includes."""
+    clock = time.perf_counter_ns
+    samples = [0] * count
+    for i in range(count):
+        t0 = clock()
+        samples[i] = clock() - t0
+    return statistics.median(samples) / 1000
 
 
 def _cpu_model() -> str:
@@ -133,8 +145,9 @@ def write_results(name: str, payload: dict[str, Any], markdown: str, json_path: 
     return target, markdown_path
 
 
-def publish_results(name: str, batch_size: int, payload: dict[str, Any], markdown: str, json_path: str | None) -> int:
-    """Write and print the results of a run measured at ``batch_size``; the exit status (0).
+def publish_results(name: str, payload: dict[str, Any], markdown: str, json_path: str | None,
+                    batch_size: int = 1) -> None:
+    """Write and print the results of a run (measured at ``batch_size`` ops per task).
 
     One results file per batch size, so one-task-per-op and batched runs sit side by side.
     """
@@ -143,7 +156,6 @@ def publish_results(name: str, batch_size: int, payload: dict[str, Any], markdow
     print()
     print(markdown)
     print(f"\nresults: {json_file}, {md_file}")
-    return 0
 
 
 # -- real-process stacks for the bridge, worker and drain benchmarks (added with them) ------

@@ -20,12 +20,13 @@ from .common import RESULTS_DIR, markdown_table
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 
 #: Benchmarks in the order of the flow; others found in the results follow, alphabetically.
-ORDER = ("bench_publish", "bench_bridge", "bench_worker", "bench_drain")
+ORDER = ("bench_wrap", "bench_publish", "bench_bridge", "bench_worker", "bench_drain")
 
 HOW_TO_RUN = """\
 ```sh
 make bench                                              # every benchmark, then this page
 .venv/bin/python -m benchmarks --only bench_bridge      # one of them (options after it go to it)
+.venv/bin/python -m benchmarks.bench_wrap --calls 5000 --rounds 5   # wrap() vs plain redis-py, per write
 .venv/bin/python -m benchmarks.bench_bridge --ops 20000 --rounds 3 --brokers redis,amqp
 .venv/bin/python -m benchmarks.bench_worker --ops 10000 --rounds 3 --workloads set,incrby
 .venv/bin/python -m benchmarks.bench_drain --ops 100000 --kafka tansu --batch-size 1
