@@ -45,6 +45,7 @@ from .circuit import OPEN, RECOVERING, Circuits, CircuitState, TargetProbe
 from .config import settings_for, waiting_group
 from .dispatch import Batcher, Consumed, HandoverError, OffsetTracker, Partition, TaskSender
 from .dlq import DeadLetter, DeadLetterWriter, Origin
+from .ends import EndsReader
 from .errors import DecodeError, PublishError, RedisRetryError
 from .message import decode
 from .ops import RedisOp
@@ -58,6 +59,12 @@ class BridgeUnavailableError(RedisRetryError):
     """Kafka or the Celery broker cannot be reached when the bridge starts."""
 
     reason = "unavailable"
+
+
+class NotEndedError(RedisRetryError):
+    """An op was handed to Celery ``redis_retry_max_handovers`` times and never ended."""
+
+    reason = "not_ended"
 
 
 @dataclass
@@ -79,6 +86,9 @@ class BridgeStats:
     held: int = 0  # times the Celery queue was too long and reading paused
     parked: int = 0  # ops moved to a waiting topic: their target's circuit was open
     expired: int = 0  # ops past their deadline or redis_retry_max_age, ended here
+    redelivered: int = 0  # ops handed over again: they had not ended in redis_retry_redelivery_timeout
+    not_ended: int = 0  # ops dead-lettered after redis_retry_max_handovers hand-overs without an end
+    ends_read: int = 0  # end records read from the workers
     started: float = field(default_factory=time.monotonic)
 
 
@@ -127,8 +137,17 @@ class Bridge:
         self._overrides = dict(kafka_overrides or {})
         self._stopping = False
         self._batcher = Batcher(self.batch_size, linger / 1000)
-        self._offsets = OffsetTracker()
-        self._sender = TaskSender(app, self.settings.queue, one_task_per_op=self.batch_size == 1)
+        #: Commit after end: Kafka keeps each op until a worker reports it ended (see ends.py).
+        self.holds_until_end = self.settings.commit_after == "end"
+        self._offsets = OffsetTracker(hold_until_end=self.holds_until_end,
+                                      redelivery_timeout=self.settings.redelivery_timeout)
+        self._sender = TaskSender(app, self.settings.queue, one_task_per_op=self.batch_size == 1,
+                                  with_positions=self.holds_until_end)
+        self._ends = EndsReader(self.settings, self.group, self._overrides) if self.holds_until_end else None
+        self._to_store: set[Partition] = set()  # partitions whose commit point or metadata changed
+        self._next_store = 0.0
+        self._next_overdue_check = 0.0
+        self._full = False  # reading paused: redis_retry_max_in_flight ops are in flight
         self._ready: list[list[Consumed]] = []  # full batches, sent at the end of the loop
         self.high_water = self.settings.queue_high_water
         self._held = False  # reading paused: too many tasks wait in the Celery queue
@@ -155,8 +174,13 @@ class Bridge:
 
     @property
     def reading_paused(self) -> bool:
-        """Whether backpressure has paused reading (too many tasks wait in the Celery queue)."""
-        return self._held
+        """Whether backpressure has paused reading (too many tasks wait in Celery, or too many ops in flight)."""
+        return self._held or self._full
+
+    @property
+    def in_flight(self) -> int:
+        """Ops handed to Celery that have not ended yet (commit after end)."""
+        return self._offsets.in_flight
 
     @property
     def assigned_partitions(self) -> int:
@@ -214,7 +238,8 @@ class Bridge:
 
     def _topics(self) -> list[tuple[str, str]]:
         waiting = [(f"waiting ({target})", topic) for target, topic in self.settings.waiting_topics.items()]
-        return [("retry", self.settings.topic), ("DLQ", self.settings.dlq_topic), *waiting]
+        ends = [("ends", self.settings.ends_topic)] if self.holds_until_end else []
+        return [("retry", self.settings.topic), ("DLQ", self.settings.dlq_topic), *ends, *waiting]
 
     def stop(self, *_: Any) -> None:
         """Ask the loop to finish what is in flight, commit and return."""
@@ -230,6 +255,18 @@ class Bridge:
         waiting_topics = self._waiting_consumer = self._connect_kafka(
             waiting_group(self.group), list(self.settings.waiting_topics.values()), check=False
         )
+        if self._ends is not None:
+            # Before the first hand-over: every end of an op this bridge hands over comes after this.
+            try:
+                self._ends.start()
+            except (kafka.TopicMissingError, kafka.KafkaCredentialsError):
+                self._ends.close()
+                raise
+            except kafka.KafkaException as exc:
+                self._ends.close()
+                raise BridgeUnavailableError(
+                    f"cannot reach Kafka at {self.settings.kafka.get('bootstrap.servers')!r}: {exc}"
+                ) from exc
         self.circuits.start()
         logger.info(
             "bridge consuming %s as group %s -> Celery queue %s",
@@ -254,6 +291,9 @@ class Bridge:
                 self._send_all([*self._ready, *self._batcher.due()])
                 self._ready.clear()
                 self._serve_parked()
+                self._read_ends()
+                self._hand_over_overdue()
+                self._store_offsets()
                 if time.monotonic() >= next_report:
                     self._report()
                     next_report = time.monotonic() + 30
@@ -269,13 +309,12 @@ class Bridge:
         signal.signal(signal.SIGINT, self.stop)
 
     def _close(self) -> None:
+        self._read_ends()
         for consumer in self._consumers():
-            try:
-                consumer.commit(asynchronous=False)
-            except kafka.KafkaException as exc:
-                if exc.args[0].code() != kafka.KafkaError._NO_OFFSET:
-                    logger.error("final offset commit failed: %s", exc)
+            self._commit(consumer, self._assigned, "final offset commit")
             consumer.close()
+        if self._ends is not None:
+            self._ends.close()
         self.circuits.stop()
         for target_probe in self._probes.values():
             target_probe.close()
@@ -287,9 +326,10 @@ class Bridge:
     def _report(self) -> None:
         stats = self.stats
         logger.info(
-            "bridge: %d dispatched in %d tasks, %d parked, %d expired, %d rejected, %d stalls, %d holds in %.0f s",
+            "bridge: %d dispatched in %d tasks, %d parked, %d expired, %d rejected, %d stalls, %d holds, "
+            "%d in flight, %d handed over again, %d not ended in %.0f s",
             stats.dispatched, stats.tasks, stats.parked, stats.expired, stats.rejected, stats.stalls, stats.held,
-            time.monotonic() - stats.started,
+            self.in_flight, stats.redelivered, stats.not_ended, time.monotonic() - stats.started,
         )
 
     # -- rebalances ----------------------------------------------------------------------
@@ -297,6 +337,8 @@ class Bridge:
     def _on_assign(self, consumer: kafka.Consumer, partitions: list[kafka.TopicPartition]) -> None:
         logger.info("assigned %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
         self._assigned.update((p.topic, p.partition) for p in partitions if p.topic is not None)
+        if self.holds_until_end and partitions:
+            self._resume_commit_points(consumer, partitions)
         if self._held:
             self._next_depth_check = 0.0  # look at the Celery queue now: these are paused too if it is still long
 
@@ -307,17 +349,15 @@ class Bridge:
         self._ready = [b for b in self._ready if b not in full]
         self._send_all([*full, *self._batcher.partitions_waiting(revoked)])
         self._serve_parked(wait=15.0)  # their offsets are stored before the commit below
+        self._read_ends()
+        self._commit(consumer, revoked, "commit on revoke")
         self._assigned -= revoked
         for key in revoked:
             self._stalled.pop(key, None)
             self._failures.pop(key, None)
             self._batcher.drop({key})
             self._offsets.forget(*key)
-        try:
-            consumer.commit(asynchronous=False)
-        except kafka.KafkaException as exc:
-            if exc.args[0].code() != kafka.KafkaError._NO_OFFSET:
-                logger.warning("commit on revoke failed: %s", exc)
+            self._to_store.discard(key)
         logger.info("revoked %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
 
     # -- one message ---------------------------------------------------------------------
@@ -325,17 +365,13 @@ class Bridge:
     def _handle(self, message: kafka.Message) -> None:
         error = message.error()
         if error is not None:
-            if error.fatal():
-                raise kafka.KafkaException(error)
-            if error.code() in kafka.UNKNOWN_TOPIC_CODES:
-                self._topic_gone(error)
-            elif error.code() != kafka.KafkaError._PARTITION_EOF:
-                logger.warning("Kafka: %s", error.str())
+            self._consumer_error(error)
             return
         topic, partition, offset = _position(message)
         if (topic, partition) in self._stalled:
             return  # rewound: it comes again once the partition resumes
-        self._offsets.consumed(topic, partition, offset)
+        if not self._offsets.consumed(topic, partition, offset):
+            return  # read again after a rewind, or ended before a restart: in flight or done
         parked = None
         waiting_for = self.settings.target_of_waiting_topic(topic)
         if waiting_for is not None:
@@ -353,16 +389,24 @@ class Bridge:
             except HandoverError as failure:
                 self._stall([(topic, partition)], failure)
             else:
-                self._handed_over([(topic, partition, offset)])
+                self._ended([(topic, partition, offset)])
             return
         if ends_expired(op, self.settings.max_age):
             self.stats.expired += 1
-            self._handed_over([(topic, partition, offset)])
+            self._ended([(topic, partition, offset)])
             return
         item = Consumed(topic, partition, offset, raw.decode(), op, parked.origin if parked else None)
         full = self._batcher.add(op.target, item)
         if full is not None:
             self._ready.append(full)
+
+    def _consumer_error(self, error: kafka.KafkaError) -> None:
+        if error.fatal():
+            raise kafka.KafkaException(error)
+        if error.code() in kafka.UNKNOWN_TOPIC_CODES:
+            self._topic_gone(error)
+        elif error.code() != kafka.KafkaError._PARTITION_EOF:
+            logger.warning("Kafka: %s", error.str())
 
     def _topic_gone(self, error: kafka.KafkaError) -> None:
         # The topic was deleted under a running bridge: librdkafka says so on every
@@ -392,7 +436,7 @@ class Bridge:
         self.stats.dispatched += sum(len(b) for b in batches)
         self.stats.tasks += tasks
         self._sent_since_check += tasks
-        self._handed_over([(i.topic, i.partition, i.offset) for b in batches for i in b])
+        self._handed_over([i for b in batches for i in b])
 
     def _not_stalled(self, waiting: Iterable[list[Consumed]]) -> list[list[Consumed]]:
         # Ops of a partition rewound meanwhile will be read again: do not send them twice.
@@ -441,7 +485,7 @@ class Bridge:
                 self._stall(sorted({(i.topic, i.partition) for i in items}), error)
                 return
             self.stats.parked += len(items)
-            self._handed_over([(i.topic, i.partition, i.offset) for i in items])
+            self._ended([(i.topic, i.partition, i.offset) for i in items])
 
         self._waiting.park_async(target, parked, reason, confirmed)
 
@@ -452,20 +496,140 @@ class Bridge:
         else:
             self._waiting.poll(0)
 
-    def _handed_over(self, positions: list[tuple[str, int, int]]) -> None:
-        """Store, once per partition, the offset up to which every op is handed over."""
-        safe: dict[Partition, int] = {}
+    def _handed_over(self, items: list[Consumed]) -> None:
+        """Ops Celery accepted: in flight until they end (or ended now, when committing at hand-over)."""
+        for item in items:
+            key = (item.topic, item.partition)
+            self._failures.pop(key, None)
+            if self._offsets.handed_over(item.topic, item.partition, item.offset, item) is not None:
+                self._to_store.add(key)
+        self._store_offsets(soon=True)
+
+    def _ended(self, positions: Iterable[tuple[str, int, int]]) -> None:
+        """Ops that ended (here, or reported by a worker): the commit point may move past them."""
         for topic, partition, offset in positions:
-            moved = self._offsets.handed_over(topic, partition, offset)
-            if moved is not None:
-                safe[(topic, partition)] = moved
-        if safe:
-            for topic in {t for t, _ in safe}:
-                self._consumer_for(topic).store_offsets(
-                    offsets=[kafka.TopicPartition(t, p, o) for (t, p), o in safe.items() if t == topic]
-                )
-            for key in safe:
-                self._failures.pop(key, None)
+            key = (topic, partition)
+            self._failures.pop(key, None)
+            if self._offsets.ended(topic, partition, offset) is not None or self.holds_until_end:
+                self._to_store.add(key)
+        self._store_offsets(soon=True)
+
+    def _store_offsets(self, *, soon: bool = False) -> None:
+        """Store the commit point of every partition where it moved, with what ended past it.
+
+        At most every fifth of a second while ops are in flight (the metadata lists
+        them), at once when committing at hand-over (as before). librdkafka's auto-commit
+        sends what is stored.
+        """
+        now = time.monotonic()
+        if not self._to_store or (self.holds_until_end and now < self._next_store):
+            return
+        if soon and self.holds_until_end:
+            return  # the loop stores them at its end
+        self._next_store = now + 0.2
+        by_topic: dict[str, list[kafka.TopicPartition]] = {}
+        for topic, partition in self._to_store:
+            point = self._offsets.commit_point(topic, partition)
+            if point is not None and (topic, partition) in self._assigned:
+                by_topic.setdefault(topic, []).append(kafka.TopicPartition(topic, partition, point[0], point[1]))
+        self._to_store.clear()
+        for topic, offsets in by_topic.items():
+            try:
+                self._consumer_for(topic).store_offsets(offsets=offsets)
+            except kafka.KafkaException as exc:  # revoked meanwhile: the new owner starts from its commit
+                logger.debug("storing offsets of %s failed: %s", topic, exc)
+
+    def _commit(self, consumer: kafka.Consumer, partitions: Iterable[Partition], what: str) -> None:
+        """Commit the commit points of ``partitions`` (on revoke and shutdown), with their metadata."""
+        offsets = []
+        for topic, number in partitions:
+            point = self._offsets.commit_point(topic, number)
+            if point is not None and consumer is self._consumer_for(topic):
+                offsets.append(kafka.TopicPartition(topic, number, point[0], point[1]))
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except kafka.KafkaException as exc:
+            if exc.args[0].code() != kafka.KafkaError._NO_OFFSET:
+                logger.warning("%s failed: %s", what, exc)
+
+    # -- ends ----------------------------------------------------------------------------
+
+    def _resume_commit_points(self, consumer: kafka.Consumer, partitions: list[kafka.TopicPartition]) -> None:
+        """Learn, for newly assigned partitions, what ended past their committed offsets."""
+        try:
+            committed = consumer.committed(partitions, timeout=10.0)
+        except kafka.KafkaException as exc:
+            logger.warning("could not read the committed offsets of %d partitions (%s): ops past them that "
+                           "ended already are handed over again", len(partitions), exc)
+            return
+        for tp in committed:
+            if tp.topic is None:
+                continue
+            ended = kafka.parse_offsets(tp.metadata)
+            self._offsets.assigned(tp.topic, tp.partition, tp.offset, ended)
+            if ended:
+                logger.info("%s[%d]: %d ops past committed offset %d ended before: not handed over again",
+                            tp.topic, tp.partition, len(ended), tp.offset)
+
+    def _read_ends(self) -> None:
+        """Take in the ends workers reported, and the retries they scheduled."""
+        if self._ends is None:
+            return
+        while True:
+            reported = self._ends.read()
+            if not reported.records:
+                return
+            self.stats.ends_read += reported.records
+            now = time.time()
+            for (topic, partition), pairs in reported.retrying.items():
+                for offset, due in pairs:
+                    self._offsets.retrying(topic, partition, offset, due - now)
+            self._ended((t, p, o) for (t, p), offsets in reported.ended.items() for o in offsets)
+
+    def _hand_over_overdue(self) -> None:
+        """Hand over again ops that did not end in time; dead-letter those handed over too often."""
+        now = time.monotonic()
+        if not self.holds_until_end or now < self._next_overdue_check:
+            return
+        self._next_overdue_check = now + 1.0
+        overdue = [i for i in self._offsets.overdue(now) if (i.topic, i.partition) not in self._stalled]
+        if not overdue:
+            return
+        again: dict[str, list[Consumed]] = {}
+        for item in overdue:
+            handovers = self._offsets.handovers(item)
+            if handovers >= self.settings.max_handovers:
+                self._dead_letter_not_ended(item, handovers)
+            else:
+                again.setdefault(item.op.target, []).append(item)
+        count = sum(len(items) for items in again.values())
+        if count:
+            self.stats.redelivered += count
+            logger.warning(
+                "%d ops handed to Celery did not end within redis_retry_redelivery_timeout (%g s): handing them "
+                "over again (first: op %s at %s[%d]@%d)", count, self.settings.redelivery_timeout,
+                overdue[0].op_id, overdue[0].topic, overdue[0].partition, overdue[0].offset,
+            )
+            size = self.batch_size
+            self._send_all(items[i:i + size] for items in again.values() for i in range(0, len(items), size))
+
+    def _dead_letter_not_ended(self, item: Consumed, handovers: int) -> None:
+        error = NotEndedError(
+            f"op {item.op_id} was handed to Celery {handovers} times and never ended "
+            f"(redis_retry_max_handovers {self.settings.max_handovers}, redelivery timeout "
+            f"{self.settings.redelivery_timeout:g} s)"
+        )
+        letter = DeadLetter.for_error(error, op=item.op, raw=item.message.encode(),
+                                      origin=Origin(*item.first_position))
+        try:
+            self._dlq.write(letter, None)
+        except PublishError as exc:
+            logger.error("op %s could not be dead-lettered (%s): tried again in a second", item.op_id, exc)
+            return
+        self.stats.not_ended += 1
+        self._ended([(item.topic, item.partition, item.offset)])
 
     # -- backpressure --------------------------------------------------------------------
 
@@ -474,8 +638,9 @@ class Bridge:
 
         Kafka is the durable buffer: a backlog belongs there, not in the Celery
         broker's memory. Reading stops at ``redis_retry_queue_high_water`` waiting tasks
-        and starts again at half of it.
+        and starts again at half of it. Ops in flight are bounded too (:meth:`_limit_in_flight`).
         """
+        self._limit_in_flight()
         if not self.high_water:
             return
         now = time.monotonic()
@@ -498,12 +663,36 @@ class Bridge:
             )
         elif self._held and depth <= self.high_water // 2:
             self._held = False
-            for consumer in self._consumers():
-                consumer.resume([p for p in consumer.assignment() if (p.topic, p.partition) not in self._stalled])
+            if not self._full:
+                self._resume_reading()
             logger.info("Celery queue %s down to %d tasks: reading again", self.settings.queue, depth)
         elif self._held:
             for consumer in self._consumers():  # partitions assigned since the pause
                 consumer.pause(consumer.assignment())
+
+    def _limit_in_flight(self) -> None:
+        """Stop reading Kafka while ``redis_retry_max_in_flight`` ops are in flight; go on at 90% of it."""
+        if not self.holds_until_end:
+            return
+        limit = self.settings.max_in_flight
+        if not self._full and self.in_flight >= limit:
+            self._full = True
+            for consumer in self._consumers():
+                consumer.pause(consumer.assignment())
+            logger.warning("%d ops handed to Celery have not ended (redis_retry_max_in_flight %d): reading paused",
+                           self.in_flight, limit)
+        elif self._full and self.in_flight <= limit * 9 // 10:
+            self._full = False
+            if not self._held:
+                self._resume_reading()
+            logger.info("%d ops in flight: reading again", self.in_flight)
+        elif self._full:
+            for consumer in self._consumers():  # partitions assigned since the pause
+                consumer.pause(consumer.assignment())
+
+    def _resume_reading(self) -> None:
+        for consumer in self._consumers():
+            consumer.resume([p for p in consumer.assignment() if (p.topic, p.partition) not in self._stalled])
 
     # -- circuits ------------------------------------------------------------------------
 
@@ -571,8 +760,7 @@ class Bridge:
     def _rewind(self, key: Partition, delay: float, *, wait_for: str | None = None) -> int | None:
         """Pause ``key`` at its first op not handed over; return that offset (None if nothing is open)."""
         self._batcher.drop({key})
-        offset = self._offsets.first_open(*key)
-        self._offsets.forget(*key)
+        offset = self._offsets.first_open(*key)  # ops in flight or ended past it are skipped when read again
         if offset is None:
             return None
         self._stalled[key] = _Stall(offset, time.monotonic() + delay, wait_for)
@@ -589,5 +777,5 @@ class Bridge:
                 partition = kafka.TopicPartition(topic, number, stall.offset)
                 consumer = self._consumer_for(topic)
                 consumer.seek(partition)
-                if not self._held:  # otherwise it resumes with the others
+                if not self.reading_paused:  # otherwise it resumes with the others
                     consumer.resume([partition])

@@ -393,9 +393,11 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
             return "unknown" if value is None else str(value)
 
         click.echo(f"spool        {figures.spool_messages} messages in {figures.spool_path}")
-        click.echo(f"retry topic  {figures.topic}: lag {shown(figures.lag)} (group {figures.group})")
+        click.echo(f"retry topic  {figures.topic}: lag {shown(figures.lag)}, not ended {shown(figures.not_ended)} "
+                   f"(group {figures.group})")
         for partition, offsets in sorted((figures.partitions or {}).items()):
-            click.echo(f"  partition {partition}: end {offsets.high}, committed {offsets.committed}, lag {offsets.lag}")
+            click.echo(f"  partition {partition}: end {offsets.high}, committed {offsets.committed}, "
+                       f"lag {offsets.lag}, not ended {offsets.pending}")
         click.echo(f"celery queue {figures.queue}: {shown(figures.queued_tasks)} tasks waiting")
         click.echo(f"dlq          {figures.dlq_topic}: {shown(figures.dlq_pending)} pending")
         for target in figures.targets:

@@ -59,6 +59,10 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "redis_retry_max_age": 24 * 3600,
         "redis_retry_max_countdown_tasks": 1000,
         "redis_retry_recovery_rate": 2000,
+        "redis_retry_commit_after": "end",
+        "redis_retry_redelivery_timeout": 300,
+        "redis_retry_max_in_flight": 20_000,
+        "redis_retry_max_handovers": 5,
         "redis_retry_bridge_metrics_port": None,
         "redis_retry_worker_metrics_port": None,
     }
@@ -83,6 +87,8 @@ class Settings:
     targets: Mapping[str, str]
     topic: str = "redis-retry-queue"
     dlq_topic: str = "redis-retry-queue.dlq"
+    #: Where workers report the ops they ended, for the bridges (see :mod:`celery_redis_retry.ends`).
+    ends_topic: str = "redis-retry-queue.ends"
     consumer_group: str = "redis-retry-consumer-group"
     queue: str = "redis-retry"
     max_retries: int = 3
@@ -108,6 +114,17 @@ class Settings:
     max_countdown_tasks: int = 1000
     #: Ops per second handed over for a target whose circuit just closed; doubles every second.
     recovery_rate: int = 2000
+    #: ``"end"``: the bridge commits an offset once every op before it has ended (applied,
+    #: superseded, expired, dead or rejected), so Kafka holds each op until then;
+    #: ``"handover"``: once Celery accepted the task (the Celery broker then holds the only copy).
+    commit_after: str = "end"
+    #: Seconds an op handed to Celery may go without ending (or a worker saying it retries)
+    #: before the bridge hands it over again.
+    redelivery_timeout: float = 300.0
+    #: Ops one bridge may have handed over and not seen end; reading pauses at this many.
+    max_in_flight: int = 20_000
+    #: Hand-overs of one op without an end, after which the bridge dead-letters it (``not_ended``).
+    max_handovers: int = 5
     #: Ports on which the bridge and the worker serve Prometheus metrics (None: off).
     bridge_metrics_port: int | None = None
     worker_metrics_port: int | None = None
@@ -312,6 +329,7 @@ def _read(reader: _Reader) -> Settings:
         targets=MappingProxyType(_targets(reader)),
         topic=topic,
         dlq_topic=reader.string("redis_retry_dlq_topic", default=f"{topic}.dlq"),
+        ends_topic=reader.string("redis_retry_ends_topic", default=f"{topic}.ends"),
         consumer_group=reader.string("redis_retry_consumer_group"),
         queue=reader.string("redis_retry_queue"),
         max_retries=reader.integer("redis_retry_max_retries", 0),
@@ -331,9 +349,20 @@ def _read(reader: _Reader) -> Settings:
         max_age=reader.integer("redis_retry_max_age", 0),
         max_countdown_tasks=reader.integer("redis_retry_max_countdown_tasks", 1),
         recovery_rate=reader.integer("redis_retry_recovery_rate", 1),
+        commit_after=_commit_after(reader),
+        redelivery_timeout=reader.number("redis_retry_redelivery_timeout"),
+        max_in_flight=reader.integer("redis_retry_max_in_flight", 1),
+        max_handovers=reader.integer("redis_retry_max_handovers", 1),
         bridge_metrics_port=_port(reader, "redis_retry_bridge_metrics_port"),
         worker_metrics_port=_port(reader, "redis_retry_worker_metrics_port"),
     )
+
+
+def _commit_after(reader: _Reader) -> str:
+    value = reader.get("redis_retry_commit_after")
+    if value not in ("end", "handover"):
+        raise ConfigurationError(f"redis_retry_commit_after must be 'end' or 'handover', got {value!r}")
+    return str(value)
 
 
 def _port(reader: _Reader, key: str) -> int | None:

@@ -7,9 +7,10 @@ pipelined. So the bridge groups ops for the same target into one
 when full or after ``redis_retry_batch_linger_ms``.
 
 Batches of different targets fill at different speeds, so a partition's offsets are
-not handed over in order. :class:`OffsetTracker` keeps, per partition, the offsets
-consumed but not yet handed over, and only ever allows committing up to the first one
-still open: a committed offset never passes an op that Celery has not accepted.
+not handed over in order, and ops end in any order. :class:`OffsetTracker` keeps, per
+partition, what became of each offset read, and only ever allows committing up to the
+first op that has not ended: a committed offset never passes an op that may still need
+Kafka's copy.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 from kombu.exceptions import ChannelError
 
 from .errors import RedisRetryError
+from .kafka import format_offsets
 from .ops import RedisOp
 from .tasks import DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 
@@ -60,45 +62,156 @@ class Consumed:
         return self.first_origin or (self.topic, self.partition, self.offset)
 
     @property
+    def position(self) -> list[str | int]:
+        """Where the bridge read it (a waiting topic, for a parked op), as the replay tasks receive it."""
+        return [self.topic, self.partition, self.offset]
+
+    @property
     def origin(self) -> list[str | int]:
         """Where it came from, as the replay tasks receive it (its first position in Kafka)."""
         return list(self.first_position)
 
 
+#: Where an op is: read and not handed over yet, handed to Celery and not ended, ended.
+CONSUMED, IN_FLIGHT, ENDED = 0, 1, 2
+
+
+class _Entry:
+    __slots__ = ("due", "handovers", "item", "offset", "state")
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+        self.state = CONSUMED
+        self.item: Consumed | None = None
+        self.due = 0.0  # monotonic time by which an op in flight should have ended
+        self.handovers = 0
+
+
 class OffsetTracker:
-    """Per partition, the consumed offsets that are not yet safe to commit, in order."""
+    """Per partition, what became of every offset read, and up to where it is safe to commit.
 
-    def __init__(self) -> None:
-        self._open: dict[Partition, deque[list[int | bool]]] = {}
-        self._entries: dict[tuple[str, int, int], list[int | bool]] = {}
+    An offset is safe once it and every offset before it *ended*. With ``hold_until_end``
+    (``redis_retry_commit_after = "end"``) an op handed to Celery is only *in flight*: it
+    ends when a worker reports it (:mod:`celery_redis_retry.ends`), and is handed over
+    again when it has not within ``redelivery_timeout`` seconds. Without it, the hand-over
+    is the end, as when Celery's broker is trusted with the only copy. Ops the bridge ends
+    itself (expired, rejected, parked in a waiting topic) end at once either way.
 
-    def consumed(self, topic: str, partition: int, offset: int) -> None:
-        """Note an offset read from Kafka (offsets of a partition arrive in order)."""
-        entry: list[int | bool] = [offset, False]
+    A partition rewound to its first op not handed over reads again ops that are in
+    flight or ended already: :meth:`consumed` says to skip those.
+    """
+
+    def __init__(self, *, hold_until_end: bool = False, redelivery_timeout: float = 300.0) -> None:
+        self.hold_until_end = hold_until_end
+        self.redelivery_timeout = redelivery_timeout
+        self._open: dict[Partition, deque[_Entry]] = {}
+        self._entries: dict[tuple[str, int, int], _Entry] = {}
+        self._ended_before: dict[Partition, set[int]] = {}  # from the commit's metadata
+        self._safe: dict[Partition, int] = {}  # the committable offset, once known
+        self.in_flight = 0
+
+    def assigned(self, topic: str, partition: int, committed: int, ended: frozenset[int]) -> None:
+        """Start a partition at its committed offset, knowing which later offsets ended before."""
+        self.forget(topic, partition)
+        self._ended_before[(topic, partition)] = {o for o in ended if o >= committed}
+        if committed >= 0:
+            self._safe[(topic, partition)] = committed
+
+    def consumed(self, topic: str, partition: int, offset: int) -> bool:
+        """Note an offset read from Kafka; False when it is in flight or ended already (skip it)."""
+        entry = self._entries.get((topic, partition, offset))
+        if entry is not None:
+            return entry.state == CONSUMED
+        entry = self._entries[(topic, partition, offset)] = _Entry(offset)
         self._open.setdefault((topic, partition), deque()).append(entry)
-        self._entries[(topic, partition, offset)] = entry
+        ended_before = self._ended_before.get((topic, partition))
+        if ended_before and offset in ended_before:
+            ended_before.discard(offset)
+            entry.state = ENDED
+            self._advance((topic, partition))
+            return False
+        return True
 
-    def handed_over(self, topic: str, partition: int, offset: int) -> int | None:
-        """Mark an offset done; return the offset to store if the committable point moved."""
-        entry = self._entries.pop((topic, partition, offset), None)
-        if entry is None:
-            return None  # the partition was rewound or revoked meanwhile
-        entry[1] = True
-        queue = self._open[(topic, partition)]
+    def handed_over(self, topic: str, partition: int, offset: int, item: Consumed | None = None) -> int | None:
+        """An op went to Celery; return the offset to store if the committable point moved."""
+        entry = self._entries.get((topic, partition, offset))
+        if entry is None or entry.state == ENDED:
+            return None  # the partition was revoked meanwhile, or its end came first
+        if not self.hold_until_end or item is None:
+            return self.ended(topic, partition, offset)
+        if entry.state == CONSUMED:
+            self.in_flight += 1
+        entry.state, entry.item = IN_FLIGHT, item
+        entry.handovers += 1
+        entry.due = time.monotonic() + self.redelivery_timeout
+        return None
+
+    def ended(self, topic: str, partition: int, offset: int) -> int | None:
+        """An op ended; return the offset to store if the committable point moved."""
+        entry = self._entries.get((topic, partition, offset))
+        if entry is None or entry.state == ENDED:
+            return None  # not ours (another bridge handed it over), or reported twice
+        if entry.state == IN_FLIGHT:
+            self.in_flight -= 1
+        entry.state, entry.item = ENDED, None
+        return self._advance((topic, partition))
+
+    def retrying(self, topic: str, partition: int, offset: int, due_in: float) -> None:
+        """A worker scheduled the op again ``due_in`` seconds from now: wait for that too."""
+        entry = self._entries.get((topic, partition, offset))
+        if entry is not None and entry.state == IN_FLIGHT:
+            entry.due = max(entry.due, time.monotonic() + max(0.0, due_in) + self.redelivery_timeout)
+
+    def _advance(self, key: Partition) -> int | None:
+        queue = self._open[key]
         safe = None
-        while queue and queue[0][1]:
-            safe = int(queue.popleft()[0]) + 1
+        while queue and queue[0].state == ENDED:
+            entry = queue.popleft()
+            del self._entries[(key[0], key[1], entry.offset)]
+            safe = entry.offset + 1
+        if safe is not None:
+            self._safe[key] = safe
         return safe
+
+    def overdue(self, now: float | None = None) -> list[Consumed]:
+        """Ops in flight past their due time (to hand over again), oldest first per partition."""
+        now = time.monotonic() if now is None else now
+        return [
+            e.item for queue in self._open.values() for e in queue
+            if e.state == IN_FLIGHT and e.due <= now and e.item is not None
+        ]
+
+    def handovers(self, item: Consumed) -> int:
+        """How many times ``item`` was handed to Celery without ending."""
+        entry = self._entries.get((item.topic, item.partition, item.offset))
+        return entry.handovers if entry is not None else 0
 
     def first_open(self, topic: str, partition: int) -> int | None:
         """The smallest offset of the partition not handed over yet (where to rewind to)."""
-        queue = self._open.get((topic, partition))
-        return int(queue[0][0]) if queue else None
+        for entry in self._open.get((topic, partition), ()):
+            if entry.state == CONSUMED:
+                return entry.offset
+        return None
+
+    def commit_point(self, topic: str, partition: int) -> tuple[int, str] | None:
+        """The offset to commit and, as its metadata, the offsets past it that ended (None: unknown)."""
+        key = (topic, partition)
+        queue = self._open.get(key)
+        safe = self._safe.get(key) if not queue else queue[0].offset
+        if safe is None:
+            return None
+        ended = [e.offset for e in queue or () if e.state == ENDED]
+        ended += (o for o in self._ended_before.get(key, ()) if o >= safe)
+        return safe, format_offsets(ended, truncate=True)
 
     def forget(self, topic: str, partition: int) -> None:
-        """Drop a partition's bookkeeping (rewound, or revoked)."""
+        """Drop a partition's bookkeeping (revoked)."""
         for entry in self._open.pop((topic, partition), ()):
-            self._entries.pop((topic, partition, int(entry[0])), None)
+            self._entries.pop((topic, partition, entry.offset), None)
+            if entry.state == IN_FLIGHT:
+                self.in_flight -= 1
+        self._ended_before.pop((topic, partition), None)
+        self._safe.pop((topic, partition), None)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -166,10 +279,12 @@ class TaskSender:
     none is counted as handed over (re-sending some is harmless: dedupe markers).
     """
 
-    def __init__(self, app: Any, queue: str, *, one_task_per_op: bool) -> None:
+    def __init__(self, app: Any, queue: str, *, one_task_per_op: bool, with_positions: bool = False) -> None:
         self.app = app
         self.queue = queue
         self.one_task_per_op = one_task_per_op
+        #: Give each op where it was read, so that workers report its end (commit after end).
+        self.with_positions = with_positions
         self._errback = app.signature(DEAD_LETTER_TASK)
         self._watch: Any = None
 
@@ -189,15 +304,19 @@ class TaskSender:
         if self.one_task_per_op:
             for item in batch:
                 topic, partition, offset = item.first_position
-                origin = {"topic": topic, "partition": partition, "offset": offset}
+                kwargs: dict[str, Any] = {"origin": {"topic": topic, "partition": partition, "offset": offset}}
+                if self.with_positions:
+                    kwargs["position"] = item.position
                 self.app.send_task(
-                    REPLAY_TASK, args=(item.message,), kwargs={"origin": origin}, queue=self.queue,
+                    REPLAY_TASK, args=(item.message,), kwargs=kwargs, queue=self.queue,
                     link_error=self._errback, producer=producer, argsrepr=f"(op {item.op_id})", kwargsrepr="",
                 )
         else:
+            args: tuple[Any, ...] = ([i.message for i in batch], [i.origin for i in batch])
+            if self.with_positions:
+                args += ([i.position for i in batch],)
             self.app.send_task(
-                REPLAY_BATCH_TASK, args=([i.message for i in batch], [i.origin for i in batch]), queue=self.queue,
-                link_error=self._errback, producer=producer,
+                REPLAY_BATCH_TASK, args=args, queue=self.queue, link_error=self._errback, producer=producer,
                 argsrepr=f"({len(batch)} ops: {batch[0].op_id}..{batch[-1].op_id})", kwargsrepr="",
             )
 

@@ -93,12 +93,12 @@ class DeadLetterQueue:
     def cursor(self) -> dict[int, Cursor]:
         """Per partition: the first record not dealt with, and those dealt with beyond it."""
         offsets = self._offsets()
-        return {p: Cursor(max(o.committed, o.low), parse_offsets(o.metadata)) for p, o in offsets.items()}
+        return {p: Cursor(max(o.committed, o.low), kafka.parse_offsets(o.metadata)) for p, o in offsets.items()}
 
     def pending_count(self) -> int:
         """How many records are pending, from the watermarks (without reading them)."""
         offsets = self._offsets()
-        return sum(o.lag - len(parse_offsets(o.metadata)) for o in offsets.values())
+        return sum(o.pending for o in offsets.values())
 
     def _offsets(self) -> dict[int, kafka.PartitionOffsets]:
         # A DLQ topic that does not exist is an error (TopicMissingError), not an empty DLQ:
@@ -203,7 +203,7 @@ class DeadLetterQueue:
         try:
             consumer.commit(
                 offsets=[
-                    kafka.TopicPartition(self.topic, p, offset, metadata=format_offsets(beyond))
+                    kafka.TopicPartition(self.topic, p, offset, metadata=kafka.format_offsets(beyond))
                     for p, (offset, beyond) in sorted(commits.items())
                 ],
                 asynchronous=False,
@@ -221,40 +221,6 @@ class Cursor:
 
     def handled(self, offset: int) -> bool:
         return offset < self.offset or offset in self.beyond
-
-
-#: Kafka brokers keep commit metadata up to ``offset.metadata.max.bytes`` (4096 by default).
-MAX_METADATA = 4000
-
-
-def format_offsets(offsets: Iterable[int]) -> str:
-    """Offsets as ranges, ``{12, 15, 16, 17}`` -> ``"12,15-17"``.
-
-    :class:`ValueError` past :data:`MAX_METADATA` characters: the broker would refuse it.
-    """
-    ranges: list[list[int]] = []
-    for offset in sorted(offsets):
-        if ranges and offset == ranges[-1][1] + 1:
-            ranges[-1][1] = offset
-        else:
-            ranges.append([offset, offset])
-    text = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
-    if len(text) > MAX_METADATA:
-        raise ValueError(
-            f"{len(ranges)} separate runs of handled records past the oldest pending one: too many to remember; "
-            "replay or purge the oldest pending records first"
-        )
-    return text
-
-
-def parse_offsets(text: str | None) -> frozenset[int]:
-    """The offsets of :func:`format_offsets`' text (empty for None or ``""``)."""
-    offsets: set[int] = set()
-    for part in (text or "").split(","):
-        if part:
-            first, _, last = part.partition("-")
-            offsets.update(range(int(first), int(last or first) + 1))
-    return frozenset(offsets)
 
 
 def select(

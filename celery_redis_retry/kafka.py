@@ -14,7 +14,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -477,6 +477,12 @@ class PartitionOffsets:
         """Messages the group has not committed yet."""
         return max(0, self.high - max(self.committed, self.low))
 
+    @property
+    def pending(self) -> int:
+        """Messages not dealt with: the lag, less those past the committed offset its metadata lists as done."""
+        start = max(self.committed, self.low)
+        return max(0, self.lag - sum(1 for o in parse_offsets(self.metadata) if start <= o < self.high))
+
 
 def group_offsets(
     user: Mapping[str, Any], topic: str, group: str, *, timeout: float = 10.0, must_exist: bool = False
@@ -552,6 +558,53 @@ def produce_reported(
                 reports[index] = str(exc)
                 settle()
                 break
+
+
+#: Kafka brokers keep commit metadata up to ``offset.metadata.max.bytes`` (4096 by default).
+MAX_METADATA = 4000
+
+
+def format_offsets(offsets: Iterable[int], *, truncate: bool = False) -> str:
+    """Offsets as ranges, ``{12, 15, 16, 17}`` -> ``"12,15-17"``, for a commit's metadata.
+
+    Past :data:`MAX_METADATA` characters (the broker would refuse it) :class:`ValueError`,
+    or with ``truncate`` the highest ranges are left out.
+    """
+    ranges: list[list[int]] = []
+    for offset in sorted(offsets):
+        if ranges and offset == ranges[-1][1] + 1:
+            ranges[-1][1] = offset
+        else:
+            ranges.append([offset, offset])
+    parts = [str(a) if a == b else f"{a}-{b}" for a, b in ranges]
+    text = ",".join(parts)
+    if len(text) > MAX_METADATA:
+        if not truncate:
+            raise ValueError(
+                f"{len(ranges)} separate runs of handled records past the oldest pending one: too many to remember; "
+                "replay or purge the oldest pending records first"
+            )
+        kept, size = [], 0
+        for part in parts:
+            size += len(part) + 1
+            if size > MAX_METADATA:
+                break
+            kept.append(part)
+        text = ",".join(kept)
+    return text
+
+
+def parse_offsets(text: str | None) -> frozenset[int]:
+    """The offsets of :func:`format_offsets`' text (empty for None, ``""`` or text it did not write)."""
+    offsets: set[int] = set()
+    try:
+        for part in (text or "").split(","):
+            if part:
+                first, _, last = part.partition("-")
+                offsets.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        return frozenset()
+    return frozenset(offsets)
 
 
 class EmbeddedBroker:

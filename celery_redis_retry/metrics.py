@@ -120,6 +120,13 @@ def serve_bridge_metrics(bridge: Bridge, port: int) -> Any:
                       stats.parked)
         yield _family("counter", "crr_bridge_ops_expired", "Ops past their deadline or redis_retry_max_age",
                       stats.expired)
+        yield _family("gauge", "crr_bridge_ops_in_flight", "Ops handed to Celery that have not ended yet",
+                      bridge.in_flight)
+        yield _family("counter", "crr_bridge_ops_handed_over_again",
+                      "Ops handed over again: they had not ended within redis_retry_redelivery_timeout",
+                      stats.redelivered)
+        yield _family("counter", "crr_bridge_ops_not_ended",
+                      "Ops dead-lettered after redis_retry_max_handovers hand-overs without an end", stats.not_ended)
         yield from _circuit_families(bridge)
 
     return serve(port, _Collector(families))

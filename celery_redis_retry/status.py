@@ -62,6 +62,12 @@ class Status:
         return None if self.partitions is None else sum(p.lag for p in self.partitions.values())
 
     @property
+    def not_ended(self) -> int | None:
+        """Ops in the retry topic that have not ended (committing after end): the lag, less
+        the ops past the committed offsets that ended already."""
+        return None if self.partitions is None else sum(p.pending for p in self.partitions.values())
+
+    @property
     def healthy(self) -> bool:
         """Every place could be read, and both topics exist."""
         return not self.errors and not self.missing_topics
@@ -72,8 +78,9 @@ class Status:
             "topic": self.topic,
             "group": self.group,
             "lag": self.lag,
+            "not_ended": self.not_ended,
             "partitions": None if self.partitions is None else {
-                str(p): {"low": o.low, "high": o.high, "committed": o.committed, "lag": o.lag}
+                str(p): {"low": o.low, "high": o.high, "committed": o.committed, "lag": o.lag, "not_ended": o.pending}
                 for p, o in sorted(self.partitions.items())
             },
             "queue": self.queue,

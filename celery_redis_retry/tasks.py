@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback as traceback_module
 import weakref
 from collections import Counter
@@ -34,6 +35,7 @@ from . import policy
 from .circuit import LocalCircuit
 from .config import Settings, settings_for
 from .dlq import DeadLetterWriter, letter_for_failure
+from .ends import EndsWriter, Position, position
 from .errors import (
     DecodeError,
     PermanentReplayError,
@@ -54,8 +56,8 @@ REPLAY_TASK = "celery_redis_retry.replay"
 REPLAY_BATCH_TASK = "celery_redis_retry.replay_batch"
 DEAD_LETTER_TASK = "celery_redis_retry.dead_letter"
 
-_Item = tuple[str, list[Any], RedisOp]  # one op of a batch: message, origin, op
-_Retry = tuple[str, list[Any], RedisOp, int]  # ..., and how many outages it met
+_Item = tuple[str, list[Any], RedisOp, Any]  # one op of a batch: message, origin, op, position
+_Retry = tuple[str, list[Any], RedisOp, Any, int]  # ..., and how many outages it met
 
 
 class _Runtime:
@@ -69,6 +71,7 @@ class _Runtime:
         self.dlq = DeadLetterWriter(settings)
         self.circuit = LocalCircuit()
         self.waiting = WaitingWriter(settings, parked_by="worker")
+        self.ends = EndsWriter(settings)
 
     def limit(self, op: RedisOp) -> int:
         """How many retries ``op`` may have for failures of its own."""
@@ -156,7 +159,9 @@ _TASK_OPTIONS: dict[str, Any] = {
 
 
 @shared_task(name=REPLAY_TASK, **_TASK_OPTIONS)
-def replay(self: Any, message: str, origin: dict[str, Any] | None = None, outages: int = 0) -> str:
+def replay(
+    self: Any, message: str, origin: dict[str, Any] | None = None, outages: int = 0, position: Any = None
+) -> str:
     """Run the op in ``message`` (wire format v1) on its target; return its outcome.
 
     Outcomes: ``applied``, ``duplicate`` (a dedupe marker shows it was applied before),
@@ -165,12 +170,15 @@ def replay(self: Any, message: str, origin: dict[str, Any] | None = None, outage
     retryable Redis error of the op while attempts remain, else a
     :class:`~celery_redis_retry.errors.ReplayError` (the error callback then writes the
     DLQ record). ``outages`` counts the retries that were outages (Kafka could not take
-    the op to park it): they are not the op's attempts.
+    the op to park it): they are not the op's attempts. ``position`` is where the bridge
+    read the message: the op's end is reported to the bridges for it.
     """
     rt = runtime(self.app)
+    here = position_of(position)
     op = read_op(message, rt)
     if rt.expired(op):
         count_outcomes({"expired": 1})
+        rt.ends.report([here])
         return "expired"
     spent = op.attempt + self.request.retries - outages
     outage: BaseException | None = None
@@ -191,64 +199,81 @@ def replay(self: Any, message: str, origin: dict[str, Any] | None = None, outage
                     op.id, spent + 1, limit + 1, type(exc).__name__, countdown,
                 )
                 count_outcomes({"retrying": 1})
+                # Before: retry() raises. Should the broker refuse it, the op is only due later.
+                rt.ends.report((), [(here, time.time() + countdown)])
                 raise self.retry(countdown=countdown, exc=exc) from exc
             rt.circuit.opened(op.target)
             outage = exc
         else:
             _log_outcome(op, result.outcome)
             count_outcomes({result.outcome: 1})
+            rt.ends.report([here])
             return result.outcome
     parked = Parked(message.encode(), op, _origin_tuple(origin), attempts=spent)
     if rt.park([parked], f"{type(outage).__name__}: {outage}"):
         count_outcomes({"waiting": 1})
+        rt.ends.report([here])  # the waiting topic holds it now
         return "waiting"
     # Kafka cannot take it either: Celery holds it, and that attempt is not the op's.
     countdown = rt.settings.backoff.countdown(min(outages, 10))
-    raise self.retry(countdown=countdown, exc=outage, kwargs={"origin": origin, "outages": outages + 1})
+    rt.ends.report((), [(here, time.time() + countdown)])
+    raise self.retry(countdown=countdown, exc=outage,
+                     kwargs={"origin": origin, "outages": outages + 1, "position": position})
 
 
 @shared_task(name=REPLAY_BATCH_TASK, **_TASK_OPTIONS)
-def replay_batch(self: Any, messages: list[str], origins: list[list[Any]]) -> dict[str, int]:
+def replay_batch(
+    self: Any, messages: list[str], origins: list[list[Any]], positions: list[Any] | None = None
+) -> dict[str, int]:
     """Run many ops in pipelined round trips; return how many ended in each outcome.
 
     An op that fails falls back to its own path: an outage of its target parks it in
     Kafka (``waiting``); another retryable error sends it as a ``replay`` task that
     continues with its next attempt after the usual countdown; anything that ends it is
     dead-lettered here, with its own DLQ record, exactly as ``replay`` would have.
+    ``positions`` are where the bridge read each message; the ops' ends are reported
+    to the bridges for them, once per batch.
     """
     rt = runtime(self.app)
     outcomes: Counter[str] = Counter()
     ready: dict[str, list[_Item]] = {}
-    ended: list[tuple[str, list[Any], BaseException]] = []
-    for message, origin in zip(messages, origins, strict=True):
+    ended: list[tuple[str, list[Any], BaseException, Position | None]] = []
+    done: list[Position | None] = []  # ops that ended here (the DLQ'd ones once written)
+    for message, origin, where in zip(messages, origins, positions or [None] * len(messages), strict=True):
+        here = position_of(where)
         try:
             op = read_op(message, rt)
         except DecodeError as exc:
-            ended.append((message, origin, exc))
+            ended.append((message, origin, exc, here))
             continue
         if rt.expired(op):
             outcomes["expired"] += 1
+            done.append(here)
             continue
-        ready.setdefault(op.target, []).append((message, origin, op))
+        ready.setdefault(op.target, []).append((message, origin, op, here))
 
     retry_later: list[_Retry] = []
     for target, items in ready.items():
-        _run_target(rt, target, items, outcomes=outcomes, ended=ended, retry_later=retry_later)
+        _run_target(rt, target, items, outcomes=outcomes, ended=ended, retry_later=retry_later, done=done)
 
     # Fallbacks first: if the Celery broker refuses them, retrying this whole batch is
     # safe (markers), while DLQ records written before would be written twice.
     errback = self.app.signature(DEAD_LETTER_TASK)
-    for message, origin, op, outages in retry_later:
+    due: list[tuple[Position | None, float]] = []
+    for message, origin, op, here, outages in retry_later:
+        countdown = rt.settings.backoff.countdown(0 if outages else op.attempt)
         self.app.send_task(
-            REPLAY_TASK, args=(message,), kwargs={"origin": _origin_dict(origin), "outages": outages},
-            queue=rt.settings.queue, link_error=errback, retries=1,
-            countdown=rt.settings.backoff.countdown(0 if outages else op.attempt),
+            REPLAY_TASK, args=(message,),
+            kwargs={"origin": _origin_dict(origin), "outages": outages, "position": _listed(here)},
+            queue=rt.settings.queue, link_error=errback, retries=1, countdown=countdown,
         )
+        due.append((here, time.time() + countdown))
     outcomes["retrying"] += len(retry_later)
-    for message, origin, error in ended:
+    rt.ends.report(done, due)
+    for message, origin, error, here in ended:
         _write_dead_letter(
             rt, message, _origin_dict(origin), error, traceback=_traceback_of(error), attempts=1,
-            task_id=self.request.id,
+            task_id=self.request.id, position=here,
         )
         outcomes["rejected" if isinstance(error, DecodeError) else "dead"] += 1
     count_outcomes({k: n for k, n in outcomes.items() if k not in ("dead", "rejected")})  # see _write_dead_letter
@@ -257,7 +282,8 @@ def replay_batch(self: Any, messages: list[str], origins: list[list[Any]]) -> di
 
 def _run_target(
     rt: _Runtime, target: str, items: list[_Item], *, outcomes: Counter[str],
-    ended: list[tuple[str, list[Any], BaseException]], retry_later: list[_Retry],
+    ended: list[tuple[str, list[Any], BaseException, Position | None]], retry_later: list[_Retry],
+    done: list[Position | None],
 ) -> None:
     """Run one target's ops of a batch in one round trip; sort each op by what happened to it."""
     to_park: list[_Item] = []
@@ -267,29 +293,31 @@ def _run_target(
         to_park, outage = list(items), rt.circuit.skipped(target)
     else:
         try:
-            results = rt.executor.run_many([op for _, _, op in items])
+            results = rt.executor.run_many([op for _, _, op, _ in items])
         except Exception as exc:  # noqa: BLE001 - the round trip failed: every op falls back
             results = [exc] * len(items)
-    for (message, origin, op), result in zip(items, results, strict=False):
+    for (message, origin, op, here), result in zip(items, results, strict=False):
         if isinstance(result, Applied):
             outcomes[result.outcome] += 1
             _log_outcome(op, result.outcome)
+            done.append(here)
         elif policy.is_outage(result):
-            to_park.append((message, origin, op))
+            to_park.append((message, origin, op, here))
             outage = result
         else:
             error = final_error(op, result, op.attempt, rt.limit(op))
             if error is None:
-                retry_later.append((message, origin, op, 0))
+                retry_later.append((message, origin, op, here, 0))
             else:
-                ended.append((message, origin, error))
+                ended.append((message, origin, error, here))
     if to_park:
         rt.circuit.opened(target)
-        parked = [Parked(m.encode(), op, _origin_tuple(o), attempts=op.attempt) for m, o, op in to_park]
+        parked = [Parked(m.encode(), op, _origin_tuple(o), attempts=op.attempt) for m, o, op, _ in to_park]
         if rt.park(parked, f"{type(outage).__name__}: {outage}"):
             outcomes["waiting"] += len(to_park)
+            done.extend(here for _, _, _, here in to_park)  # the waiting topic holds them now
         else:
-            retry_later += [(m, o, op, 1) for m, o, op in to_park]
+            retry_later += [(m, o, op, here, 1) for m, o, op, here in to_park]
 
 
 def _origin_tuple(origin: list[Any] | dict[str, Any] | None) -> tuple[str, int, int] | None:
@@ -304,20 +332,30 @@ def _origin_dict(origin: list[Any] | dict[str, Any] | None) -> dict[str, Any] | 
     return {"topic": topic, "partition": partition, "offset": offset}
 
 
+def position_of(value: Any) -> Position | None:
+    """The position a task was given, or None (a bridge that commits at hand-over gives none)."""
+    return position(value) if value is not None else None
+
+
+def _listed(here: Position | None) -> list[Any] | None:
+    return None if here is None else list(here)
+
+
 def _traceback_of(exc: BaseException) -> str:
     return "".join(traceback_module.format_exception(exc))
 
 
 def _write_dead_letter(
     rt: _Runtime, message: str | bytes, origin: dict[str, Any] | None, exc: BaseException, *, traceback: str,
-    attempts: int, task_id: str | None,
+    attempts: int, task_id: str | None, position: Position | None = None,
 ) -> None:
     letter, key = letter_for_failure(
         message, exc, origin=origin, traceback=traceback, attempts=attempts, task_id=task_id,
         max_bytes=rt.settings.max_message_bytes, signer=rt.signer,
     )
-    rt.dlq.write(letter, key)
+    rt.dlq.write(letter, key)  # raises unless Kafka confirmed it: only then has the op ended
     count_outcomes({letter.outcome: 1})
+    rt.ends.report([position])
 
 
 @shared_task(name=DEAD_LETTER_TASK, ignore_result=True)
@@ -333,16 +371,18 @@ def dead_letter(request: Any, exc: BaseException, traceback: str | None = None) 
 
     rt = runtime(current_app._get_current_object())
     args: Sequence[Any] = request.args or ()
-    if request.task == REPLAY_BATCH_TASK and len(args) == 2:
-        for message, origin in zip(args[0], args[1], strict=True):
+    if request.task == REPLAY_BATCH_TASK and len(args) in (2, 3):
+        positions = args[2] if len(args) == 3 and args[2] else [None] * len(args[0])
+        for message, origin, where in zip(args[0], args[1], positions, strict=True):
             _write_dead_letter(
-                rt, message, _origin_dict(origin), exc, traceback=traceback or "", attempts=1, task_id=request.id
+                rt, message, _origin_dict(origin), exc, traceback=traceback or "", attempts=1, task_id=request.id,
+                position=position_of(where),
             )
         return
-    origin = (request.kwargs or {}).get("origin") or None
+    kwargs = request.kwargs or {}
     _write_dead_letter(
-        rt, args[0] if args else "", origin, exc, traceback=traceback or "", attempts=(request.retries or 0) + 1,
-        task_id=request.id,
+        rt, args[0] if args else "", kwargs.get("origin") or None, exc, traceback=traceback or "",
+        attempts=(request.retries or 0) + 1, task_id=request.id, position=position_of(kwargs.get("position")),
     )
 
 
@@ -352,6 +392,8 @@ def _close_producers(**_: Any) -> None:
     from .producer import close_all
 
     close_all(timeout=10.0)
+    for rt in list(_runtimes.values()):
+        rt.ends.close(timeout=5.0)
 
 
 class _ValidateSettings(bootsteps.Step):

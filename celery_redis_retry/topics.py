@@ -1,7 +1,8 @@
 """``celery -A proj redis-retry topics create|describe``: the topics, made as production needs them.
 
 Production clusters run with ``auto.create.topics.enable=false``: the retry topic
-(``redis_retry_topic``), its dead-letter topic (``redis_retry_dlq_topic``) and one
+(``redis_retry_topic``), its dead-letter topic (``redis_retry_dlq_topic``), the topic
+where workers report the ops they ended (``redis_retry_ends_topic``) and one
 waiting topic per target (``<redis_retry_topic>.waiting.<target>``, where a target's
 ops wait while it is down) are made by an admin step, before any producer, bridge or
 worker starts. :func:`plan` says how, from the app's settings; :func:`create` makes what
@@ -23,7 +24,9 @@ The defaults, and why:
   ``redis_retry_max_age`` (an outage can keep an op waiting that long), plus a margin for
   a bridge stopped over a long weekend, and never less than 7 days. Waiting topics keep
   records as long, with as many partitions. The DLQ keeps records 28 days:
-  the time an operator has to look at them.
+  the time an operator has to look at them. The ends topic keeps records 1 day with 3
+  partitions: bridges read its records within moments of their writing, and only from
+  where they stood when they started.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ MIN_RETENTION_MS = 7 * DAY_MS
 #: Added to the retry window: the time ops may wait unread while no bridge runs.
 RETENTION_MARGIN_MS = 3 * DAY_MS
 DEFAULT_DLQ_RETENTION_MS = 28 * DAY_MS
+DEFAULT_ENDS_PARTITIONS = 3
+DEFAULT_ENDS_RETENTION_MS = DAY_MS
 
 #: The settings :func:`create` sets and :func:`differences` compares.
 COMPARED = ("min.insync.replicas", "retention.ms", "cleanup.policy")
@@ -114,6 +119,9 @@ def plan(
                   {**common, "retention.ms": str(retention)}),
         TopicPlan("DLQ", settings.dlq_topic, dlq_partitions, replication_factor,
                   {**common, "retention.ms": str(dlq_retention_ms)}),
+        *([TopicPlan("ends", settings.ends_topic, DEFAULT_ENDS_PARTITIONS, replication_factor,
+                     {**common, "retention.ms": str(DEFAULT_ENDS_RETENTION_MS)})]
+          if settings.commit_after == "end" else []),
         # Where a target's ops wait while it is down: kept as long as the ops themselves.
         *(TopicPlan(f"waiting ({target})", topic, partitions, replication_factor,
                     {**common, "retention.ms": str(retention)})
@@ -130,14 +138,14 @@ def plan_warnings(settings: Settings, plans: list[TopicPlan]) -> list[str]:
     out = []
     for p in plans:
         retention = int(p.config.get("retention.ms", "-1"))
-        if p.role != "DLQ" and (retention < 0 or retention > settings.dedupe_ttl * 1000):
+        if p.role not in ("DLQ", "ends") and (retention < 0 or retention > settings.dedupe_ttl * 1000):
             shown = "forever" if retention < 0 else f"{retention / DAY_MS:g} days"
             out.append(
                 f"retry topic {p.name} keeps ops {shown}, longer than redis_retry_dedupe_ttl "
                 f"({settings.dedupe_ttl / 86400:g} days): raise redis_retry_dedupe_ttl to at least "
                 f"{max(retention, 0) // 1000} s, or an op read again after its marker expired may apply twice"
             )
-        if p.role != "DLQ" and 0 <= retention < settings.max_age * 1000:
+        if p.role not in ("DLQ", "ends") and 0 <= retention < settings.max_age * 1000:
             out.append(
                 f"{p.role} topic {p.name} keeps ops {retention / DAY_MS:g} days, less than redis_retry_max_age "
                 f"({settings.max_age / 86400:g} days): an op waiting out a long outage could be deleted unread"

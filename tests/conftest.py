@@ -207,7 +207,8 @@ def make_loop(
     def make(
         *, broker_url: str | None = None, target_running: bool = True, cluster: bool = False, sentinel: bool = False,
         target_args: tuple[str, ...] = (), kafka_broker: KafkaBroker | ApacheKafka | None = None,
-        create_topics: bool = True, sentinel_down_after_ms: int = 1000, **options: Any,
+        create_topics: bool = True, sentinel_down_after_ms: int = 1000, broker_args: tuple[str, ...] = (),
+        **options: Any,
     ) -> LoopStack:
         workdir = tmp_path_factory.mktemp("loop")
         target: RedisServer | RedisCluster | RedisSentinel
@@ -222,7 +223,8 @@ def make_loop(
             )
             if target_running:
                 target.start()
-        broker = None if broker_url else redis_factory(args=("--appendonly", "yes"))
+        # The Celery broker may be killed under reconnecting clients too: a quiet port.
+        broker = None if broker_url else redis_factory(quiet_port(), args=("--appendonly", "yes", *broker_args))
         stack = LoopStack(kafka_broker or kafka, target, broker_url or broker.url, workdir, broker=broker, **options)
         if create_topics:
             stack.create_topics()

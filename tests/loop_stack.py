@@ -130,9 +130,14 @@ class LoopStack:
         """The waiting topic of every target of the stack."""
         return [waiting_topic_name(self.topic, target) for target in ("default", *self.extra_targets)]
 
+    @property
+    def ends_topic(self) -> str:
+        """Where the workers report the ops they ended."""
+        return f"{self.topic}.ends"
+
     def create_topics(self, partitions: int = 4) -> None:
-        """Create the ops, DLQ and waiting topics (a no-op on brokers that create topics on first use)."""
-        for topic in (self.topic, self.dlq_topic, *self.waiting_topics):
+        """Create the ops, DLQ, ends and waiting topics (a no-op on brokers that create topics on first use)."""
+        for topic in (self.topic, self.dlq_topic, self.ends_topic, *self.waiting_topics):
             self.kafka.create_topic(topic, partitions)
 
     def settings(self) -> Settings:

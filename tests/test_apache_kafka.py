@@ -81,8 +81,8 @@ def loop_with_topics_from_the_cli(
     created = stack.cli("redis-retry", "topics", "create", "--partitions", "4", "--dlq-partitions", "4")
     assert created.returncode == 0, created.stdout + created.stderr
     described = stack.cli("redis-retry", "topics", "describe")
-    # The retry, DLQ and waiting topics.
-    assert described.stdout.count("replication factor 3, min.insync.replicas 2") == 3, described.stdout
+    # The retry, DLQ, ends and waiting topics.
+    assert described.stdout.count("replication factor 3, min.insync.replicas 2") == 4, described.stdout
     return stack
 
 
@@ -195,6 +195,7 @@ def running_loop_on_cluster(make_loop: Callable[..., LoopStack], cluster: Apache
     stack = make_loop(kafka_broker=cluster, create_topics=False)
     cluster.create_topic(stack.topic, partitions=4, config={"message.timestamp.type": "LogAppendTime"})
     cluster.create_topic(stack.dlq_topic, partitions=4)
+    cluster.create_topic(stack.ends_topic, partitions=4)
     for waiting in stack.waiting_topics:
         cluster.create_topic(waiting, partitions=4)
     stack.start_worker(concurrency=2)
@@ -326,6 +327,7 @@ def test_huge_invalid_messages_become_bounded_dlq_records_and_block_nothing(
     stack = make_loop(kafka_broker=apache_kafka, create_topics=False)
     apache_kafka.create_topic(stack.topic, partitions=2, config={"max.message.bytes": "6000000"})
     apache_kafka.create_topic(stack.dlq_topic, partitions=2)  # Kafka's default limit: about 1 MB
+    apache_kafka.create_topic(stack.ends_topic, partitions=2)
     for waiting in stack.waiting_topics:
         apache_kafka.create_topic(waiting, partitions=2)
     stack.start_worker()

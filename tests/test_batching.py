@@ -6,11 +6,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgspec
 import pytest
 import redis
 from loop_stack import LoopStack, data_keys
 
-from celery_redis_retry import ops
+from celery_redis_retry import ends, ops
 from celery_redis_retry.config import Settings
 from celery_redis_retry.dispatch import Batcher, Consumed, OffsetTracker
 from celery_redis_retry.errors import PermanentReplayError
@@ -39,15 +40,83 @@ def test_offsets_advance_only_over_a_contiguous_handed_over_prefix() -> None:
     assert len(tracker) == 0
 
 
-def test_partitions_are_tracked_apart_and_forgotten_on_rewind() -> None:
+def test_partitions_are_tracked_apart_and_forgotten_on_revoke() -> None:
     tracker = OffsetTracker()
     tracker.consumed("t", 0, 5)
     tracker.consumed("t", 1, 7)
     tracker.consumed("t", 1, 8)
     assert tracker.handed_over("t", 1, 7) == 8
     tracker.forget("t", 0)
-    assert tracker.handed_over("t", 0, 5) is None  # rewound meanwhile: nothing to store
+    assert tracker.handed_over("t", 0, 5) is None  # revoked meanwhile: nothing to store
     assert tracker.first_open("t", 1) == 8
+
+
+def test_held_until_end_commits_only_past_ops_that_ended() -> None:
+    tracker = OffsetTracker(hold_until_end=True, redelivery_timeout=30)
+    for offset in range(5):
+        assert tracker.consumed("t", 0, offset)
+    for offset in range(4):
+        assert tracker.handed_over("t", 0, offset, item(0, offset)) is None  # accepted by Celery: in flight
+    assert tracker.in_flight == 4
+    assert tracker.first_open("t", 0) == 4  # where a rewind reads again: 4 was never handed over
+    assert tracker.ended("t", 0, 1) is None  # 0 has not ended
+    assert tracker.ended("t", 0, 3) is None
+    assert tracker.commit_point("t", 0) == (0, "1,3")  # offset 0, and what ended past it
+    assert tracker.ended("t", 0, 0) == 2
+    assert tracker.ended("t", 0, 0) is None  # reported twice: nothing moves
+    assert tracker.in_flight == 1
+    assert tracker.commit_point("t", 0) == (2, "3")
+    # Read again after a rewind: ops in flight or ended are skipped, the rest handled again.
+    assert not tracker.consumed("t", 0, 2)
+    assert not tracker.consumed("t", 0, 3)
+    assert tracker.consumed("t", 0, 4)
+    assert tracker.ended("t", 0, 4) is None
+    assert tracker.ended("t", 0, 2) == 5
+    assert tracker.in_flight == 0
+    assert len(tracker) == 0
+
+
+def test_ops_in_flight_too_long_are_due_again_and_retries_push_the_time() -> None:
+    tracker = OffsetTracker(hold_until_end=True, redelivery_timeout=10)
+    for offset in (0, 1):
+        tracker.consumed("t", 0, offset)
+        tracker.handed_over("t", 0, offset, item(0, offset))
+    now = time.monotonic()
+    assert tracker.overdue(now + 5) == []
+    tracker.retrying("t", 0, 1, due_in=60)  # a worker scheduled it again a minute ahead
+    assert [i.offset for i in tracker.overdue(now + 11)] == [0]
+    tracker.handed_over("t", 0, 0, item(0, 0))  # handed over again
+    assert tracker.handovers(item(0, 0)) == 2
+    assert tracker.in_flight == 2
+    assert [i.offset for i in tracker.overdue(now + 75)] == [0, 1]
+
+
+def test_a_restarted_partition_skips_what_ended_past_its_committed_offset() -> None:
+    tracker = OffsetTracker(hold_until_end=True)
+    tracker.assigned("t", 0, 10, frozenset({8, 11, 12}))  # 8 is below the commit: ignored
+    assert tracker.commit_point("t", 0) == (10, "11-12")
+    assert tracker.consumed("t", 0, 10)
+    assert not tracker.consumed("t", 0, 11)
+    assert not tracker.consumed("t", 0, 12)
+    assert tracker.ended("t", 0, 10) == 13
+
+
+def test_committing_at_hand_over_ends_an_op_when_celery_accepts_it() -> None:
+    tracker = OffsetTracker(hold_until_end=False)
+    tracker.consumed("t", 0, 0)
+    assert tracker.handed_over("t", 0, 0, item(0, 0)) == 1
+    assert tracker.in_flight == 0
+
+
+def test_end_records_group_positions_per_partition_and_refuse_other_data() -> None:
+    records = ends.encode_records([("t", 0, 5), ("t", 1, 7), ("t", 0, 6)], [(("t", 0, 9), 1234.5)])
+    assert [(r.t, r.p, r.e, r.r) for r in records] == [("t", 0, [5, 6], [(9, 1234.5)]), ("t", 1, [7], [])]
+    wire = msgspec.json.encode(records[0])
+    assert ends.decode_record(wire) == records[0]
+    assert ends.decode_record(b"not json") is None
+    assert ends.decode_record(b'{"v": 2, "t": "t", "p": 0}') is None
+    assert ends.position(["t", 3, 9]) == ("t", 3, 9)
+    assert ends.position(["t", "3", 9]) is None
 
 
 # -- batches: per target, full or lingering ------------------------------------------------

@@ -16,7 +16,8 @@ import pytest
 from loop_stack import LoopStack
 
 from celery_redis_retry import kafka, ops
-from celery_redis_retry.dlq_admin import Cursor, DeadLetterQueue, StoredLetter, format_offsets, parse_offsets
+from celery_redis_retry.dlq_admin import Cursor, DeadLetterQueue, StoredLetter
+from celery_redis_retry.kafka import MAX_METADATA, format_offsets, parse_offsets
 
 
 def _stack_with_dead_ops(make_loop: Callable[..., LoopStack]) -> tuple[LoopStack, list[Any], list[Any]]:
@@ -184,6 +185,11 @@ def test_offsets_round_trip_as_ranges() -> None:
     assert parse_offsets(None) == parse_offsets("") == frozenset()
     with pytest.raises(ValueError, match="too many to remember"):
         format_offsets(range(0, 20_000, 2))
+    kept = format_offsets(range(0, 20_000, 2), truncate=True)
+    assert len(kept) <= MAX_METADATA
+    assert kept.startswith("0,2,4,")
+    assert parse_offsets(kept) <= set(range(0, 20_000, 2))
+    assert parse_offsets("not,offsets") == frozenset()
 
 
 def test_cursor_moves_over_handled_records_up_to_the_first_pending() -> None:

@@ -24,7 +24,7 @@ from celery_redis_retry.testing import ApacheKafka, CeleryCommand, wait_until
 pytestmark = pytest.mark.slow
 
 def grant_least_privilege(cluster: ApacheKafka, topic: str, group: str) -> None:
-    """Exactly the ACLs docs/security.md lists, for an ops topic, its DLQ and waiting topic, and the bridge's groups."""
+    """Exactly the ACLs docs/security.md lists: an ops topic, its DLQ, ends and waiting topics, the bridge's groups."""
     dlq = f"{topic}.dlq"
     waiting_topics = [waiting_topic_name(topic, "default")]
     cluster.allow("User:app", "topic", topic, "WRITE", "DESCRIBE")
@@ -32,6 +32,8 @@ def grant_least_privilege(cluster: ApacheKafka, topic: str, group: str) -> None:
     cluster.allow("User:bridge", "group", group, "READ")
     cluster.allow("User:bridge", "topic", dlq, "WRITE", "DESCRIBE")
     cluster.allow("User:worker", "topic", dlq, "WRITE", "DESCRIBE")
+    cluster.allow("User:worker", "topic", f"{topic}.ends", "WRITE", "DESCRIBE")
+    cluster.allow("User:bridge", "topic", f"{topic}.ends", "READ", "DESCRIBE")
     for waiting in waiting_topics:
         cluster.allow("User:bridge", "topic", waiting, "READ", "WRITE", "DESCRIBE")
         cluster.allow("User:worker", "topic", waiting, "WRITE", "DESCRIBE")

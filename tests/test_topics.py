@@ -77,12 +77,12 @@ def test_topics_create_then_describe_and_rerun_on_apache_kafka(
 
     dry = stack.cli("redis-retry", "topics", "create", *flags, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.count("would create") == 3  # retry, DLQ and the waiting topic of target "default"
+    assert dry.stdout.count("would create") == 4  # retry, DLQ, ends and the waiting topic of target "default"
     assert _described(stack, stack.topic, stack.dlq_topic) == {stack.topic: None, stack.dlq_topic: None}
 
     created = stack.cli("redis-retry", "topics", "create", *flags)
     assert created.returncode == 0, created.stderr
-    assert created.stdout.count("created") == 3
+    assert created.stdout.count("created") == 4
     # What the cluster has, read back independently of the command's own report.
     ops_topic, dlq_topic = _described(stack, stack.topic, stack.dlq_topic).values()
     assert ops_topic is not None
@@ -96,6 +96,9 @@ def test_topics_create_then_describe_and_rerun_on_apache_kafka(
     waiting = _described(stack, f"{stack.topic}.waiting.default")[f"{stack.topic}.waiting.default"]
     assert waiting is not None
     assert (waiting.partitions, waiting.config["retention.ms"]) == (6, SEVEN_DAYS_MS)
+    ends = _described(stack, stack.ends_topic)[stack.ends_topic]
+    assert ends is not None
+    assert (ends.partitions, ends.config["retention.ms"]) == (3, str(DAY_MS))  # read within moments
 
     described = stack.cli("redis-retry", "topics", "describe", *flags)
     assert described.returncode == 0, described.stderr
@@ -107,7 +110,7 @@ def test_topics_create_then_describe_and_rerun_on_apache_kafka(
 
     again = stack.cli("redis-retry", "topics", "create", *flags)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("exists") == 3
+    assert again.stdout.count("exists") == 4
     assert "created" not in again.stdout
 
     # Asked for something else, it leaves the topics alone and says how they differ.
@@ -169,7 +172,7 @@ def test_topics_create_on_tansu(tansu: Any, stack_on: Callable[..., LoopStack]) 
     assert ops_topic.config["retention.ms"] == SEVEN_DAYS_MS
     again = stack.cli("redis-retry", "topics", "create", "--replication-factor", "1", "--partitions", "5")
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("exists") == 3
+    assert again.stdout.count("exists") == 4
 
 
 def test_topics_create_on_the_dev_broker_says_it_creates_topics_itself(
@@ -208,6 +211,12 @@ def test_bridge_exits_at_once_naming_the_missing_topic(apache_kafka: Any, stack_
     assert f"DLQ topic '{stack.dlq_topic}' does not exist on {bootstrap}; {CREATE_HINT}" in second.log_text()
 
     apache_kafka.create_topic(stack.dlq_topic, partitions=1)
+    ends = bridge()
+    code, _ = _exit_of(ends, 15)
+    assert code == 5, ends.log_tail()
+    assert f"ends topic '{stack.ends_topic}' does not exist on {bootstrap}; {CREATE_HINT}" in ends.log_text()
+
+    apache_kafka.create_topic(stack.ends_topic, partitions=1)
     third = bridge()
     code, _ = _exit_of(third, 15)
     assert code == 5, third.log_tail()

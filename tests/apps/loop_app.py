@@ -16,6 +16,8 @@ CRR_SPOOL          the producer spool file
 CRR_VISIBILITY_TIMEOUT  Redis broker redelivery delay for tasks held by a dead worker
 CRR_KILL_AFTER_APPLY    probability of SIGKILLing a worker child after a replay applied
 CRR_WORKER_METRICS_PORT where the worker serves Prometheus metrics
+CRR_COMMIT_AFTER   redis_retry_commit_after ("end" or "handover")
+CRR_REDELIVERY_TIMEOUT  redis_retry_redelivery_timeout, in seconds
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ app.conf.update(
     redis_retry_scripts=SCRIPTS,
     redis_retry_batch_size=int(env.get("CRR_BATCH_SIZE", "100")),
     redis_retry_queue_high_water=int(env.get("CRR_HIGH_WATER", "500")),
+    redis_retry_commit_after=env.get("CRR_COMMIT_AFTER", "end"),
+    redis_retry_redelivery_timeout=float(env.get("CRR_REDELIVERY_TIMEOUT", "300")),
     redis_retry_worker_metrics_port=int(env["CRR_WORKER_METRICS_PORT"]) if env.get("CRR_WORKER_METRICS_PORT") else None,
 )
 celery_redis_retry.install(app)
