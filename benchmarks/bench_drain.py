@@ -17,7 +17,12 @@ for quick checks of a few thousand ops).
 for batched replay; 1 (the default) is one Celery task per op. Until batched replay exists
 the bridge ignores it; the results record which value was used.
 
-Goals: bridge RSS flat within 10% over the drain; every op applied.
+``--commit-after end,handover`` (the default: both, in the same run) drains the same backlog
+with ``redis_retry_commit_after`` set to each: Kafka holding every op until a worker reports
+its end (the package default), and committing once Celery accepted the task.
+
+Goals: bridge RSS flat within 10% over the drain; every op applied; committing after end
+costs at most 10% of the throughput of committing at hand-over.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ from .common import (
 NAME = "bench_drain"
 RAW_PIPELINE = 1000
 RSS_GOAL_PCT = 10.0
+#: Committing after end may cost at most this share of the throughput of committing at hand-over.
+COMMIT_COST_GOAL = 0.10
 POLL_INTERVAL = 0.1
 PATTERN = "user:*:profile"
 
@@ -104,7 +111,7 @@ class _Child:
 def drain(
     *, bootstrap: str, topic: str, broker_url: str, target_url: str, workdir: Path, total: int,
     batch_size: int | None, batch_linger_ms: int | None, concurrency: int, loglevel: str, timeout: float,
-    kafka_settings: dict[str, Any],
+    kafka_settings: dict[str, Any], commit_after: str = "end",
 ) -> dict[str, Any]:
     """Start a worker and a bridge over the filled topic; wait until all ops are applied."""
     name = uuid.uuid4().hex[:8]
@@ -112,6 +119,7 @@ def drain(
     env = bench_env(broker_url=broker_url, bootstrap=bootstrap, target_url=target_url, topic=topic,
                     group=f"bench-drain-{name}", queue=queue, spool=str(workdir / "spool.sqlite3"),
                     batch_size=batch_size, batch_linger_ms=batch_linger_ms)
+    env["CRR_BENCH_COMMIT_AFTER"] = commit_after
     if kafka_settings:
         env["CRR_BENCH_KAFKA_EXTRA"] = json.dumps({**json.loads(env["CRR_BENCH_KAFKA_EXTRA"]), **kafka_settings})
     target = redis.Redis.from_url(target_url)
@@ -165,7 +173,8 @@ def drain(
     for part in rss.values():
         part["late_growth_pct"] = _late_growth(part.get("samples", []))
     return {
-        "batch_size": batch_size, "ops": total, "applied": applied, "all_applied": applied == total,
+        "batch_size": batch_size, "commit_after": commit_after, "ops": total, "applied": applied,
+        "all_applied": applied == total,
         "launch_to_done_s": done - launched,
         "launch_to_first_s": first_t - launched, "first_to_last_s": done - first_t,
         "ops_s": rate(total, done - launched), "ops_s_first_to_last": rate(applied - first_c, done - first_t),
@@ -202,7 +211,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     with kafka_broker(args.kafka) as kafka, redis_server() as celery_broker, redis_server() as target, \
             tempfile.TemporaryDirectory(prefix="crr-bench-drain-") as workdir:
         topic = f"bench-drain-{uuid.uuid4().hex[:8]}"
-        kafka.create_topic(topic, 4)  # before the bridge subscribes: Tansu would not see it for minutes
+        for name in (topic, f"{topic}.ends"):  # before the bridge subscribes: Tansu would not see it for minutes
+            kafka.create_topic(name, 4)
         print(f"publishing {args.ops:,} ops to {topic} on {args.kafka} Kafka {kafka.bootstrap_servers}...", flush=True)
         messages, fill_s = prefill(kafka.bootstrap_servers, topic, args.ops, Path(workdir))
         sizes = sorted(len(m) for m in messages)
@@ -210,25 +220,47 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         drains = []
         # Every drain reads the same topic from the start with a new consumer group.
         for batch_size in sizes_to_run:
-            print(f"draining with one bridge and one worker (-c {args.concurrency}, redis_retry_batch_size="
-                  f"{batch_size or 'default'})...", flush=True)
-            result = drain(bootstrap=kafka.bootstrap_servers, topic=topic, broker_url=celery_broker.url,
-                           target_url=target.url, workdir=Path(workdir), total=args.ops, batch_size=batch_size,
-                           batch_linger_ms=args.batch_linger_ms, concurrency=args.concurrency,
-                           loglevel=args.loglevel, timeout=args.timeout, kafka_settings=args.kafka_extra)
-            print(f"drained {result['applied']:,} of {args.ops:,} in {result['launch_to_done_s']:.1f} s "
-                  f"({result['ops_s']:,.0f} ops/s)", flush=True)
-            drains.append(result)
+            for commit_after in args.commit_after:
+                print(f"draining with one bridge and one worker (-c {args.concurrency}, redis_retry_batch_size="
+                      f"{batch_size or 'default'}, commit after {commit_after})...", flush=True)
+                result = drain(bootstrap=kafka.bootstrap_servers, topic=topic, broker_url=celery_broker.url,
+                               target_url=target.url, workdir=Path(workdir), total=args.ops, batch_size=batch_size,
+                               batch_linger_ms=args.batch_linger_ms, concurrency=args.concurrency,
+                               loglevel=args.loglevel, timeout=args.timeout, kafka_settings=args.kafka_extra,
+                               commit_after=commit_after)
+                print(f"drained {result['applied']:,} of {args.ops:,} in {result['launch_to_done_s']:.1f} s "
+                      f"({result['ops_s']:,.0f} ops/s)", flush=True)
+                drains.append(result)
         commands = [tuple(json.loads(m)["cmds"][0]) for m in messages]
         raw = raw_pipelined(target.url, commands)
         print(f"raw pipelined SET: {raw['ops_s']:,.0f} ops/s", flush=True)
     return _report(args, drains, raw, sizes, fill_s)
 
 
-def _label(batch_size: int | None) -> str:
+def _label(batch_size: int | None, commit_after: str | None = None) -> str:
     if batch_size is None:
-        return "package default batch size"
-    return "one task per op" if batch_size == 1 else f"batches of up to {batch_size}"
+        size = "package default batch size"
+    else:
+        size = "one task per op" if batch_size == 1 else f"batches of up to {batch_size}"
+    if commit_after is None:
+        return size
+    return f"{size}, commit {'after end' if commit_after == 'end' else 'at hand-over'}"
+
+
+def _commit_cost(drains: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per batch size: throughput committing after end over committing at hand-over."""
+    rows = []
+    for batch_size in dict.fromkeys(d["batch_size"] for d in drains):
+        by_mode = {d.get("commit_after"): d for d in drains if d["batch_size"] == batch_size}
+        end, handover = by_mode.get("end"), by_mode.get("handover")
+        if end is None or handover is None:
+            continue
+        ratio = end["ops_s"] / handover["ops_s"]
+        rows.append({"what": f"drain throughput committing after end vs at hand-over, {_label(batch_size)}",
+                     "unit": "ops/s", "project": end["ops_s"], "raw": handover["ops_s"],
+                     "raw_what": "the same drain committing at hand-over", "ratio": ratio,
+                     "goal": f">= {1 - COMMIT_COST_GOAL:g}x", "met": ratio >= 1 - COMMIT_COST_GOAL})
+    return rows
 
 
 def _report(
@@ -237,7 +269,7 @@ def _report(
     info = machine()
     rows, rss_rows, summary, notes = [], [], [], []
     for result in drains:
-        label = _label(result["batch_size"])
+        label = _label(result["batch_size"], result.get("commit_after"))
         ratio = result["ops_s"] / raw["ops_s"]
         bridge = result["rss"].get("bridge", {})
         growth = bridge.get("warm_growth_pct")
@@ -265,6 +297,10 @@ def _report(
             f"applied; {_dash(bridge.get('growth_pct'))}% over its RSS at launch; "
             f"{_dash(bridge.get('late_growth_pct'))}% in the second half of the drain)"
         )
+    cost = _commit_cost(drains)
+    summary += cost
+    notes += [f"- {c['what']}: {c['ratio']:.3f}x ({c['project']:,.0f} vs {c['raw']:,.0f} ops/s; goal "
+              f"{c['goal']}: **{'met' if c['met'] else 'MISSED'}**)" for c in cost]
     rows.append([f"raw redis-py pipelined SET (batches of {RAW_PIPELINE:,})", raw["ops"], raw["applied"],
                  round(raw["seconds"], 2), round(raw["ops_s"]), round(raw["ops_s"]), "1", "-"])
     kafka_note = f"; consumer settings added: `{json.dumps(args.kafka_extra)}`" if args.kafka_extra else ""
@@ -297,18 +333,20 @@ def _report(
         "",
     ]
     for result in drains:
-        lines += [f"Progress, {_label(result['batch_size'])}:", "",
+        lines += [f"Progress, {_label(result['batch_size'], result.get('commit_after'))}:", "",
                   markdown_table(["t s", "applied", "Celery queue"],
                                  [[p["t"], p["applied"], p["celery_queue"]] for p in _thin(result["progress"], 10)]),
                   ""]
     lines += [f"Machine: {describe_machine(info)}", "", f"Code measured: {describe_code(code_under_test())}"]
     missing = [r for r in drains if not r["all_applied"]]
     if missing:
-        lines.insert(2, "**WARNING: not every op was applied: " + "; ".join(
-            f"{_label(r['batch_size'])} {r['applied']:,} of {args.ops:,}" for r in missing) + ".**\n")
+        shortfalls = [f"{_label(r['batch_size'], r.get('commit_after'))} {r['applied']:,} of {args.ops:,}"
+                      for r in missing]
+        lines.insert(2, "**WARNING: not every op was applied: " + "; ".join(shortfalls) + ".**\n")
     payload = {
         "ops": args.ops, "kafka": args.kafka, "kafka_description": kafka_description(args.kafka),
         "kafka_extra": args.kafka_extra, "batch_sizes": [r["batch_size"] for r in drains],
+        "commit_after": args.commit_after,
         "batch_linger_ms": args.batch_linger_ms, "concurrency": args.concurrency, "loglevel": args.loglevel,
         "celery_broker": "redis",
         "message_bytes": {"min": sizes[0], "median": sizes[len(sizes) // 2], "max": sizes[-1]},
@@ -343,6 +381,8 @@ def main(argv: Sequence[str] = ()) -> int:
                         help="JSON of librdkafka settings added for the bridge, e.g. "
                              "'{\"queued.max.messages.kbytes\": 8192}'")
     parser.add_argument("--batch-linger-ms", type=int, default=None, help="redis_retry_batch_linger_ms")
+    parser.add_argument("--commit-after", type=lambda text: text.split(","), default=["end", "handover"],
+                        help="redis_retry_commit_after values to drain with, comma-separated (default end,handover)")
     parser.add_argument("--concurrency", type=int, default=2, help="worker -c (default 2)")
     parser.add_argument("--loglevel", default="INFO", help="worker -l (default INFO)")
     parser.add_argument("--timeout", type=float, default=1800, help="give up draining after seconds (default 1800)")
@@ -354,6 +394,8 @@ def main(argv: Sequence[str] = ()) -> int:
         parser.error(f"--batch-size: integers >= 1 or 'default', comma-separated, not {args.batch_size!r}")
     if args.ops < 100 or args.concurrency < 1:
         parser.error("--ops >= 100, --concurrency >= 1")
+    if not set(args.commit_after) <= {"end", "handover"}:
+        parser.error(f"--commit-after: 'end' and/or 'handover', comma-separated, not {','.join(args.commit_after)!r}")
     check_embedded_capacity(args.kafka, args.ops, 420)
     payload, markdown = run(args)
     publish_results(NAME, payload, markdown, args.json)

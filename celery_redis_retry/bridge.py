@@ -67,6 +67,10 @@ class NotEndedError(RedisRetryError):
     reason = "not_ended"
 
 
+#: How long a stopping bridge waits for the ops in flight to end before its last commit.
+STOP_WAIT_FOR_ENDS = 5.0
+
+
 @dataclass
 class _Stall:
     offset: int
@@ -309,7 +313,7 @@ class Bridge:
         signal.signal(signal.SIGINT, self.stop)
 
     def _close(self) -> None:
-        self._read_ends()
+        self._await_ends(STOP_WAIT_FOR_ENDS)
         for consumer in self._consumers():
             self._commit(consumer, self._assigned, "final offset commit")
             consumer.close()
@@ -572,6 +576,17 @@ class Bridge:
             if ended:
                 logger.info("%s[%d]: %d ops past committed offset %d ended before: not handed over again",
                             tp.topic, tp.partition, len(ended), tp.offset)
+
+    def _await_ends(self, seconds: float) -> None:
+        """Take in ends until no op is in flight, for at most ``seconds`` (a graceful stop)."""
+        deadline = time.monotonic() + seconds
+        self._read_ends()
+        while self._ends is not None and self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._read_ends()
+        if self.in_flight:
+            logger.info("stopping with %d ops in flight: they are handed over again from Kafka if they do not end",
+                        self.in_flight)
 
     def _read_ends(self) -> None:
         """Take in the ends workers reported, and the retries they scheduled."""

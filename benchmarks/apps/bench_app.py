@@ -15,6 +15,7 @@ CRR_BENCH_PREFETCH      worker_prefetch_multiplier (Celery's default: 4)
 CRR_BENCH_BATCH_SIZE    -> ``redis_retry_batch_size`` (1: one task per op; unset: the package default)
 CRR_BENCH_BATCH_LINGER_MS -> ``redis_retry_batch_linger_ms`` (unset: the package default)
 CRR_BENCH_HIGH_WATER    -> ``redis_retry_queue_high_water`` (0: the bridge never pauses; unset: the default)
+CRR_BENCH_COMMIT_AFTER  -> ``redis_retry_commit_after`` ("end" or "handover"; unset: the default)
 
 Besides the package's own tasks it registers the "raw Celery" baselines, with the same
 task options as ``celery_redis_retry.replay`` (late ack, no result) and a per-process
@@ -70,6 +71,8 @@ def make_app(env: Mapping[str, str], name: str = "bench_app") -> Celery:
         app.conf.redis_retry_batch_linger_ms = int(env["CRR_BENCH_BATCH_LINGER_MS"])
     if env.get("CRR_BENCH_HIGH_WATER"):
         app.conf.redis_retry_queue_high_water = int(env["CRR_BENCH_HIGH_WATER"])
+    if env.get("CRR_BENCH_COMMIT_AFTER"):
+        app.conf.redis_retry_commit_after = env["CRR_BENCH_COMMIT_AFTER"]
     celery_redis_retry.install(app)
     target_url = env["CRR_BENCH_TARGET_URL"]
     clients: dict[int, redis.Redis] = {}
