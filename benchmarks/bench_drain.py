@@ -55,6 +55,7 @@ from .common import (
     describe_machine,
     kafka_broker,
     kafka_description,
+    keys_applied,
     machine,
     markdown_table,
     publish_results,
@@ -139,7 +140,7 @@ def drain(
         next_progress = 0.0
         deadline = time.monotonic() + timeout
         while True:
-            applied = int(target.dbsize())
+            applied = keys_applied(target, total, PATTERN)
             now = time.perf_counter()
             if applied and first is None:
                 first = (now, applied)

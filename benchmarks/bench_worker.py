@@ -51,6 +51,7 @@ from .common import (
     code_under_test,
     describe_code,
     describe_machine,
+    keys_applied,
     machine,
     markdown_table,
     prequeue,
@@ -124,7 +125,7 @@ def _queue_all(app: Any, queue: str, workload: Workload, side: str, batch_size: 
 
 
 def _wait_applied(
-    worker: Any, target: redis.Redis, expected: int, profile_to: Path | None
+    worker: Any, target: redis.Redis, expected: int, pattern: str, profile_to: Path | None
 ) -> tuple[list[tuple[float, int]], dict[str, int] | None, dict[str, int]]:
     """Poll the target until ``expected`` keys exist: the samples and the worker's CPU at the first and last."""
     samples: list[tuple[float, int]] = []
@@ -133,7 +134,7 @@ def _wait_applied(
     last, changed = -1, time.monotonic()
     try:
         while True:
-            count = int(target.dbsize())
+            count = keys_applied(target, expected, pattern)
             samples.append((time.perf_counter(), count))
             if count and cpu_first is None:
                 cpu_first = _worker_cpu_ms(worker.pid)
@@ -183,7 +184,7 @@ def run_one(
     try:
         launched = time.perf_counter()
         worker.start()
-        samples, cpu_first, cpu_last = _wait_applied(worker, target, expected, profile_to)
+        samples, cpu_first, cpu_last = _wait_applied(worker, target, expected, workload.pattern, profile_to)
         # Stop only once every task is acknowledged: a warm shutdown restores unacknowledged
         # messages to the queue, and they would run again at the next start.
         _wait_acked(broker, queue, worker)

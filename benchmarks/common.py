@@ -394,6 +394,19 @@ def children(pid: int) -> list[int]:
     return sorted(set(found))
 
 
+def keys_applied(client: Any, expected: int, pattern: str) -> int:
+    """Data keys in the target: DBSIZE while it is below ``expected`` (cheap), then a SCAN of ``pattern``.
+
+    A replay also records a write stamp beside each key it writes (``crr:{<key>}:w``), so
+    DBSIZE counts up to twice the data keys: below ``expected`` it is an upper bound, good
+    for progress; only the SCAN says the work is done.
+    """
+    size = int(client.dbsize())
+    if size < expected:
+        return size
+    return sum(1 for _ in client.scan_iter(match=pattern, count=10_000))
+
+
 def rate(count: int, seconds: float) -> float:
     """``count / seconds``, 0 when no time passed."""
     return count / seconds if seconds > 0 else 0.0

@@ -61,7 +61,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "redis_retry_recovery_rate": 2000,
         "redis_retry_commit_after": "end",
         "redis_retry_redelivery_timeout": 300,
-        "redis_retry_max_in_flight": 20_000,
+        "redis_retry_max_in_flight": 100_000,
         "redis_retry_max_handovers": 5,
         "redis_retry_bridge_metrics_port": None,
         "redis_retry_worker_metrics_port": None,
@@ -122,7 +122,7 @@ class Settings:
     #: before the bridge hands it over again.
     redelivery_timeout: float = 300.0
     #: Ops one bridge may have handed over and not seen end; reading pauses at this many.
-    max_in_flight: int = 20_000
+    max_in_flight: int = 100_000
     #: Hand-overs of one op without an end, after which the bridge dead-letters it (``not_ended``).
     max_handovers: int = 5
     #: Ports on which the bridge and the worker serve Prometheus metrics (None: off).

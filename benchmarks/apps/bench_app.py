@@ -16,6 +16,7 @@ CRR_BENCH_BATCH_SIZE    -> ``redis_retry_batch_size`` (1: one task per op; unset
 CRR_BENCH_BATCH_LINGER_MS -> ``redis_retry_batch_linger_ms`` (unset: the package default)
 CRR_BENCH_HIGH_WATER    -> ``redis_retry_queue_high_water`` (0: the bridge never pauses; unset: the default)
 CRR_BENCH_COMMIT_AFTER  -> ``redis_retry_commit_after`` ("end" or "handover"; unset: the default)
+CRR_BENCH_MAX_IN_FLIGHT -> ``redis_retry_max_in_flight`` (unset: the default)
 
 Besides the package's own tasks it registers the "raw Celery" baselines, with the same
 task options as ``celery_redis_retry.replay`` (late ack, no result) and a per-process
@@ -73,6 +74,8 @@ def make_app(env: Mapping[str, str], name: str = "bench_app") -> Celery:
         app.conf.redis_retry_queue_high_water = int(env["CRR_BENCH_HIGH_WATER"])
     if env.get("CRR_BENCH_COMMIT_AFTER"):
         app.conf.redis_retry_commit_after = env["CRR_BENCH_COMMIT_AFTER"]
+    if env.get("CRR_BENCH_MAX_IN_FLIGHT"):
+        app.conf.redis_retry_max_in_flight = int(env["CRR_BENCH_MAX_IN_FLIGHT"])
     celery_redis_retry.install(app)
     target_url = env["CRR_BENCH_TARGET_URL"]
     clients: dict[int, redis.Redis] = {}
