@@ -163,11 +163,18 @@ def test_status_reports_lag_queue_and_dlq(make_loop: Callable[..., LoopStack]) -
 
     bridge = stack.start_bridge()  # no worker: the tasks wait in the Celery queue
     stack.wait_assigned(bridge)
-    stack.wait_for(lambda: json.loads(stack.cli("redis-retry", "status", "--json").stdout)["lag"] == 0, 60,
-                   "the bridge to hand everything over and commit")
+
+    def status() -> dict[str, Any]:
+        return json.loads(stack.cli("redis-retry", "status", "--json").stdout)
+
+    stack.wait_for(lambda: status()["queued_tasks"] > 0, 60, "the bridge to hand the ops to Celery")
+    handed = status()
+    assert (handed["lag"], handed["not_ended"]) == (40, 40)  # handed over, not ended: Kafka keeps them
+    stack.start_worker()
+    stack.wait_for(lambda: status()["lag"] == 0, 60, "the ops to end and the bridge to commit past them")
     text = stack.cli("redis-retry", "status")
-    assert re.search(r"celery queue queue-\w+: [1-9]\d* tasks waiting", text.stdout), text.stdout
-    assert f"retry topic  {stack.topic}: lag 0" in text.stdout
+    assert re.search(r"celery queue queue-\w+: 0 tasks waiting", text.stdout), text.stdout
+    assert f"retry topic  {stack.topic}: lag 0, not ended 0" in text.stdout
 
     assert stack.broker is not None
     stack.broker.stop()
