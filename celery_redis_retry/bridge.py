@@ -61,14 +61,11 @@ class BridgeUnavailableError(RedisRetryError):
     reason = "unavailable"
 
 
-class NotEndedError(RedisRetryError):
-    """An op was handed to Celery ``redis_retry_max_handovers`` times and never ended."""
-
-    reason = "not_ended"
-
-
 #: How long a stopping bridge waits for the ops in flight to end before its last commit.
 STOP_WAIT_FOR_ENDS = 5.0
+
+#: Hand-overs of one op without an end after which each further one is logged as an error.
+HANDOVERS_TO_ALERT = 3
 
 
 @dataclass
@@ -91,7 +88,7 @@ class BridgeStats:
     parked: int = 0  # ops moved to a waiting topic: their target's circuit was open
     expired: int = 0  # ops past their deadline or redis_retry_max_age, ended here
     redelivered: int = 0  # ops handed over again: they had not ended in redis_retry_redelivery_timeout
-    not_ended: int = 0  # ops dead-lettered after redis_retry_max_handovers hand-overs without an end
+    late: int = 0  # overdue ops found still waiting in the Celery queue: late, not lost, not sent again
     ends_read: int = 0  # end records read from the workers
     started: float = field(default_factory=time.monotonic)
 
@@ -331,9 +328,9 @@ class Bridge:
         stats = self.stats
         logger.info(
             "bridge: %d dispatched in %d tasks, %d parked, %d expired, %d rejected, %d stalls, %d holds, "
-            "%d in flight, %d handed over again, %d not ended in %.0f s",
+            "%d in flight, %d handed over again in %.0f s",
             stats.dispatched, stats.tasks, stats.parked, stats.expired, stats.rejected, stats.stalls, stats.held,
-            self.in_flight, stats.redelivered, stats.not_ended, time.monotonic() - stats.started,
+            self.in_flight, stats.redelivered, time.monotonic() - stats.started,
         )
 
     # -- rebalances ----------------------------------------------------------------------
@@ -505,7 +502,8 @@ class Bridge:
         for item in items:
             key = (item.topic, item.partition)
             self._failures.pop(key, None)
-            if self._offsets.handed_over(item.topic, item.partition, item.offset, item) is not None:
+            if self._offsets.handed_over(item.topic, item.partition, item.offset, item,
+                                         self.stats.tasks) is not None:
                 self._to_store.add(key)
         self._store_offsets(soon=True)
 
@@ -604,47 +602,51 @@ class Bridge:
             self._ended((t, p, o) for (t, p), offsets in reported.ended.items() for o in offsets)
 
     def _hand_over_overdue(self) -> None:
-        """Hand over again ops that did not end in time; dead-letter those handed over too often."""
+        """Hand over again ops that did not end in time and whose task left the Celery queue.
+
+        An op whose task still waits in the queue is late, not lost (workers are away or
+        behind): sending it again would only lengthen the queue. One that left the queue and
+        did not end was lost with a worker or the broker (or its end was): the dedupe
+        markers make the second copy harmless. Nothing is ever dead-lettered for being late;
+        each further hand-over waits twice as long, and from the third on it is an error in
+        the log, since workers then take the op and never report it.
+        """
         now = time.monotonic()
         if not self.holds_until_end or now < self._next_overdue_check:
             return
         self._next_overdue_check = now + 1.0
-        overdue = [i for i in self._offsets.overdue(now) if (i.topic, i.partition) not in self._stalled]
+        candidates = [i for i in self._offsets.overdue(now) if (i.topic, i.partition) not in self._stalled]
+        if not candidates:
+            self.stats.late = 0
+            return
+        depth = self._sender.queued_tasks()
+        if depth is None:
+            return  # the Celery broker cannot say what waits: look again in a second
+        taken = self.stats.tasks - depth  # every task sent up to this count has left the queue
+        overdue = [i for i in candidates if self._offsets.sent_mark(i) <= taken]
+        self.stats.late = len(candidates) - len(overdue)
         if not overdue:
             return
+        self.stats.redelivered += len(overdue)
+        first = overdue[0]
+        logger.warning(
+            "%d ops handed to Celery left its queue and did not end within redis_retry_redelivery_timeout "
+            "(%g s): handing them over again (first: op %s at %s[%d]@%d)", len(overdue),
+            self.settings.redelivery_timeout, first.op_id, first.topic, first.partition, first.offset,
+        )
+        stubborn = [i for i in overdue if self._offsets.handovers(i) >= HANDOVERS_TO_ALERT]
+        if stubborn:
+            logger.error(
+                "%d ops were taken from Celery queue %s %d times or more and never reported ended (first: op %s "
+                "at %s[%d]@%d): are the workers consuming it, and can they write to %s?", len(stubborn),
+                self.settings.queue, HANDOVERS_TO_ALERT, stubborn[0].op_id, stubborn[0].topic,
+                stubborn[0].partition, stubborn[0].offset, self.settings.ends_topic,
+            )
         again: dict[str, list[Consumed]] = {}
         for item in overdue:
-            handovers = self._offsets.handovers(item)
-            if handovers >= self.settings.max_handovers:
-                self._dead_letter_not_ended(item, handovers)
-            else:
-                again.setdefault(item.op.target, []).append(item)
-        count = sum(len(items) for items in again.values())
-        if count:
-            self.stats.redelivered += count
-            logger.warning(
-                "%d ops handed to Celery did not end within redis_retry_redelivery_timeout (%g s): handing them "
-                "over again (first: op %s at %s[%d]@%d)", count, self.settings.redelivery_timeout,
-                overdue[0].op_id, overdue[0].topic, overdue[0].partition, overdue[0].offset,
-            )
-            size = self.batch_size
-            self._send_all(items[i:i + size] for items in again.values() for i in range(0, len(items), size))
-
-    def _dead_letter_not_ended(self, item: Consumed, handovers: int) -> None:
-        error = NotEndedError(
-            f"op {item.op_id} was handed to Celery {handovers} times and never ended "
-            f"(redis_retry_max_handovers {self.settings.max_handovers}, redelivery timeout "
-            f"{self.settings.redelivery_timeout:g} s)"
-        )
-        letter = DeadLetter.for_error(error, op=item.op, raw=item.message.encode(),
-                                      origin=Origin(*item.first_position))
-        try:
-            self._dlq.write(letter, None)
-        except PublishError as exc:
-            logger.error("op %s could not be dead-lettered (%s): tried again in a second", item.op_id, exc)
-            return
-        self.stats.not_ended += 1
-        self._ended([(item.topic, item.partition, item.offset)])
+            again.setdefault(item.op.target, []).append(item)
+        size = self.batch_size
+        self._send_all(items[i:i + size] for items in again.values() for i in range(0, len(items), size))
 
     # -- backpressure --------------------------------------------------------------------
 

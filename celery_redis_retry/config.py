@@ -62,7 +62,6 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "redis_retry_commit_after": "end",
         "redis_retry_redelivery_timeout": 300,
         "redis_retry_max_in_flight": 100_000,
-        "redis_retry_max_handovers": 5,
         "redis_retry_bridge_metrics_port": None,
         "redis_retry_worker_metrics_port": None,
     }
@@ -123,8 +122,6 @@ class Settings:
     redelivery_timeout: float = 300.0
     #: Ops one bridge may have handed over and not seen end; reading pauses at this many.
     max_in_flight: int = 100_000
-    #: Hand-overs of one op without an end, after which the bridge dead-letters it (``not_ended``).
-    max_handovers: int = 5
     #: Ports on which the bridge and the worker serve Prometheus metrics (None: off).
     bridge_metrics_port: int | None = None
     worker_metrics_port: int | None = None
@@ -352,7 +349,6 @@ def _read(reader: _Reader) -> Settings:
         commit_after=_commit_after(reader),
         redelivery_timeout=reader.number("redis_retry_redelivery_timeout"),
         max_in_flight=reader.integer("redis_retry_max_in_flight", 1),
-        max_handovers=reader.integer("redis_retry_max_handovers", 1),
         bridge_metrics_port=_port(reader, "redis_retry_bridge_metrics_port"),
         worker_metrics_port=_port(reader, "redis_retry_worker_metrics_port"),
     )

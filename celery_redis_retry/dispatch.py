@@ -77,7 +77,7 @@ CONSUMED, IN_FLIGHT, ENDED = 0, 1, 2
 
 
 class _Entry:
-    __slots__ = ("due", "handovers", "item", "offset", "state")
+    __slots__ = ("due", "handovers", "item", "offset", "sent_mark", "state")
 
     def __init__(self, offset: int) -> None:
         self.offset = offset
@@ -85,6 +85,11 @@ class _Entry:
         self.item: Consumed | None = None
         self.due = 0.0  # monotonic time by which an op in flight should have ended
         self.handovers = 0
+        self.sent_mark = 0  # tasks the bridge had sent to the Celery queue once this op's task was in it
+
+
+#: A hand-over not ended waits up to this many redelivery timeouts before the next (doubling each time).
+MAX_REDELIVERY_BACKOFF = 8
 
 
 class OffsetTracker:
@@ -132,8 +137,13 @@ class OffsetTracker:
             return False
         return True
 
-    def handed_over(self, topic: str, partition: int, offset: int, item: Consumed | None = None) -> int | None:
-        """An op went to Celery; return the offset to store if the committable point moved."""
+    def handed_over(self, topic: str, partition: int, offset: int, item: Consumed | None = None,
+                    sent_mark: int = 0) -> int | None:
+        """An op went to Celery; return the offset to store if the committable point moved.
+
+        ``sent_mark`` counts the tasks sent to the Celery queue up to and including this
+        op's: once fewer tasks wait there than were sent after it, its task left the queue.
+        """
         entry = self._entries.get((topic, partition, offset))
         if entry is None or entry.state == ENDED:
             return None  # the partition was revoked meanwhile, or its end came first
@@ -143,7 +153,11 @@ class OffsetTracker:
             self.in_flight += 1
         entry.state, entry.item = IN_FLIGHT, item
         entry.handovers += 1
-        entry.due = time.monotonic() + self.redelivery_timeout
+        entry.sent_mark = sent_mark
+        # Each hand-over that did not end waits twice as long for the next: ops no worker
+        # can end (workers away, an ends topic they cannot write) do not flood the queue.
+        backoff = min(2 ** (entry.handovers - 1), MAX_REDELIVERY_BACKOFF)
+        entry.due = time.monotonic() + self.redelivery_timeout * backoff
         return None
 
     def ended(self, topic: str, partition: int, offset: int) -> int | None:
@@ -180,6 +194,11 @@ class OffsetTracker:
             e.item for queue in self._open.values() for e in queue
             if e.state == IN_FLIGHT and e.due <= now and e.item is not None
         ]
+
+    def sent_mark(self, item: Consumed) -> int:
+        """Tasks sent to the Celery queue up to and including ``item``'s last hand-over."""
+        entry = self._entries.get((item.topic, item.partition, item.offset))
+        return entry.sent_mark if entry is not None else 0
 
     def handovers(self, item: Consumed) -> int:
         """How many times ``item`` was handed to Celery without ending."""

@@ -123,10 +123,11 @@ def serve_bridge_metrics(bridge: Bridge, port: int) -> Any:
         yield _family("gauge", "crr_bridge_ops_in_flight", "Ops handed to Celery that have not ended yet",
                       bridge.in_flight)
         yield _family("counter", "crr_bridge_ops_handed_over_again",
-                      "Ops handed over again: they had not ended within redis_retry_redelivery_timeout",
-                      stats.redelivered)
-        yield _family("counter", "crr_bridge_ops_not_ended",
-                      "Ops dead-lettered after redis_retry_max_handovers hand-overs without an end", stats.not_ended)
+                      "Ops handed over again: their task left the Celery queue and they had not ended within "
+                      "redis_retry_redelivery_timeout", stats.redelivered)
+        yield _family("gauge", "crr_bridge_ops_late",
+                      "Ops past redis_retry_redelivery_timeout whose task still waits in the Celery queue",
+                      stats.late)
         yield from _circuit_families(bridge)
 
     return serve(port, _Collector(families))

@@ -410,7 +410,7 @@ class RetryProducer:
             old = state.producer
             old.purge(in_queue=True, in_flight=True)
             state.producer = self._new_kafka_producer()
-        old.flush(5.0)  # serves the purge reports: those messages are spooled
+        _serve_reports(old, 5.0)  # those messages are spooled
         state.fatal = False
         self.stats.recreated += 1
         logger.warning("Kafka producer recreated %s; spooled ops will be resent", why)
@@ -548,7 +548,7 @@ class RetryProducer:
     def flush(self, timeout: float = 10.0) -> int:
         """Wait up to ``timeout`` seconds for deliveries; return how many are still undelivered."""
         state = self._state
-        return state.producer.flush(timeout) if state is not None else 0
+        return _serve_reports(state.producer, timeout) if state is not None else 0
 
     def close(self, timeout: float = 10.0) -> int:
         """Flush for up to ``timeout`` seconds, spool what is left, stop; return how many were spooled."""
@@ -558,15 +558,15 @@ class RetryProducer:
             return 0
         state.stopping.set()
         state.thread.join(timeout)
-        state.producer.flush(timeout)
+        _serve_reports(state.producer, timeout)
         with state.send_lock:
             state.closed = True  # other threads' publishes go to the spool from now on
-        left = state.producer.flush(0)
+        left = _serve_reports(state.producer, 0)
         if left:
             # Purged messages come back as failed deliveries and are spooled; nothing is
             # left "in queue" for librdkafka to warn about when the handle goes away.
             state.producer.purge(in_queue=True, in_flight=True)
-            state.producer.flush(min(timeout, 5.0))  # serves the purge reports
+            _serve_reports(state.producer, min(timeout, 5.0))
             logger.warning("%d undelivered ops were spooled at shutdown (%s)", left, self.spool.path)
         self.spool.close()
         return left
@@ -576,6 +576,23 @@ class RetryProducer:
         self._lock = threading.Lock()
         self._drain_lock = threading.Lock()
         self._state = None
+
+
+def _serve_reports(producer: kafka.Producer, timeout: float) -> int:
+    """Flush for up to ``timeout`` seconds, serving delivery reports; return how many are left.
+
+    After a fatal error (an idempotent producer refused its id) ``flush()`` raises instead
+    of returning: the failed deliveries are still to be served, so that they are spooled.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return producer.flush(max(0.0, deadline - time.monotonic()))
+        except kafka.KafkaException as exc:
+            logger.debug("Kafka producer flush: %s", exc)
+            if time.monotonic() >= deadline:
+                return len(producer)
+            time.sleep(0.05)
 
 
 def _record_report(

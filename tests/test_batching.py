@@ -88,7 +88,22 @@ def test_ops_in_flight_too_long_are_due_again_and_retries_push_the_time() -> Non
     tracker.handed_over("t", 0, 0, item(0, 0))  # handed over again
     assert tracker.handovers(item(0, 0)) == 2
     assert tracker.in_flight == 2
+    assert [i.offset for i in tracker.overdue(now + 15)] == []  # the second hand-over waits twice as long
     assert [i.offset for i in tracker.overdue(now + 75)] == [0, 1]
+    for _ in range(6):
+        tracker.handed_over("t", 0, 0, item(0, 0))
+    assert tracker.overdue(now + 79) == [item(0, 1)]  # capped at 8 timeouts
+    assert [i.offset for i in tracker.overdue(now + 81)] == [0, 1]
+
+
+def test_the_sent_mark_tells_which_tasks_left_the_celery_queue() -> None:
+    tracker = OffsetTracker(hold_until_end=True, redelivery_timeout=10)
+    for offset, mark in ((0, 1), (1, 2), (2, 3)):
+        tracker.consumed("t", 0, offset)
+        tracker.handed_over("t", 0, offset, item(0, offset), sent_mark=mark)
+    # 3 tasks sent, 1 still waits: the first two left the queue, the third may be the one waiting.
+    taken = 3 - 1
+    assert [i.offset for i in tracker.overdue(time.monotonic() + 11) if tracker.sent_mark(i) <= taken] == [0, 1]
 
 
 def test_a_restarted_partition_skips_what_ended_past_its_committed_offset() -> None:
