@@ -615,7 +615,10 @@ class Bridge:
         if not self.holds_until_end or now < self._next_overdue_check:
             return
         self._next_overdue_check = now + 1.0
-        candidates = [i for i in self._offsets.overdue(now) if (i.topic, i.partition) not in self._stalled]
+        def unstalled(items: list[Consumed]) -> list[Consumed]:  # a rewound partition reads them again
+            return [i for i in items if (i.topic, i.partition) not in self._stalled]
+
+        candidates = unstalled(self._offsets.overdue(now))
         if not candidates:
             self.stats.late = 0
             return
@@ -623,7 +626,7 @@ class Bridge:
         if depth is None:
             return  # the Celery broker cannot say what waits: look again in a second
         taken = self.stats.tasks - depth  # every task sent up to this count has left the queue
-        overdue = [i for i in candidates if self._offsets.sent_mark(i) <= taken]
+        overdue = unstalled(self._offsets.overdue(now, taken=taken))
         self.stats.late = len(candidates) - len(overdue)
         if not overdue:
             return

@@ -187,18 +187,18 @@ class OffsetTracker:
             self._safe[key] = safe
         return safe
 
-    def overdue(self, now: float | None = None) -> list[Consumed]:
-        """Ops in flight past their due time (to hand over again), oldest first per partition."""
+    def overdue(self, now: float | None = None, *, taken: int | None = None) -> list[Consumed]:
+        """Ops in flight past their due time (to hand over again), oldest first per partition.
+
+        With ``taken`` (tasks sent minus tasks still waiting in the Celery queue), only the
+        ops whose task left the queue: one whose task may still wait there is late, not lost.
+        """
         now = time.monotonic() if now is None else now
         return [
             e.item for queue in self._open.values() for e in queue
             if e.state == IN_FLIGHT and e.due <= now and e.item is not None
+            and (taken is None or e.sent_mark <= taken)
         ]
-
-    def sent_mark(self, item: Consumed) -> int:
-        """Tasks sent to the Celery queue up to and including ``item``'s last hand-over."""
-        entry = self._entries.get((item.topic, item.partition, item.offset))
-        return entry.sent_mark if entry is not None else 0
 
     def handovers(self, item: Consumed) -> int:
         """How many times ``item`` was handed to Celery without ending."""
