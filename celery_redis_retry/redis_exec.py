@@ -111,8 +111,9 @@ def connect(url: str, **overrides: Any) -> Any:
         options = {
             **_defaults_for(parts.query, overrides), **given, "password": parts.password, "username": parts.username,
         }
-        sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": 2.0}, **options)  # type: ignore[no-untyped-call]
-        return sentinel.master_for(path[0], db=db, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call]
+        # redis-py 8.2 types Sentinel; earlier releases do not.
+        sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": 2.0}, **options)  # type: ignore[no-untyped-call,unused-ignore]
+        return sentinel.master_for(path[0], db=db, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call,unused-ignore]
     return redis.Redis.from_url(url, **_defaults_for(parts.query, overrides), retry=Retry(NoBackoff(), 0))
 
 
