@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 from . import kafka
 from .circuit import OPEN, RECOVERING, Circuits, CircuitState, TargetProbe
 from .config import settings_for, waiting_group
-from .dispatch import Batcher, Consumed, HandoverError, OffsetTracker, Partition, TaskSender
+from .dispatch import Batcher, Consumed, HandoverError, InFlight, OffsetTracker, Partition, TaskSender
 from .dlq import DeadLetter, DeadLetterWriter, Origin
 from .ends import EndsReader
 from .errors import DecodeError, PublishError, RedisRetryError
@@ -509,10 +509,16 @@ class Bridge:
 
     def _ended(self, positions: Iterable[tuple[str, int, int]]) -> None:
         """Ops that ended (here, or reported by a worker): the commit point may move past them."""
+        by_partition: dict[Partition, list[int]] = {}
         for topic, partition, offset in positions:
-            key = (topic, partition)
+            by_partition.setdefault((topic, partition), []).append(offset)
+        self._ended_in(by_partition)
+
+    def _ended_in(self, by_partition: Mapping[Partition, list[int]]) -> None:
+        """Ops that ended, grouped by partition (the ends of a worker's batch come together)."""
+        for key, offsets in by_partition.items():
             self._failures.pop(key, None)
-            if self._offsets.ended(topic, partition, offset) is not None or self.holds_until_end:
+            if self._offsets.ended_many(key[0], key[1], offsets) is not None or self.holds_until_end:
                 self._to_store.add(key)
         self._store_offsets(soon=True)
 
@@ -599,7 +605,7 @@ class Bridge:
             for (topic, partition), pairs in reported.retrying.items():
                 for offset, due in pairs:
                     self._offsets.retrying(topic, partition, offset, due - now)
-            self._ended((t, p, o) for (t, p), offsets in reported.ended.items() for o in offsets)
+            self._ended_in(reported.ended)
 
     def _hand_over_overdue(self) -> None:
         """Hand over again ops that did not end in time and whose task left the Celery queue.
@@ -615,7 +621,8 @@ class Bridge:
         if not self.holds_until_end or now < self._next_overdue_check:
             return
         self._next_overdue_check = now + 1.0
-        def unstalled(items: list[Consumed]) -> list[Consumed]:  # a rewound partition reads them again
+
+        def unstalled(items: list[InFlight]) -> list[InFlight]:  # a rewound partition reads them again
             return [i for i in items if (i.topic, i.partition) not in self._stalled]
 
         candidates = unstalled(self._offsets.overdue(now))
@@ -631,13 +638,14 @@ class Bridge:
         if not overdue:
             return
         self.stats.redelivered += len(overdue)
-        first = overdue[0]
+        items = [self._consumed_again(record) for record in overdue]
+        first = items[0]
         logger.warning(
             "%d ops handed to Celery left its queue and did not end within redis_retry_redelivery_timeout "
-            "(%g s): handing them over again (first: op %s at %s[%d]@%d)", len(overdue),
+            "(%g s): handing them over again (first: op %s at %s[%d]@%d)", len(items),
             self.settings.redelivery_timeout, first.op_id, first.topic, first.partition, first.offset,
         )
-        stubborn = [i for i in overdue if self._offsets.handovers(i) >= HANDOVERS_TO_ALERT]
+        stubborn = [item for item, record in zip(items, overdue, strict=True) if record.handovers >= HANDOVERS_TO_ALERT]
         if stubborn:
             logger.error(
                 "%d ops were taken from Celery queue %s %d times or more and never reported ended (first: op %s "
@@ -646,10 +654,19 @@ class Bridge:
                 stubborn[0].partition, stubborn[0].offset, self.settings.ends_topic,
             )
         again: dict[str, list[Consumed]] = {}
-        for item in overdue:
+        for item in items:
             again.setdefault(item.op.target, []).append(item)
         size = self.batch_size
-        self._send_all(items[i:i + size] for items in again.values() for i in range(0, len(items), size))
+        self._send_all(batch[i:i + size] for batch in again.values() for i in range(0, len(batch), size))
+
+    def _consumed_again(self, record: InFlight) -> Consumed:
+        """An op in flight as it was read, to hand over again.
+
+        The tracker keeps only the message, not the decoded op (see dispatch.py). The
+        message passed these very checks when it was read, with the same settings.
+        """
+        op = decode(record.message.encode(), max_bytes=self.settings.max_message_bytes, signer=self._signer)
+        return Consumed(record.topic, record.partition, record.offset, record.message, op, record.first_origin)
 
     # -- backpressure --------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ from kombu.exceptions import ChannelError
 from .errors import RedisRetryError
 from .kafka import format_offsets
 from .ops import RedisOp
-from .tasks import DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
+from .tasks import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 
 logger = logging.getLogger(__name__)
 
@@ -75,21 +76,43 @@ class Consumed:
 #: Where an op is: read and not handed over yet, handed to Celery and not ended, ended.
 CONSUMED, IN_FLIGHT, ENDED = 0, 1, 2
 
-
-class _Entry:
-    __slots__ = ("due", "handovers", "item", "offset", "sent_mark", "state")
-
-    def __init__(self, offset: int) -> None:
-        self.offset = offset
-        self.state = CONSUMED
-        self.item: Consumed | None = None
-        self.due = 0.0  # monotonic time by which an op in flight should have ended
-        self.handovers = 0
-        self.sent_mark = 0  # tasks the bridge had sent to the Celery queue once this op's task was in it
-
-
 #: A hand-over not ended waits up to this many redelivery timeouts before the next (doubling each time).
 MAX_REDELIVERY_BACKOFF = 8
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """An op handed to Celery that has not ended: what it takes to hand it over again."""
+
+    topic: str
+    partition: int
+    offset: int
+    message: str
+    first_origin: tuple[str, int, int] | None
+    #: Hand-overs so far that did not end.
+    handovers: int
+
+
+# What the tracker keeps of an op in flight: (message, first_origin, due, handovers, sent_mark).
+# A plain tuple of strings and numbers, on purpose: CPython stops tracking such tuples at
+# their first garbage collection, so 100,000 ops in flight add nothing to the full
+# collections that a Consumed (and its decoded op) per op made cost about 40% of the
+# bridge's CPU time during a drain.
+_Flight = tuple[str, tuple[str, int, int] | None, float, int, int]
+
+
+class _Log:
+    """One partition's offsets read and not yet committed past, in the order read."""
+
+    __slots__ = ("ended_before", "ended_past_head", "flight", "order", "safe", "state")
+
+    def __init__(self) -> None:
+        self.order: deque[int] = deque()
+        self.state: dict[int, int] = {}
+        self.flight: dict[int, _Flight] = {}
+        self.ended_past_head = 0  # ENDED offsets in ``order`` behind one that has not ended
+        self.ended_before: set[int] = set()  # from the commit's metadata
+        self.safe: int | None = None  # the committable offset, once known
 
 
 class OffsetTracker:
@@ -109,32 +132,38 @@ class OffsetTracker:
     def __init__(self, *, hold_until_end: bool = False, redelivery_timeout: float = 300.0) -> None:
         self.hold_until_end = hold_until_end
         self.redelivery_timeout = redelivery_timeout
-        self._open: dict[Partition, deque[_Entry]] = {}
-        self._entries: dict[tuple[str, int, int], _Entry] = {}
-        self._ended_before: dict[Partition, set[int]] = {}  # from the commit's metadata
-        self._safe: dict[Partition, int] = {}  # the committable offset, once known
+        self._logs: dict[Partition, _Log] = {}
+        self._earliest_due = float("inf")  # no op in flight is due before this
         self.in_flight = 0
+
+    def _log(self, topic: str, partition: int) -> _Log:
+        log = self._logs.get((topic, partition))
+        if log is None:
+            log = self._logs[(topic, partition)] = _Log()
+        return log
 
     def assigned(self, topic: str, partition: int, committed: int, ended: frozenset[int]) -> None:
         """Start a partition at its committed offset, knowing which later offsets ended before."""
         self.forget(topic, partition)
-        self._ended_before[(topic, partition)] = {o for o in ended if o >= committed}
+        log = self._log(topic, partition)
+        log.ended_before = {o for o in ended if o >= committed}
         if committed >= 0:
-            self._safe[(topic, partition)] = committed
+            log.safe = committed
 
     def consumed(self, topic: str, partition: int, offset: int) -> bool:
         """Note an offset read from Kafka; False when it is in flight or ended already (skip it)."""
-        entry = self._entries.get((topic, partition, offset))
-        if entry is not None:
-            return entry.state == CONSUMED
-        entry = self._entries[(topic, partition, offset)] = _Entry(offset)
-        self._open.setdefault((topic, partition), deque()).append(entry)
-        ended_before = self._ended_before.get((topic, partition))
-        if ended_before and offset in ended_before:
-            ended_before.discard(offset)
-            entry.state = ENDED
-            self._advance((topic, partition))
+        log = self._log(topic, partition)
+        state = log.state.get(offset)
+        if state is not None:
+            return state == CONSUMED
+        log.order.append(offset)
+        if offset in log.ended_before:
+            log.ended_before.discard(offset)
+            log.state[offset] = ENDED
+            log.ended_past_head += 1
+            self._advance(log)
             return False
+        log.state[offset] = CONSUMED
         return True
 
     def handed_over(self, topic: str, partition: int, offset: int, item: Consumed | None = None,
@@ -144,96 +173,116 @@ class OffsetTracker:
         ``sent_mark`` counts the tasks sent to the Celery queue up to and including this
         op's: once fewer tasks wait there than were sent after it, its task left the queue.
         """
-        entry = self._entries.get((topic, partition, offset))
-        if entry is None or entry.state == ENDED:
+        log = self._logs.get((topic, partition))
+        state = None if log is None else log.state.get(offset)
+        if log is None or state is None or state == ENDED:
             return None  # the partition was revoked meanwhile, or its end came first
         if not self.hold_until_end or item is None:
             return self.ended(topic, partition, offset)
-        if entry.state == CONSUMED:
+        previous = log.flight.get(offset)
+        handovers = 1 if previous is None else previous[3] + 1  # [3]: its hand-overs so far
+        if state == CONSUMED:
             self.in_flight += 1
-        entry.state, entry.item = IN_FLIGHT, item
-        entry.handovers += 1
-        entry.sent_mark = sent_mark
+            log.state[offset] = IN_FLIGHT
         # Each hand-over that did not end waits twice as long for the next: ops no worker
         # can end (workers away, an ends topic they cannot write) do not flood the queue.
-        backoff = min(2 ** (entry.handovers - 1), MAX_REDELIVERY_BACKOFF)
-        entry.due = time.monotonic() + self.redelivery_timeout * backoff
+        backoff = min(2 ** (handovers - 1), MAX_REDELIVERY_BACKOFF)
+        due = time.monotonic() + self.redelivery_timeout * backoff
+        log.flight[offset] = (item.message, item.first_origin, due, handovers, sent_mark)
+        self._earliest_due = min(self._earliest_due, due)
         return None
 
     def ended(self, topic: str, partition: int, offset: int) -> int | None:
         """An op ended; return the offset to store if the committable point moved."""
-        entry = self._entries.get((topic, partition, offset))
-        if entry is None or entry.state == ENDED:
-            return None  # not ours (another bridge handed it over), or reported twice
-        if entry.state == IN_FLIGHT:
-            self.in_flight -= 1
-        entry.state, entry.item = ENDED, None
-        return self._advance((topic, partition))
+        return self.ended_many(topic, partition, (offset,))
+
+    def ended_many(self, topic: str, partition: int, offsets: Iterable[int]) -> int | None:
+        """Ops of one partition ended; return the offset to store if the committable point moved.
+
+        Offsets that are not this bridge's (another bridge handed them over) or that
+        ended already (reported twice) are ignored.
+        """
+        log = self._logs.get((topic, partition))
+        if log is None:
+            return None
+        state, flight = log.state, log.flight
+        for offset in offsets:
+            was = state.get(offset)
+            if was is None or was == ENDED:
+                continue
+            if was == IN_FLIGHT:
+                self.in_flight -= 1
+                del flight[offset]
+            state[offset] = ENDED
+            log.ended_past_head += 1
+        return self._advance(log)
 
     def retrying(self, topic: str, partition: int, offset: int, due_in: float) -> None:
         """A worker scheduled the op again ``due_in`` seconds from now: wait for that too."""
-        entry = self._entries.get((topic, partition, offset))
-        if entry is not None and entry.state == IN_FLIGHT:
-            entry.due = max(entry.due, time.monotonic() + max(0.0, due_in) + self.redelivery_timeout)
+        log = self._logs.get((topic, partition))
+        flight = None if log is None else log.flight.get(offset)
+        if log is not None and flight is not None:
+            message, first_origin, due, handovers, sent_mark = flight
+            due = max(due, time.monotonic() + max(0.0, due_in) + self.redelivery_timeout)
+            log.flight[offset] = (message, first_origin, due, handovers, sent_mark)
 
-    def _advance(self, key: Partition) -> int | None:
-        queue = self._open[key]
+    def _advance(self, log: _Log) -> int | None:
+        order, state = log.order, log.state
         safe = None
-        while queue and queue[0].state == ENDED:
-            entry = queue.popleft()
-            del self._entries[(key[0], key[1], entry.offset)]
-            safe = entry.offset + 1
+        while order and state[order[0]] == ENDED:
+            offset = order.popleft()
+            del state[offset]
+            log.ended_past_head -= 1
+            safe = offset + 1
         if safe is not None:
-            self._safe[key] = safe
+            log.safe = safe
         return safe
 
-    def overdue(self, now: float | None = None, *, taken: int | None = None) -> list[Consumed]:
+    def overdue(self, now: float | None = None, *, taken: int | None = None) -> list[InFlight]:
         """Ops in flight past their due time (to hand over again), oldest first per partition.
 
         With ``taken`` (tasks sent minus tasks still waiting in the Celery queue), only the
         ops whose task left the queue: one whose task may still wait there is late, not lost.
         """
         now = time.monotonic() if now is None else now
+        if now < self._earliest_due:
+            return []
+        self._earliest_due = min((due for log in self._logs.values() for _, _, due, _, _ in log.flight.values()),
+                                 default=float("inf"))
         return [
-            e.item for queue in self._open.values() for e in queue
-            if e.state == IN_FLIGHT and e.due <= now and e.item is not None
-            and (taken is None or e.sent_mark <= taken)
+            InFlight(topic, partition, offset, message, first_origin, handovers)
+            for (topic, partition), log in self._logs.items()
+            for offset, (message, first_origin, due, handovers, sent_mark) in log.flight.items()
+            if due <= now and (taken is None or sent_mark <= taken)
         ]
-
-    def handovers(self, item: Consumed) -> int:
-        """How many times ``item`` was handed to Celery without ending."""
-        entry = self._entries.get((item.topic, item.partition, item.offset))
-        return entry.handovers if entry is not None else 0
 
     def first_open(self, topic: str, partition: int) -> int | None:
         """The smallest offset of the partition not handed over yet (where to rewind to)."""
-        for entry in self._open.get((topic, partition), ()):
-            if entry.state == CONSUMED:
-                return entry.offset
-        return None
+        log = self._logs.get((topic, partition))
+        if log is None:
+            return None
+        return next((o for o in log.order if log.state[o] == CONSUMED), None)
 
     def commit_point(self, topic: str, partition: int) -> tuple[int, str] | None:
         """The offset to commit and, as its metadata, the offsets past it that ended (None: unknown)."""
-        key = (topic, partition)
-        queue = self._open.get(key)
-        safe = self._safe.get(key) if not queue else queue[0].offset
+        log = self._logs.get((topic, partition))
+        if log is None:
+            return None
+        safe = log.order[0] if log.order else log.safe
         if safe is None:
             return None
-        ended = [e.offset for e in queue or () if e.state == ENDED]
-        ended += (o for o in self._ended_before.get(key, ()) if o >= safe)
+        ended = [o for o in log.order if log.state[o] == ENDED] if log.ended_past_head else []
+        ended += (o for o in log.ended_before if o >= safe)
         return safe, format_offsets(ended, truncate=True)
 
     def forget(self, topic: str, partition: int) -> None:
         """Drop a partition's bookkeeping (revoked)."""
-        for entry in self._open.pop((topic, partition), ()):
-            self._entries.pop((topic, partition, entry.offset), None)
-            if entry.state == IN_FLIGHT:
-                self.in_flight -= 1
-        self._ended_before.pop((topic, partition), None)
-        self._safe.pop((topic, partition), None)
+        log = self._logs.pop((topic, partition), None)
+        if log is not None:
+            self.in_flight -= len(log.flight)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(len(log.state) for log in self._logs.values())
 
 
 @dataclass
@@ -333,7 +382,8 @@ class TaskSender:
         else:
             args: tuple[Any, ...] = ([i.message for i in batch], [i.origin for i in batch])
             if self.with_positions:
-                args += ([i.position for i in batch],)
+                parked = any(i.first_origin is not None for i in batch)
+                args += ([i.position for i in batch] if parked else AT_ORIGINS,)
             self.app.send_task(
                 REPLAY_BATCH_TASK, args=args, queue=self.queue, link_error=self._errback, producer=producer,
                 argsrepr=f"({len(batch)} ops: {batch[0].op_id}..{batch[-1].op_id})", kwargsrepr="",

@@ -56,6 +56,10 @@ REPLAY_TASK = "celery_redis_retry.replay"
 REPLAY_BATCH_TASK = "celery_redis_retry.replay_batch"
 DEAD_LETTER_TASK = "celery_redis_retry.dead_letter"
 
+#: ``positions`` of a ``replay_batch`` task whose ops were all read where they came from
+#: (none from a waiting topic): the origins are the positions, and are not sent twice.
+AT_ORIGINS = "origins"
+
 _Item = tuple[str, list[Any], RedisOp, Any]  # one op of a batch: message, origin, op, position
 _Retry = tuple[str, list[Any], RedisOp, Any, int]  # ..., and how many outages it met
 
@@ -223,7 +227,7 @@ def replay(
 
 @shared_task(name=REPLAY_BATCH_TASK, **_TASK_OPTIONS)
 def replay_batch(
-    self: Any, messages: list[str], origins: list[list[Any]], positions: list[Any] | None = None
+    self: Any, messages: list[str], origins: list[list[Any]], positions: list[Any] | str | None = None
 ) -> dict[str, int]:
     """Run many ops in pipelined round trips; return how many ended in each outcome.
 
@@ -231,15 +235,15 @@ def replay_batch(
     Kafka (``waiting``); another retryable error sends it as a ``replay`` task that
     continues with its next attempt after the usual countdown; anything that ends it is
     dead-lettered here, with its own DLQ record, exactly as ``replay`` would have.
-    ``positions`` are where the bridge read each message; the ops' ends are reported
-    to the bridges for them, once per batch.
+    ``positions`` are where the bridge read each message (:data:`AT_ORIGINS`: at their
+    origins); the ops' ends are reported to the bridges for them, once per batch.
     """
     rt = runtime(self.app)
     outcomes: Counter[str] = Counter()
     ready: dict[str, list[_Item]] = {}
     ended: list[tuple[str, list[Any], BaseException, Position | None]] = []
     done: list[Position | None] = []  # ops that ended here (the DLQ'd ones once written)
-    for message, origin, where in zip(messages, origins, positions or [None] * len(messages), strict=True):
+    for message, origin, where in zip(messages, origins, _positions(positions, origins), strict=True):
         here = position_of(where)
         try:
             op = read_op(message, rt)
@@ -320,6 +324,13 @@ def _run_target(
             retry_later += [(m, o, op, here, 1) for m, o, op, here in to_park]
 
 
+def _positions(positions: list[Any] | str | None, origins: list[Any]) -> list[Any]:
+    """A batch's positions, one per op (None each when its bridge commits at hand-over)."""
+    if positions == AT_ORIGINS:
+        return origins
+    return positions if isinstance(positions, list) and positions else [None] * len(origins)
+
+
 def _origin_tuple(origin: list[Any] | dict[str, Any] | None) -> tuple[str, int, int] | None:
     as_dict = _origin_dict(origin)
     return None if as_dict is None else (as_dict["topic"], as_dict["partition"], as_dict["offset"])
@@ -372,7 +383,7 @@ def dead_letter(request: Any, exc: BaseException, traceback: str | None = None) 
     rt = runtime(current_app._get_current_object())
     args: Sequence[Any] = request.args or ()
     if request.task == REPLAY_BATCH_TASK and len(args) in (2, 3):
-        positions = args[2] if len(args) == 3 and args[2] else [None] * len(args[0])
+        positions = _positions(args[2] if len(args) == 3 else None, args[1])
         for message, origin, where in zip(args[0], args[1], positions, strict=True):
             _write_dead_letter(
                 rt, message, _origin_dict(origin), exc, traceback=traceback or "", attempts=1, task_id=request.id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,7 +14,7 @@ from loop_stack import LoopStack, data_keys
 
 from celery_redis_retry import ends, ops
 from celery_redis_retry.config import Settings
-from celery_redis_retry.dispatch import Batcher, Consumed, OffsetTracker
+from celery_redis_retry.dispatch import Batcher, Consumed, InFlight, OffsetTracker
 from celery_redis_retry.errors import PermanentReplayError
 from celery_redis_retry.redis_exec import Applied, Executor
 from celery_redis_retry.testing import RedisServer
@@ -86,14 +87,27 @@ def test_ops_in_flight_too_long_are_due_again_and_retries_push_the_time() -> Non
     tracker.retrying("t", 0, 1, due_in=60)  # a worker scheduled it again a minute ahead
     assert [i.offset for i in tracker.overdue(now + 11)] == [0]
     tracker.handed_over("t", 0, 0, item(0, 0))  # handed over again
-    assert tracker.handovers(item(0, 0)) == 2
     assert tracker.in_flight == 2
     assert [i.offset for i in tracker.overdue(now + 15)] == []  # the second hand-over waits twice as long
-    assert [i.offset for i in tracker.overdue(now + 75)] == [0, 1]
+    assert [(i.offset, i.handovers) for i in tracker.overdue(now + 75)] == [(0, 2), (1, 1)]
     for _ in range(6):
         tracker.handed_over("t", 0, 0, item(0, 0))
-    assert tracker.overdue(now + 79) == [item(0, 1)]  # capped at 8 timeouts
+    assert tracker.overdue(now + 79) == [InFlight("t", 0, 1, "{}", None, 1)]  # capped at 8 timeouts
     assert [i.offset for i in tracker.overdue(now + 81)] == [0, 1]
+
+
+def test_ops_in_flight_leave_nothing_for_the_garbage_collector_to_walk() -> None:
+    # A drain holds up to redis_retry_max_in_flight ops in flight: were each a tracked
+    # object (or several), every full collection would walk them all.
+    tracker = OffsetTracker(hold_until_end=True)
+    gc.collect()
+    before = len(gc.get_objects())
+    for offset in range(10_000):
+        tracker.consumed("t", 0, offset)
+        tracker.handed_over("t", 0, offset, item(0, offset))
+    gc.collect()
+    assert tracker.in_flight == 10_000
+    assert len(gc.get_objects()) - before < 100
 
 
 def test_the_sent_mark_tells_which_tasks_left_the_celery_queue() -> None:
