@@ -148,6 +148,7 @@ class Bridge:
         self._to_store: set[Partition] = set()  # partitions whose commit point or metadata changed
         self._next_store = 0.0
         self._next_overdue_check = 0.0
+        self._oldest_retrying: float | None = None
         self._full = False  # reading paused: redis_retry_max_in_flight ops are in flight
         self._ready: list[list[Consumed]] = []  # full batches, sent at the end of the loop
         self.high_water = self.settings.queue_high_water
@@ -182,6 +183,19 @@ class Bridge:
     def in_flight(self) -> int:
         """Ops handed to Celery that have not ended yet (commit after end)."""
         return self._offsets.in_flight
+
+    @property
+    def retrying_ops(self) -> int:
+        """Ops in flight that a worker scheduled again with a countdown and that have not ended since."""
+        return self._offsets.retrying_ops
+
+    @property
+    def oldest_retrying_seconds(self) -> float | None:
+        """How long the longest-waiting of :attr:`retrying_ops` has waited since its first retry (None: none).
+
+        Read by the metrics thread: a figure the loop takes every second, never the tracker itself.
+        """
+        return self._oldest_retrying
 
     @property
     def assigned_partitions(self) -> int:
@@ -621,6 +635,7 @@ class Bridge:
         if not self.holds_until_end or now < self._next_overdue_check:
             return
         self._next_overdue_check = now + 1.0
+        self._oldest_retrying = self._offsets.oldest_retrying(now) if self._offsets.retrying_ops else None
 
         def unstalled(items: list[InFlight]) -> list[InFlight]:  # a rewound partition reads them again
             return [i for i in items if (i.topic, i.partition) not in self._stalled]

@@ -377,7 +377,7 @@ def dlq_purge(  # noqa: PLR0917 - click passes every option
 @click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.5), help="Seconds per query.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
-    """Where ops wait: spool, retry topic (lag), Celery queue, DLQ, and each target's circuit.
+    """Where ops wait: spool, retry topic (lag), Celery queue, retries held by workers, DLQ, and each target's circuit.
 
     Exits 4 if a place is unreachable, 5 if the retry or DLQ topic does not exist.
     """
@@ -399,6 +399,7 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
             click.echo(f"  partition {partition}: end {offsets.high}, committed {offsets.committed}, "
                        f"lag {offsets.lag}, not ended {offsets.pending}")
         click.echo(f"celery queue {figures.queue}: {shown(figures.queued_tasks)} tasks waiting")
+        click.echo(f"retrying     {_retrying_line(figures.retrying)}")
         click.echo(f"dlq          {figures.dlq_topic}: {shown(figures.dlq_pending)} pending")
         for target in figures.targets:
             why = f" ({target.reason})" if target.reason else ""
@@ -411,6 +412,15 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
     if figures.errors:
         ctx.exit(EXIT_UNAVAILABLE)
     ctx.exit(EXIT_NO_TOPIC if figures.missing_topics else EXIT_OK)
+
+
+def _retrying_line(retrying: Any) -> str:
+    if retrying.ops is None:
+        return "unknown: no worker answered (none running, or remote control is off)"
+    age = "" if retrying.oldest_age is None else f", the oldest captured {retrying.oldest_age:.0f} s ago"
+    workers = "1 worker" if retrying.workers == 1 else f"{retrying.workers} workers"
+    ops = "1 op" if retrying.ops == 1 else f"{retrying.ops} ops"
+    return f"{ops} held by {workers} until their next attempt{age}"
 
 
 # -- topics ----------------------------------------------------------------------------------

@@ -93,12 +93,13 @@ class InFlight:
     handovers: int
 
 
-# What the tracker keeps of an op in flight: (message, first_origin, due, handovers, sent_mark).
+# What the tracker keeps of an op in flight:
+# (message, first_origin, due, handovers, sent_mark, retrying_since).
 # A plain tuple of strings and numbers, on purpose: CPython stops tracking such tuples at
 # their first garbage collection, so 100,000 ops in flight add nothing to the full
 # collections that a Consumed (and its decoded op) per op made cost about 40% of the
 # bridge's CPU time during a drain.
-_Flight = tuple[str, tuple[str, int, int] | None, float, int, int]
+_Flight = tuple[str, tuple[str, int, int] | None, float, int, int, float]
 
 
 class _Log:
@@ -135,6 +136,8 @@ class OffsetTracker:
         self._logs: dict[Partition, _Log] = {}
         self._earliest_due = float("inf")  # no op in flight is due before this
         self.in_flight = 0
+        #: Ops in flight that a worker scheduled again with a countdown (a retry), not ended since.
+        self.retrying_ops = 0
 
     def _log(self, topic: str, partition: int) -> _Log:
         log = self._logs.get((topic, partition))
@@ -181,6 +184,8 @@ class OffsetTracker:
             return self.ended(topic, partition, offset)
         previous = log.flight.get(offset)
         handovers = 1 if previous is None else previous[3] + 1  # [3]: its hand-overs so far
+        if previous is not None and previous[5]:
+            self.retrying_ops -= 1  # a new hand-over: no longer known to wait for a retry
         if state == CONSUMED:
             self.in_flight += 1
             log.state[offset] = IN_FLIGHT
@@ -188,7 +193,7 @@ class OffsetTracker:
         # can end (workers away, an ends topic they cannot write) do not flood the queue.
         backoff = min(2 ** (handovers - 1), MAX_REDELIVERY_BACKOFF)
         due = time.monotonic() + self.redelivery_timeout * backoff
-        log.flight[offset] = (item.message, item.first_origin, due, handovers, sent_mark)
+        log.flight[offset] = (item.message, item.first_origin, due, handovers, sent_mark, 0.0)
         self._earliest_due = min(self._earliest_due, due)
         return None
 
@@ -212,7 +217,8 @@ class OffsetTracker:
                 continue
             if was == IN_FLIGHT:
                 self.in_flight -= 1
-                del flight[offset]
+                if flight.pop(offset)[5]:
+                    self.retrying_ops -= 1
             state[offset] = ENDED
             log.ended_past_head += 1
         return self._advance(log)
@@ -222,9 +228,19 @@ class OffsetTracker:
         log = self._logs.get((topic, partition))
         flight = None if log is None else log.flight.get(offset)
         if log is not None and flight is not None:
-            message, first_origin, due, handovers, sent_mark = flight
-            due = max(due, time.monotonic() + max(0.0, due_in) + self.redelivery_timeout)
-            log.flight[offset] = (message, first_origin, due, handovers, sent_mark)
+            message, first_origin, due, handovers, sent_mark, since = flight
+            now = time.monotonic()
+            if not since:
+                since = now
+                self.retrying_ops += 1
+            due = max(due, now + max(0.0, due_in) + self.redelivery_timeout)
+            log.flight[offset] = (message, first_origin, due, handovers, sent_mark, since)
+
+    def oldest_retrying(self, now: float | None = None) -> float | None:
+        """Seconds since the longest-waiting op in flight was first scheduled for a retry (None: none is)."""
+        now = time.monotonic() if now is None else now
+        since = min((f[5] for log in self._logs.values() for f in log.flight.values() if f[5]), default=None)
+        return None if since is None else now - since
 
     def _advance(self, log: _Log) -> int | None:
         order, state = log.order, log.state
@@ -247,12 +263,12 @@ class OffsetTracker:
         now = time.monotonic() if now is None else now
         if now < self._earliest_due:
             return []
-        self._earliest_due = min((due for log in self._logs.values() for _, _, due, _, _ in log.flight.values()),
+        self._earliest_due = min((f[2] for log in self._logs.values() for f in log.flight.values()),
                                  default=float("inf"))
         return [
             InFlight(topic, partition, offset, message, first_origin, handovers)
             for (topic, partition), log in self._logs.items()
-            for offset, (message, first_origin, due, handovers, sent_mark) in log.flight.items()
+            for offset, (message, first_origin, due, handovers, sent_mark, _) in log.flight.items()
             if due <= now and (taken is None or sent_mark <= taken)
         ]
 
@@ -280,6 +296,7 @@ class OffsetTracker:
         log = self._logs.pop((topic, partition), None)
         if log is not None:
             self.in_flight -= len(log.flight)
+            self.retrying_ops -= sum(1 for f in log.flight.values() if f[5])
 
     def __len__(self) -> int:
         return sum(len(log.state) for log in self._logs.values())

@@ -125,6 +125,13 @@ def serve_bridge_metrics(bridge: Bridge, port: int) -> Any:
         yield _family("counter", "crr_bridge_ops_handed_over_again",
                       "Ops handed over again: their task left the Celery queue and they had not ended within "
                       "redis_retry_redelivery_timeout", stats.redelivered)
+        yield _family("gauge", "crr_bridge_ops_retrying",
+                      "Ops in flight that a worker scheduled again with a countdown (a retry) and that have not "
+                      "ended since", bridge.retrying_ops)
+        oldest = bridge.oldest_retrying_seconds
+        if oldest is not None:
+            yield _family("gauge", "crr_bridge_oldest_retrying_seconds",
+                          "Seconds since the longest-waiting of those ops was first scheduled for a retry", oldest)
         yield _family("gauge", "crr_bridge_ops_late",
                       "Ops past redis_retry_redelivery_timeout whose task still waits in the Celery queue",
                       stats.late)

@@ -5,6 +5,8 @@ One look at each place an op can wait, from the first to the last:
 - the local spool of this host (ops Kafka could not take yet);
 - the retry topic, as the bridges' consumer group sees it (lag: ops not yet handed over);
 - the Celery queue (replay tasks waiting for a worker);
+- the workers (replay tasks they hold until the countdown of their next attempt, as
+  Celery's ``inspect scheduled`` reports them);
 - the dead-letter topic (records past the operator cursor, see :mod:`.dlq_admin`).
 
 Every figure is read, not estimated; a place that cannot be reached is reported as such
@@ -38,6 +40,18 @@ class TargetStatus:
 
 
 @dataclass(frozen=True)
+class Retrying:
+    """Ops the workers hold until their next attempt (a retry's countdown), from Celery's remote control."""
+
+    ops: int | None  # None: no worker answered (none running, or remote control off)
+    oldest_age: float | None  # seconds since the oldest of them was captured
+    workers: int  # workers that answered
+
+    def document(self) -> dict[str, Any]:
+        return {"ops": self.ops, "oldest_age": self.oldest_age, "workers": self.workers}
+
+
+@dataclass(frozen=True)
 class Status:
     """The figures of :func:`collect`, JSON-ready through :meth:`document`."""
 
@@ -55,6 +69,7 @@ class Status:
     #: The retry or DLQ topic, when the cluster says it does not exist.
     missing_topics: list[kafka.TopicMissingError] = field(default_factory=list)
     targets: list[TargetStatus] = field(default_factory=list)
+    retrying: Retrying = field(default_factory=lambda: Retrying(None, None, 0))
 
     @property
     def lag(self) -> int | None:
@@ -85,6 +100,7 @@ class Status:
             },
             "queue": self.queue,
             "queued_tasks": self.queued_tasks,
+            "retrying": self.retrying.document(),
             "dlq_topic": self.dlq_topic,
             "dlq_pending": self.dlq_pending,
             "spool": {"path": self.spool_path, "messages": self.spool_messages, "oldest_age": self.spool_oldest_age},
@@ -124,6 +140,9 @@ def collect(app: Any, settings: Settings, *, timeout: float = 10.0) -> Status:
         sender.close()
     if queued is None:
         errors["celery_broker"] = f"cannot read queue {settings.queue!r} on the Celery broker"
+        retrying = Retrying(None, None, 0)
+    else:
+        retrying = _retrying(app, settings, timeout=min(timeout, RETRYING_REPLY_WAIT))
     spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes).status()
     targets = [_target_status(settings, name, timeout=timeout, kafka_ok="kafka" not in errors)
                for name in settings.targets]
@@ -141,7 +160,49 @@ def collect(app: Any, settings: Settings, *, timeout: float = 10.0) -> Status:
         errors=errors,
         missing_topics=missing,
         targets=targets,
+        retrying=retrying,
     )
+
+
+#: How long ``status`` waits for the workers to say which replay tasks they hold.
+RETRYING_REPLY_WAIT = 1.0
+
+
+def _retrying(app: Any, settings: Settings, *, timeout: float) -> Retrying:
+    """Count the ops in the replay tasks the workers hold for a later attempt, and the oldest one's age.
+
+    A task retried with a countdown is taken by a worker at once and held, unacknowledged,
+    until it is due: it is neither in the Celery queue nor in Kafka's lag, and only the
+    workers can say it is there.
+    """
+    from .errors import DecodeError
+    from .message import decode
+    from .tasks import REPLAY_BATCH_TASK, REPLAY_TASK
+
+    replies = app.control.inspect(timeout=timeout).scheduled() or {}
+    count = 0
+    oldest: float | None = None
+    for held in replies.values():
+        for entry in held or ():
+            request = entry.get("request") or {}
+            routed = (request.get("delivery_info") or {}).get("routing_key")
+            if request.get("name") not in (REPLAY_TASK, REPLAY_BATCH_TASK) or routed not in (None, settings.queue):
+                continue
+            args: list[Any] = list(request.get("args") or [])
+            if not args:
+                continue
+            messages = [args[0]] if request.get("name") == REPLAY_TASK else list(args[0])
+            for message in messages:
+                count += 1
+                try:
+                    created = decode(str(message).encode(), max_bytes=settings.max_message_bytes,
+                                     signer=settings.signer).created_at
+                except DecodeError:
+                    continue
+                oldest = created if oldest is None else min(oldest, created)
+    if not replies:
+        return Retrying(None, None, 0)
+    return Retrying(count, None if oldest is None else max(0.0, time.time() - oldest), len(replies))
 
 
 def _target_status(settings: Settings, name: str, *, timeout: float, kafka_ok: bool) -> TargetStatus:

@@ -6,11 +6,14 @@ its children replayed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
+import time
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from loop_stack import LoopStack
@@ -114,3 +117,36 @@ def test_a_metrics_port_must_be_a_port() -> None:
     with pytest.raises(ConfigurationError, match="redis_retry_worker_metrics_port"):
         Settings.from_mapping({**base, "redis_retry_worker_metrics_port": 70000})
     assert Settings.from_mapping({**base, "redis_retry_bridge_metrics_port": 9100}).bridge_metrics_port == 9100
+
+
+def test_status_and_metrics_show_the_ops_waiting_for_a_retry(make_loop: Callable[..., LoopStack]) -> None:
+    # OOM is not an outage: the op spends an attempt and waits 30-60 s for the next one,
+    # held by the worker, neither in the Celery queue nor in Kafka's lag.
+    bridge_port = free_port()
+    stack = make_loop(max_retries=10, backoff=60, backoff_max=120)
+    with stack.client() as r:
+        r.config_set("maxmemory", 1)
+    stack.start_worker(concurrency=2)
+    bridge = stack.start_bridge("--metrics-port", str(bridge_port))
+    stack.wait_assigned(bridge)
+    captured_at = time.time()
+    stack.publish_all([ops.set(f"k{i}", i) for i in range(5)])
+
+    def status() -> dict[str, Any]:
+        done = stack.cli("redis-retry", "status", "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    figures = stack.wait_for(lambda: (s := status())["retrying"]["ops"] == 5 and s, 60,
+                             "status to show the 5 ops held for their next attempt")
+    assert figures["retrying"]["workers"] == 1
+    assert 0 <= figures["retrying"]["oldest_age"] <= time.time() - captured_at + 1
+    assert figures["queued_tasks"] == 0  # the worker took them: the queue alone would say nothing waits
+    text = stack.cli("redis-retry", "status").stdout
+    assert re.search(r"retrying     5 ops held by 1 worker until their next attempt, the oldest captured \d+ s ago",
+                     text), text
+
+    samples = stack.wait_for(lambda: (s := _scrape(bridge_port)).get("crr_bridge_ops_retrying") == 5 and s, 30,
+                             "the bridge to count the 5 ops its workers reported retrying")
+    assert samples["crr_bridge_oldest_retrying_seconds"] >= 0
+    assert samples["crr_bridge_ops_in_flight"] == 5
