@@ -110,6 +110,25 @@ def test_ops_in_flight_leave_nothing_for_the_garbage_collector_to_walk() -> None
     assert len(gc.get_objects()) - before < 100
 
 
+def test_ops_scheduled_again_are_counted_until_they_end_or_are_handed_over_again() -> None:
+    tracker = OffsetTracker(hold_until_end=True, redelivery_timeout=10)
+    for offset in range(4):
+        tracker.consumed("t", 0, offset)
+        tracker.handed_over("t", 0, offset, item(0, offset))
+    assert (tracker.retrying_ops, tracker.oldest_retrying()) == (0, None)
+    now = time.monotonic()
+    for offset in (0, 1, 2):
+        tracker.retrying("t", 0, offset, due_in=30)
+    tracker.retrying("t", 0, 0, due_in=60)  # its second retry: still one op
+    assert tracker.retrying_ops == 3
+    assert 4 < (tracker.oldest_retrying(now + 5) or 0) <= 5  # since its first retry
+    tracker.ended("t", 0, 1)
+    tracker.handed_over("t", 0, 2, item(0, 2))  # handed over again: not known to wait any more
+    assert tracker.retrying_ops == 1
+    tracker.forget("t", 0)
+    assert (tracker.retrying_ops, tracker.in_flight) == (0, 0)
+
+
 def test_the_sent_mark_tells_which_tasks_left_the_celery_queue() -> None:
     tracker = OffsetTracker(hold_until_end=True, redelivery_timeout=10)
     for offset, mark in ((0, 1), (1, 2), (2, 3)):
