@@ -233,5 +233,5 @@ def make_loop(
 
     yield make
     for stack in stacks:
-        stack.stop()
+        stack.stop(graceful=False)
         stack.target.stop()

@@ -210,12 +210,15 @@ class LoopStack:
 
         return kafka.group_offsets(self.settings().kafka, self.topic, f"group-{self.name}")
 
-    def stop(self) -> None:
-        for bridge in self.bridges:
-            if bridge.running:
-                bridge.stop(timeout=30)
-        if self.worker is not None and self.worker.running:
-            self.worker.stop(timeout=30)
+    def stop(self, *, graceful: bool = True) -> None:
+        """Stop the bridges, then the worker; ``graceful=False`` kills them (a test's cleanup, where
+        nothing is checked any more: a graceful stop waits for ops in flight and tasks running)."""
+        for process in [*self.bridges, self.worker]:
+            if process is not None and process.running:
+                if graceful:
+                    process.stop(timeout=30)
+                else:
+                    process.kill()
         if self._producer is not None:
             self._producer.close(5)
             self._producer = None
