@@ -156,6 +156,39 @@ def consumer_config(user: Mapping[str, Any], group_id: str, **overrides: Any) ->
     return conf
 
 
+# Never polled: the check's own warnings (consumer keys in a producer...) go nowhere.
+_UNHEARD = logging.getLogger("celery_redis_retry.librdkafka.settings_check")
+_UNHEARD.propagate = False
+_UNHEARD.addHandler(logging.NullHandler())
+
+
+def check_client_settings(user: Mapping[str, Any]) -> None:
+    """Refuse ``redis_retry_kafka`` properties librdkafka refuses, without connecting anywhere.
+
+    librdkafka checks each property's name and value as it is set, and the producer's
+    combination (``acks`` with idempotence...) when the client is created. So a producer
+    is built from the producer's configuration plus the consumer-only keys, without
+    ``bootstrap.servers`` (it has no broker to connect to), and destroyed at once: a few
+    milliseconds, and its two threads end with it. Callbacks are left out (they are the
+    application's code, not librdkafka settings).
+
+    :raises ConfigurationError: with librdkafka's message, which names the property.
+    """
+    conf = {**producer_config(user), **{k: v for k, v in user.items() if k in _CONSUMER_ONLY}}
+    for key in [k for k, v in conf.items() if callable(v)]:
+        del conf[key]
+    conf.pop("bootstrap.servers", None)
+    conf["logger"] = _UNHEARD
+    try:
+        Producer(conf).close()  # nothing to flush: it never had a broker
+    except KafkaException as exc:
+        error = exc.args[0]
+        detail = error.str() if isinstance(error, KafkaError) else str(exc)
+        raise ConfigurationError(f"redis_retry_kafka: {detail}") from None
+    except (TypeError, ValueError) as exc:  # a value confluent-kafka cannot pass on (a list, None...)
+        raise ConfigurationError(f"redis_retry_kafka: {exc}") from None
+
+
 # -- refused credentials and missing ACLs ----------------------------------------------------
 
 #: How librdkafka reports credentials the cluster refused (a wrong SASL user or password).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 import pytest
@@ -332,3 +333,143 @@ def test_a_celery_broker_on_a_targets_server_is_warned_about(
         settings_for(app)
     warned = [r.getMessage() for r in caplog.records if "Celery broker is the Redis server" in r.getMessage()]
     assert len(warned) == len(shared)
+
+
+# -- keys that are read by nothing -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "meant"),
+    [
+        ("redis_retry_max_retry", "redis_retry_max_retries"),
+        ("redis_retry_target", "redis_retry_targets"),
+        ("redis_retry_dlq_topik", "redis_retry_dlq_topic"),
+        ("redis_retry_backof_max", "redis_retry_backoff_max"),
+    ],
+)
+def test_a_misspelled_key_is_refused_naming_the_key_meant(key: str, meant: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        settings_for(make_app(**{key: 5}))
+    assert str(info.value) == f"{key} is not a celery_redis_retry setting: did you mean {meant}?"
+
+
+def test_an_uppercase_key_is_refused_naming_the_lowercase_key() -> None:
+    with pytest.raises(ConfigurationError, match=r"REDIS_RETRY_MAX_RETRIES is not read: the settings are lowercase, "
+                                                 r"write redis_retry_max_retries$"):
+        settings_for(make_app(REDIS_RETRY_MAX_RETRIES=5))
+    with pytest.raises(ConfigurationError, match=r"REDIS_RETRY_MAX_RETRY is .*lowercase.*redis_retry_max_retries"):
+        settings_for(make_app(REDIS_RETRY_MAX_RETRY=5))
+
+
+def test_other_keys_and_celerys_own_are_left_alone() -> None:
+    # Celery's own setting with our prefix, and unrelated upper-case keys of the app.
+    app = make_app(redis_retry_on_timeout=True, TIME_ZONE="UTC", REDIS_URL="redis://x", CELERY_TASK_ALWAYS_EAGER=False)
+    assert settings_for(app).max_retries == 3
+
+
+def test_keys_given_with_a_celery_namespace_are_read() -> None:
+    app = Celery("namespaced", set_as_current=False)
+    app.config_from_object({
+        "CELERY_BROKER_URL": "memory://",
+        "CELERY_REDIS_RETRY_KAFKA": {"bootstrap.servers": "kafka:9092"},
+        "CELERY_REDIS_RETRY_TARGETS": {"default": "redis://localhost:6379/0"},
+        "CELERY_REDIS_RETRY_MAX_RETRIES": 7,
+        "DATABASES": {},
+    }, namespace="CELERY")
+    assert settings_for(app).max_retries == 7
+    app.conf.CELERY_REDIS_RETRY_MAX_RETRYS = 1
+    with pytest.raises(ConfigurationError, match="did you mean redis_retry_max_retries"):
+        Settings.from_mapping(app.conf)
+
+
+def test_the_known_keys_are_the_documented_ones() -> None:
+    from pathlib import Path
+
+    from celery_redis_retry.config import KEYS
+
+    table = Path(__file__).parent.parent.joinpath("docs", "configuration.md").read_text()
+    assert set(re.findall(r"^\| `(redis_retry_[a-z_]+)` \|", table, re.MULTILINE)) == KEYS
+
+
+# -- target URLs, parsed as the replay connects with them ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis:/localhost", "must start with redis:// (two slashes)"),
+        ("redis://", "has no host"),
+        ("redis://cache:99999/0", "Port out of range"),
+        ("redis://cache:port/0", "Port could not be cast to integer"),
+        ("redis://cache:6379/zero", "database 'zero' must be a number"),
+        ("redis://cache:6379?db=x", "Invalid value for 'db'"),
+        ("unix://", "has no socket path"),
+        ("redis+sentinel://127.0.0.1:26379", "names no service"),
+        ("redis+sentinel://127.0.0.1:26379/", "names no service"),
+        ("redis+sentinel://127.0.0.1/mymaster", "Sentinel '127.0.0.1' must be HOST:PORT"),
+        ("redis+sentinel://s1:26379/mymaster/x", "must be /SERVICE or /SERVICE/DB"),
+        ("redis+cluster://", "names no node"),
+        ("redis+cluster://node-1:7000/2", "a Redis Cluster has only database 0"),
+        ("redis://a:1,b:2/0", "Port could not be cast"),
+    ],
+)
+def test_a_target_url_no_client_could_use_is_refused_naming_the_target(url: str, problem: str) -> None:
+    message = refused(targets={"default": "redis://localhost:6379/0", "sessions": url})
+    assert message.startswith("redis_retry_targets['sessions'] ")
+    assert problem in message
+
+
+def test_a_refused_target_url_does_not_show_its_password() -> None:
+    message = refused(targets={"default": "redis://:s3cret@cache:6379/zero"})
+    assert "s3cret" not in message
+    assert "redis://:***@cache:6379/zero" in message
+
+
+def test_the_replay_connection_parses_target_urls_as_the_settings_do() -> None:
+    from celery_redis_retry.errors import PermanentReplayError
+    from celery_redis_retry.redis_exec import connect
+
+    with pytest.raises(PermanentReplayError, match="names no service"):
+        connect("redis+sentinel://127.0.0.1:26379")
+    sessions = connect("redis+sentinel://127.0.0.1:1,127.0.0.1:2/sessions/3")
+    assert (sessions.connection_pool.service_name, sessions.connection_pool.connection_kwargs["db"]) == ("sessions", 3)
+
+
+# -- librdkafka properties, checked without connecting --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("properties", "words"),
+    [
+        ({"acks": "sometimes"}, ['Invalid value for configuration property "request.required.acks"']),
+        ({"auto.offset.reset": "sometimes"}, ['Invalid value "sometimes"', '"auto.offset.reset"']),
+        ({"linger.ms": "soon"}, ['"queue.buffering.max.ms"']),
+        ({"no.such.property": 1}, ['No such configuration property: "no.such.property"']),
+        ({"acks": 1}, ["`acks` must be set to `all` when `enable.idempotence` is true"]),
+    ],
+)
+def test_a_librdkafka_property_it_refuses_is_refused_at_once(properties: dict[str, Any], words: list[str]) -> None:
+    message = refused(kafka={"bootstrap.servers": "kafka:9092", **properties})
+    assert message.startswith("redis_retry_kafka: ")
+    for word in words:
+        assert word in message
+
+
+def test_the_librdkafka_check_connects_nowhere_takes_milliseconds_and_leaves_no_thread() -> None:
+    import select
+    import socket
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        kafka = {"bootstrap.servers": f"127.0.0.1:{listener.getsockname()[1]}", "acks": "all", "group.id": "g"}
+        settings(kafka=kafka)  # librdkafka's one-time start-up is not what is measured
+        threads = len(os.listdir("/proc/self/task"))
+        started = time.perf_counter()
+        for _ in range(10):
+            settings(kafka=kafka)
+        each = (time.perf_counter() - started) / 10
+        assert len(os.listdir("/proc/self/task")) == threads
+        assert each < 0.05, f"{each * 1000:.1f} ms per check"
+        readable, _, _ = select.select([listener], [], [], 0.5)
+        assert not readable, "the check connected to bootstrap.servers"
+
