@@ -27,16 +27,20 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import click
 import redis.exceptions
 from celery import bootsteps, shared_task, signals
+from celery.bin.base import CeleryCommandException
 from kombu.entity import Queue
 
 from . import policy
 from .circuit import LocalCircuit
+from .cli import EXIT_CONFIG
 from .config import Settings, settings_for
 from .dlq import DeadLetterWriter, letter_for_failure
 from .ends import EndsWriter, Position, position
 from .errors import (
+    ConfigurationError,
     DecodeError,
     PermanentReplayError,
     PublishError,
@@ -407,12 +411,31 @@ def _close_producers(**_: Any) -> None:
         rt.ends.close(timeout=5.0)
 
 
+class SettingsRefusedError(CeleryCommandException, ConfigurationError):
+    """Bad settings at worker start: ``celery worker`` prints this one line and exits 3 (no traceback)."""
+
+    def __init__(self, error: ConfigurationError) -> None:
+        CeleryCommandException.__init__(self, f"celery_redis_retry: configuration error: {error}", EXIT_CONFIG)
+
+    def show(self, file: Any = None) -> None:
+        click.echo(self.message, file=file, err=True)
+
+
 class _ValidateSettings(bootsteps.Step):
     """Worker boot step: refuse to start with bad ``redis_retry_*`` settings."""
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
-        settings_for(worker.app)
+        _worker_settings(worker)
         super().__init__(worker, **kwargs)
+
+
+def _worker_settings(worker: Any) -> Settings:
+    """The worker's settings; bad ones raise :class:`SettingsRefusedError` (whichever step asks first)."""
+    try:
+        return settings_for(worker.app)
+    except ConfigurationError as exc:
+        # Celery's command line shows a ClickException as its message, without a traceback.
+        raise SettingsRefusedError(exc) from exc
 
 
 class _ServeMetrics(bootsteps.Step):
@@ -423,7 +446,7 @@ class _ServeMetrics(bootsteps.Step):
     """
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
-        port = settings_for(worker.app).worker_metrics_port
+        port = _worker_settings(worker).worker_metrics_port
         if port is not None:
             serve_worker_metrics(port)
             logger.info("serving Prometheus metrics on :%d/metrics", port)
@@ -440,8 +463,15 @@ def attach(app: Any) -> None:
         if step not in app.steps["worker"]:
             app.steps["worker"].add(step)
 
+    command = _celery_command()
+
     def add_queue(**_: Any) -> None:
-        settings = settings_for(app)
+        try:
+            settings = settings_for(app)
+        except ConfigurationError:
+            if command:
+                return  # the command reports it, in one line, once the app module has loaded
+            raise
         queue = settings.queue
         if app.conf.worker_eta_task_limit is None:
             # Countdown tasks are held by the worker, unacknowledged, until due; without a
@@ -452,7 +482,31 @@ def attach(app: Any) -> None:
         if queues is not None and queue not in {q.name for q in queues}:
             app.conf.task_queues = [*queues, Queue(queue, routing_key=queue)]  # type: ignore[no-untyped-call]
 
-    if app.configured:
-        add_queue()
+    if app.configured or _configuration_given(app):
+        add_queue()  # reads and validates the settings now: bad keys fail install(), at startup
     else:
         app.on_after_configure.connect(add_queue, weak=False)
+
+
+def _celery_command() -> bool:
+    """Whether the ``celery`` command line is loading the app (``celery -A app worker``...).
+
+    An error raised while it imports the app module is printed with a traceback, so
+    there the settings are reported by the command itself (the worker's boot step, the
+    ``redis-retry`` commands), in one line.
+    """
+    context = click.get_current_context(silent=True)
+    return context is not None and context.find_root().info_name in ("celery", "python -m celery")
+
+
+def _configuration_given(app: Any) -> bool:
+    """Whether the app's configuration is set, only not loaded yet (``app.conf.update(...)`` or
+    ``config_from_object(...)`` before ``install()``): loading it now changes nothing.
+
+    Before either, ``install()`` leaves the check to Celery's configuration hook, which
+    logs an error instead of raising it: the first use of the settings raises it then.
+    """
+    pending = getattr(app, "_preconf", None) or {}
+    return getattr(app, "_config_source", None) is not None or any(
+        isinstance(key, str) and key.lower().startswith("redis_retry_") for key in pending
+    )

@@ -473,3 +473,103 @@ def test_the_librdkafka_check_connects_nowhere_takes_milliseconds_and_leaves_no_
         readable, _, _ = select.select([listener], [], [], 0.5)
         assert not readable, "the check connected to bootstrap.servers"
 
+
+# -- install() in an application process ------------------------------------------------------------
+
+
+def test_install_reads_and_checks_the_settings_at_once() -> None:
+    import celery_redis_retry
+
+    with pytest.raises(ConfigurationError, match="redis_retry_max_retry is not a celery_redis_retry setting"):
+        celery_redis_retry.install(make_app(redis_retry_max_retry=5))
+    with pytest.raises(ConfigurationError, match=r"redis_retry_targets\['default'\] names no service"):
+        celery_redis_retry.install(make_app(redis_retry_targets={"default": "redis+sentinel://127.0.0.1:26379"}))
+
+
+def test_install_before_the_configuration_checks_it_once_configured(caplog: pytest.LogCaptureFixture) -> None:
+    import celery_redis_retry
+    from celery_redis_retry.capture import use_app
+
+    app = Celery("configured_later", set_as_current=False)
+    try:
+        celery_redis_retry.install(app)  # nothing to read yet: not refused
+        app.config_from_object({**MINIMAL, "broker_url": "memory://", "redis_retry_max_retries": 9})
+        assert settings_for(app).max_retries == 9
+    finally:
+        use_app(None)
+
+
+# -- the real processes refuse to start, in one line ---------------------------------------------------
+
+APPS = os.path.join(os.path.dirname(__file__), "apps")
+GOOD_KAFKA = {"bootstrap.servers": "127.0.0.1:1"}
+GOOD_TARGETS = {"default": "redis://127.0.0.1:1/0"}
+MISTAKES = {
+    "misspelled key": ({"redis_retry_max_retry": 5}, "redis_retry_max_retry is not a celery_redis_retry setting: "
+                                                     "did you mean redis_retry_max_retries?"),
+    "uppercase key": ({"REDIS_RETRY_MAX_RETRIES": 5}, "REDIS_RETRY_MAX_RETRIES is not read: the settings are "
+                                                      "lowercase, write redis_retry_max_retries"),
+    "sentinel URL without service": (
+        {"redis_retry_targets": {"default": "redis+sentinel://127.0.0.1:26379"}},
+        "redis_retry_targets['default'] names no service (write redis+sentinel://HOST:PORT/SERVICE/DB), "
+        "got 'redis+sentinel://127.0.0.1:26379'"),
+    "librdkafka value": ({"redis_retry_kafka": {**GOOD_KAFKA, "acks": "sometimes"}},
+                         'redis_retry_kafka: Invalid value for configuration property "request.required.acks"'),
+}
+
+
+def _settings_env(conf: dict[str, Any]) -> dict[str, str]:
+    import json
+
+    return {"CRR_SETTINGS": json.dumps({"redis_retry_kafka": GOOD_KAFKA, "redis_retry_targets": GOOD_TARGETS, **conf})}
+
+
+def _one_line_refusal(log: str, line: str, *, code: int = 3) -> None:
+    assert f"exited with code {code}" in log
+    assert line in log.splitlines()
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_celery_worker_refuses_to_start_in_one_line(mistake: str, tmp_path: Any) -> None:
+    from celery_redis_retry.testing import CeleryWorker, ProcessExitedError
+
+    conf, message = MISTAKES[mistake]
+    worker = CeleryWorker("settings_app", queues=["redis-retry"], cwd=APPS, env=_settings_env(conf),
+                          log_dir=tmp_path)
+    with pytest.raises(ProcessExitedError) as failure:
+        worker.start(timeout=60)
+    _one_line_refusal(str(failure.value), f"celery_redis_retry: configuration error: {message}")
+
+
+def test_celery_worker_with_good_settings_starts(tmp_path: Any) -> None:
+    from celery_redis_retry.testing import CeleryWorker
+
+    with CeleryWorker("settings_app", queues=["redis-retry"], cwd=APPS, env=_settings_env({}), log_dir=tmp_path):
+        pass  # ready: the app module and the boot steps passed
+
+
+@pytest.mark.parametrize("mistake", ["misspelled key", "librdkafka value"])
+def test_the_bridge_refuses_to_start_in_one_line(mistake: str, tmp_path: Any) -> None:
+    from celery_redis_retry.testing import CeleryCommand, ProcessExitedError
+
+    conf, message = MISTAKES[mistake]
+    bridge = CeleryCommand("settings_app", ["redis-retry", "bridge"], cwd=APPS, env=_settings_env(conf),
+                           log_dir=tmp_path)
+    with pytest.raises(ProcessExitedError) as failure:
+        bridge.start(ready_pattern="never printed", timeout=60)
+    _one_line_refusal(str(failure.value), f"configuration error: {message}")
+
+
+def test_the_other_commands_refuse_in_one_line() -> None:
+    import subprocess
+    import sys
+
+    conf, message = MISTAKES["uppercase key"]
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "settings_app", "redis-retry", "dlq", "list"],
+        cwd=APPS, env={**os.environ, **_settings_env(conf)}, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 3
+    assert done.stderr.strip().splitlines()[-1] == f"configuration error: {message}"
+    assert "Traceback" not in done.stderr
