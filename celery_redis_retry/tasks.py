@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import traceback as traceback_module
 import weakref
@@ -457,35 +458,62 @@ def attach(app: Any) -> None:
     """Add the queue and start-up validation to ``app`` (see ``install``).
 
     The tasks themselves are shared tasks: importing this module registered them on
-    every Celery app, finalized or not.
+    every Celery app, finalized or not. The settings are read and checked at once (bad
+    ones raise :class:`ConfigurationError`), except inside the ``celery`` command line,
+    where the command reports them (see :func:`_celery_command`).
     """
     for step in (_ValidateSettings, _ServeMetrics):
         if step not in app.steps["worker"]:
             app.steps["worker"].add(step)
-
     command = _celery_command()
+    if app.configured:
+        try:
+            _add_queue(app, settings_for(app))
+        except ConfigurationError:
+            if not command:
+                raise
+        return
 
-    def add_queue(**_: Any) -> None:
+    def on_configured(**_: Any) -> None:
         try:
             settings = settings_for(app)
         except ConfigurationError:
-            if command:
-                return  # the command reports it, in one line, once the app module has loaded
-            raise
-        queue = settings.queue
-        if app.conf.worker_eta_task_limit is None:
-            # Countdown tasks are held by the worker, unacknowledged, until due; without a
-            # limit a burst of retries raises the prefetch count without bound (celery #9849).
-            app.conf.worker_eta_task_limit = settings.max_countdown_tasks
-        queues = app.conf.task_queues
-        # Without an explicit task_queues, Celery creates queues on demand (-Q redis-retry).
-        if queues is not None and queue not in {q.name for q in queues}:
-            app.conf.task_queues = [*queues, Queue(queue, routing_key=queue)]  # type: ignore[no-untyped-call]
+            return  # raised to whoever reads the settings: install(), a boot step, the bridge, a capture
+        _add_queue(app, settings)
 
-    if app.configured or _configuration_given(app):
-        add_queue()  # reads and validates the settings now: bad keys fail install(), at startup
-    else:
-        app.on_after_configure.connect(add_queue, weak=False)
+    # What the app sets after install() (task_queues...) still counts: the queue is added
+    # when Celery loads the configuration.
+    app.on_after_configure.connect(on_configured, weak=False)
+    if not command:
+        _check_given_settings(app)
+
+
+def _add_queue(app: Any, settings: Settings) -> None:
+    if app.conf.worker_eta_task_limit is None:
+        # Countdown tasks are held by the worker, unacknowledged, until due; without a
+        # limit a burst of retries raises the prefetch count without bound (celery #9849).
+        app.conf.worker_eta_task_limit = settings.max_countdown_tasks
+    queues = app.conf.task_queues
+    # Without an explicit task_queues, Celery creates queues on demand (-Q redis-retry).
+    if queues is not None and settings.queue not in {q.name for q in queues}:
+        app.conf.task_queues = [*queues, Queue(settings.queue, routing_key=settings.queue)]  # type: ignore[no-untyped-call]
+
+
+def _check_given_settings(app: Any) -> None:
+    """Check the settings of an app not configured yet, as far as they are given.
+
+    A configuration source given before ``install()`` (``config_from_object``) is loaded
+    now. Keys set with ``app.conf.update(...)`` are checked without loading the
+    configuration, so that what the app sets after ``install()`` still counts. Before
+    either there is nothing to check; Celery's configuration hook cannot raise (Celery
+    logs what a hook raises), so then the first use of the settings raises.
+    """
+    if getattr(app, "_config_source", None) is not None:
+        settings_for(app)
+        return
+    given = getattr(app, "_preconf", None) or {}
+    if any(isinstance(key, str) and key.lower().startswith("redis_retry_") for key in given):
+        Settings.from_mapping(given)
 
 
 def _celery_command() -> bool:
@@ -496,17 +524,5 @@ def _celery_command() -> bool:
     ``redis-retry`` commands), in one line.
     """
     context = click.get_current_context(silent=True)
-    return context is not None and context.find_root().info_name in ("celery", "python -m celery")
-
-
-def _configuration_given(app: Any) -> bool:
-    """Whether the app's configuration is set, only not loaded yet (``app.conf.update(...)`` or
-    ``config_from_object(...)`` before ``install()``): loading it now changes nothing.
-
-    Before either, ``install()`` leaves the check to Celery's configuration hook, which
-    logs an error instead of raising it: the first use of the settings raises it then.
-    """
-    pending = getattr(app, "_preconf", None) or {}
-    return getattr(app, "_config_source", None) is not None or any(
-        isinstance(key, str) and key.lower().startswith("redis_retry_") for key in pending
-    )
+    cli = sys.modules.get("celery.bin.celery")  # imported already when the command line runs
+    return context is not None and cli is not None and context.find_root().command is getattr(cli, "celery", None)

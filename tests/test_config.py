@@ -486,6 +486,31 @@ def test_install_reads_and_checks_the_settings_at_once() -> None:
         celery_redis_retry.install(make_app(redis_retry_targets={"default": "redis+sentinel://127.0.0.1:26379"}))
 
 
+def test_install_checks_a_configuration_source_given_before_it() -> None:
+    import celery_redis_retry
+
+    app = Celery("from_object", set_as_current=False)
+    app.config_from_object({**MINIMAL, "broker_url": "memory://", "REDIS_RETRY_TARGETS": {}})
+    with pytest.raises(ConfigurationError, match="REDIS_RETRY_TARGETS is not read"):
+        celery_redis_retry.install(app)
+
+
+def test_install_checks_updated_keys_without_loading_the_configuration() -> None:
+    from kombu import Queue
+
+    import celery_redis_retry
+    from celery_redis_retry.capture import use_app
+
+    app = make_app(broker_url="memory://")
+    try:
+        celery_redis_retry.install(app)
+        assert not app.configured
+        app.conf.task_queues = [Queue("billing")]  # set after install(): the queue is still added
+        assert [q.name for q in app.conf.task_queues] == ["billing", "redis-retry"]
+    finally:
+        use_app(None)
+
+
 def test_install_before_the_configuration_checks_it_once_configured(caplog: pytest.LogCaptureFixture) -> None:
     import celery_redis_retry
     from celery_redis_retry.capture import use_app
