@@ -172,21 +172,40 @@ def check_client_settings(user: Mapping[str, Any]) -> None:
     milliseconds, and its two threads end with it. Callbacks are left out (they are the
     application's code, not librdkafka settings).
 
-    :raises ConfigurationError: with librdkafka's message, which names the property.
+    :raises ConfigurationError: naming the key given (when one key alone is refused) and
+        librdkafka's message, which names the property by librdkafka's own name.
     """
     conf = {**producer_config(user), **{k: v for k, v in user.items() if k in _CONSUMER_ONLY}}
     for key in [k for k, v in conf.items() if callable(v)]:
         del conf[key]
     conf.pop("bootstrap.servers", None)
     conf["logger"] = _UNHEARD
+    problem = _refused(conf, create=True)
+    if problem is not None:
+        # librdkafka names a property by its own name (acks -> request.required.acks): name the key given too.
+        culprit = next((k for k, v in user.items() if _refused({k: v, "logger": _UNHEARD}, create=False)), None)
+        raise ConfigurationError(f"redis_retry_kafka{'' if culprit is None else f'[{culprit!r}]'}: {problem}")
+
+
+#: No such librdkafka property: setting it last stops the check before any client is created.
+_STOP = "celery_redis_retry.check"
+
+
+def _refused(conf: dict[str, Any], *, create: bool) -> str | None:
+    """librdkafka's message refusing ``conf``, or None. ``create``: also build (and close) the
+    client, which checks combinations; otherwise only the properties are set, one by one."""
     try:
-        Producer(conf).close()  # nothing to flush: it never had a broker
+        if create:
+            Producer(conf).close()  # nothing to flush: it never had a broker
+        else:
+            Producer({**conf, _STOP: 0})
     except KafkaException as exc:
         error = exc.args[0]
-        detail = error.str() if isinstance(error, KafkaError) else str(exc)
-        raise ConfigurationError(f"redis_retry_kafka: {detail}") from None
+        message = error.str() if isinstance(error, KafkaError) else str(exc)
+        return None if _STOP in message else message
     except (TypeError, ValueError) as exc:  # a value confluent-kafka cannot pass on (a list, None...)
-        raise ConfigurationError(f"redis_retry_kafka: {exc}") from None
+        return str(exc)
+    return None
 
 
 # -- refused credentials and missing ACLs ----------------------------------------------------

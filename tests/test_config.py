@@ -439,20 +439,24 @@ def test_the_replay_connection_parses_target_urls_as_the_settings_do() -> None:
 
 
 @pytest.mark.parametrize(
-    ("properties", "words"),
+    ("properties", "expected"),
     [
-        ({"acks": "sometimes"}, ['Invalid value for configuration property "request.required.acks"']),
-        ({"auto.offset.reset": "sometimes"}, ['Invalid value "sometimes"', '"auto.offset.reset"']),
-        ({"linger.ms": "soon"}, ['"queue.buffering.max.ms"']),
-        ({"no.such.property": 1}, ['No such configuration property: "no.such.property"']),
-        ({"acks": 1}, ["`acks` must be set to `all` when `enable.idempotence` is true"]),
+        ({"acks": "sometimes"},
+         "redis_retry_kafka['acks']: " 'Invalid value for configuration property "request.required.acks"'),
+        ({"auto.offset.reset": "sometimes"},
+         "redis_retry_kafka['auto.offset.reset']: " 'Invalid value "sometimes" for configuration property '
+         '"auto.offset.reset"'),
+        ({"compression.type": "lz4", "linger.ms": "soon"},
+         "redis_retry_kafka['linger.ms']: " 'Invalid value for configuration property "queue.buffering.max.ms"'),
+        ({"no.such.property": 1},
+         "redis_retry_kafka['no.such.property']: " 'No such configuration property: "no.such.property"'),
+        # A combination: refused when the client is created, naming no single key.
+        ({"acks": 1}, "redis_retry_kafka: Failed to create producer: `acks` must be set to `all` when "
+                      "`enable.idempotence` is true"),
     ],
 )
-def test_a_librdkafka_property_it_refuses_is_refused_at_once(properties: dict[str, Any], words: list[str]) -> None:
-    message = refused(kafka={"bootstrap.servers": "kafka:9092", **properties})
-    assert message.startswith("redis_retry_kafka: ")
-    for word in words:
-        assert word in message
+def test_a_librdkafka_property_it_refuses_is_refused_at_once(properties: dict[str, Any], expected: str) -> None:
+    assert refused(kafka={"bootstrap.servers": "kafka:9092", **properties}) == expected
 
 
 def test_the_librdkafka_check_connects_nowhere_takes_milliseconds_and_leaves_no_thread() -> None:
@@ -539,7 +543,8 @@ MISTAKES = {
         "redis_retry_targets['default'] names no service (write redis+sentinel://HOST:PORT/SERVICE/DB), "
         "got 'redis+sentinel://127.0.0.1:26379'"),
     "librdkafka value": ({"redis_retry_kafka": {**GOOD_KAFKA, "acks": "sometimes"}},
-                         'redis_retry_kafka: Invalid value for configuration property "request.required.acks"'),
+                         "redis_retry_kafka['acks']: "
+                         'Invalid value for configuration property "request.required.acks"'),
 }
 
 
