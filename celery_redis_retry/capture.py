@@ -14,8 +14,8 @@ from typing import Any
 import redis.exceptions
 
 from . import policy
-from .config import Settings, settings_for
-from .errors import RedisRetryError
+from .config import Settings, settings_for, settings_given
+from .errors import ConfigurationError, RedisRetryError
 from .ops import RedisOp
 from .producer import RetryProducer
 
@@ -56,10 +56,16 @@ def default_producer() -> RetryProducer:
 def default_settings() -> Settings:
     """The settings the default producer has or will have, without creating it.
 
-    :raises ConfigurationError: when they cannot be read (yet: no app installed or configured).
+    :raises ConfigurationError: when they cannot be read, or are not given yet (an app
+        with no ``redis_retry_*`` settings yet is not configured by asking).
     """
     producer = _producer
-    return producer.settings if producer is not None else settings_for(_source_app())
+    if producer is not None:
+        return producer.settings
+    app = _source_app()
+    if not settings_given(app):
+        raise ConfigurationError("the app's redis_retry_* settings are not given yet")
+    return settings_for(app)
 
 
 def publish(op: RedisOp) -> str:

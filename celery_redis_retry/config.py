@@ -464,6 +464,22 @@ def warn_if_broker_is_a_target(settings: Settings, conf: Mapping[str, Any]) -> N
         )
 
 
+def settings_given(app: Any) -> bool:
+    """Whether a Celery app's settings are given, loaded or not: it is configured, has a
+    ``config_from_object`` source, or ``redis_retry_*`` keys set with ``app.conf.update()``."""
+    return bool(getattr(app, "configured", True) or getattr(app, "_config_source", None) is not None
+                or pending_settings(app) is not None)
+
+
+def pending_settings(app: Any) -> Mapping[str, Any] | None:
+    """What ``app.conf.update()`` set on an app not configured yet, when it holds ``redis_retry_*``
+    keys (None otherwise): checking it leaves the configuration to be loaded later."""
+    given = getattr(app, "_preconf", None) or {}
+    if any(isinstance(key, str) and key.lower().startswith(_PREFIX) for key in given):
+        return dict(given)
+    return None
+
+
 _cache: weakref.WeakKeyDictionary[Any, Settings] = weakref.WeakKeyDictionary()
 
 

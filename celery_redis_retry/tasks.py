@@ -37,7 +37,7 @@ from kombu.entity import Queue
 from . import policy
 from .circuit import LocalCircuit
 from .cli import EXIT_CONFIG
-from .config import Settings, settings_for
+from .config import Settings, pending_settings, settings_for
 from .dlq import DeadLetterWriter, letter_for_failure
 from .ends import EndsWriter, Position, position
 from .errors import (
@@ -510,9 +510,7 @@ def _check_given_settings(app: Any) -> None:
     """
     if getattr(app, "_config_source", None) is not None:
         settings_for(app)
-        return
-    given = getattr(app, "_preconf", None) or {}
-    if any(isinstance(key, str) and key.lower().startswith("redis_retry_") for key in given):
+    elif (given := pending_settings(app)) is not None:
         Settings.from_mapping(given)
 
 

@@ -325,7 +325,7 @@ def test_a_celery_broker_on_a_targets_server_is_warned_about(
 ) -> None:
     from celery_redis_retry.config import broker_shared_with_targets
 
-    app = Celery(broker=broker)
+    app = Celery(broker=broker, set_as_current=False)
     app.conf.redis_retry_kafka = {"bootstrap.servers": "127.0.0.1:9092"}
     app.conf.redis_retry_targets = {"default": "redis://127.0.0.1:6379/0", "sessions": "redis://127.0.0.1:7000/0"}
     assert broker_shared_with_targets(Settings.from_mapping(app.conf), app.conf) == shared

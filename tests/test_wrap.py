@@ -233,7 +233,9 @@ def test_wrap_keeps_the_client_usable_and_refuses_what_it_cannot_capture(redis_s
     import redis.asyncio
 
     plain = fast_client(redis_server)
-    r = celery_redis_retry.wrap(plain)
+    # Settings of its own: whichever Celery app is current in this process names other servers.
+    producer: Any = _SettingsOnly({"default": redis_server.url})
+    r = celery_redis_retry.wrap(plain, producer=producer)
     again = celery_redis_retry.wrap(r, source="Other.place")
     assert again.uncaptured is plain  # wrapping a wrapped client wraps the original
     assert type(r.client()) is type(r)  # a single-connection client keeps capturing
@@ -316,6 +318,27 @@ def test_wrap_accepts_a_cluster_client_whose_cluster_has_the_targets_node(tmp_pa
                 celery_redis_retry.wrap(node, producer=producer)
         finally:
             client.close()
+
+
+def test_wrap_checks_the_server_at_once_against_the_installed_apps_settings(
+    redis_server: RedisServer, redis_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery import Celery
+
+    from celery_redis_retry import capture
+
+    other = redis_factory()
+    app = Celery("web", set_as_current=False)
+    app.conf.update(redis_retry_kafka={"bootstrap.servers": "127.0.0.1:1"},
+                    redis_retry_targets={"default": redis_server.url},
+                    redis_retry_spool_path=str(tmp_path / "spool.sqlite3"))
+    monkeypatch.setattr(capture, "_app", None)
+    monkeypatch.setattr(capture, "_producer", None)
+    celery_redis_retry.install(app)
+    with pytest.raises(celery_redis_retry.ConfigurationError, match=f"127.0.0.1:{other.port} db 0 but"):
+        celery_redis_retry.wrap(fast_client(other))
+    celery_redis_retry.wrap(fast_client(redis_server))
+    assert capture._producer is None  # checked without creating the producer
 
 
 def test_wrap_before_the_settings_checks_the_server_at_the_first_write(
