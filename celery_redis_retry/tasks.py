@@ -18,6 +18,7 @@ queue and start-up validation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -25,7 +26,7 @@ import time
 import traceback as traceback_module
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import click
@@ -426,16 +427,20 @@ class _ValidateSettings(bootsteps.Step):
     """Worker boot step: refuse to start with bad ``redis_retry_*`` settings."""
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
-        _worker_settings(worker)
+        with _refused_in_one_line():
+            settings_for(worker.app)
         super().__init__(worker, **kwargs)
 
 
-def _worker_settings(worker: Any) -> Settings:
-    """The worker's settings; bad ones raise :class:`SettingsRefusedError` (whichever step asks first)."""
+@contextlib.contextmanager
+def _refused_in_one_line() -> Iterator[None]:
+    """Turn a :class:`ConfigurationError` of a boot step into :class:`SettingsRefusedError`:
+    Celery's command line shows a ClickException as its message, without a traceback."""
     try:
-        return settings_for(worker.app)
+        yield
+    except SettingsRefusedError:
+        raise
     except ConfigurationError as exc:
-        # Celery's command line shows a ClickException as its message, without a traceback.
         raise SettingsRefusedError(exc) from exc
 
 
@@ -443,14 +448,15 @@ class _ServeMetrics(bootsteps.Step):
     """Worker boot step: serve replay outcomes on ``redis_retry_worker_metrics_port``.
 
     It runs in the main process before the pool forks, so every child counts into the
-    shared memory it creates.
+    shared memory it creates. A port in use stops the worker, in one line.
     """
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
-        port = _worker_settings(worker).worker_metrics_port
-        if port is not None:
-            serve_worker_metrics(port)
-            logger.info("serving Prometheus metrics on :%d/metrics", port)
+        with _refused_in_one_line():
+            port = settings_for(worker.app).worker_metrics_port
+            if port is not None:
+                serve_worker_metrics(port)
+                logger.info("serving Prometheus metrics on :%d/metrics", port)
         super().__init__(worker, **kwargs)
 
 

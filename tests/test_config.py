@@ -572,6 +572,22 @@ def test_celery_worker_refuses_to_start_in_one_line(mistake: str, tmp_path: Any)
     _one_line_refusal(str(failure.value), f"celery_redis_retry: configuration error: {message}")
 
 
+def test_celery_worker_refuses_a_metrics_port_in_use_in_one_line(tmp_path: Any) -> None:
+    import socket
+
+    from celery_redis_retry.testing import CeleryWorker, ProcessExitedError
+
+    with socket.create_server(("", 0)) as taken:
+        port = taken.getsockname()[1]
+        worker = CeleryWorker("settings_app", queues=["redis-retry"], cwd=APPS, log_dir=tmp_path,
+                              env=_settings_env({"redis_retry_worker_metrics_port": port}))
+        with pytest.raises(ProcessExitedError) as failure:
+            worker.start(timeout=60)
+    log = str(failure.value)
+    assert f"celery_redis_retry: configuration error: cannot serve metrics on port {port}" in log
+    _one_line_refusal(log, next(line for line in log.splitlines() if line.startswith("celery_redis_retry: ")))
+
+
 def test_celery_worker_with_good_settings_starts(tmp_path: Any) -> None:
     from celery_redis_retry.testing import CeleryWorker
 
