@@ -45,10 +45,14 @@ __version__ = "0.1.0"
 def install(app: Any) -> Any:
     """Register the replay tasks and the ``redis_retry_queue`` queue on an existing Celery app.
 
-    The app's other queues and routes are left as they are. Settings are read and
-    validated when the app is configured, so bad ``redis_retry_*`` keys stop a worker
-    at startup. Returns ``app``. Listing ``"celery_redis_retry.tasks"`` in the app's
-    ``include`` setting registers the tasks too, but only ``install`` adds the queue.
+    The app's other queues and routes are left as they are. The settings given so far
+    are read and validated at once, so bad ``redis_retry_*`` keys stop an application
+    process at startup (inside the ``celery`` command line the worker and the
+    ``redis-retry`` commands report them instead, in one line). Returns ``app``. Listing
+    ``"celery_redis_retry.tasks"`` in the app's ``include`` setting registers the tasks
+    too, but only ``install`` adds the queue.
+
+    :raises ConfigurationError: naming the key at fault.
     """
     from .tasks import attach
 

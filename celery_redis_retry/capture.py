@@ -14,7 +14,8 @@ from typing import Any
 import redis.exceptions
 
 from . import policy
-from .errors import RedisRetryError
+from .config import Settings, settings_for, settings_given
+from .errors import ConfigurationError, RedisRetryError
 from .ops import RedisOp
 from .producer import RetryProducer
 
@@ -31,6 +32,15 @@ def use_app(app: Any) -> None:
             _app, _producer = app, None
 
 
+def _source_app() -> Any:
+    """The app given to ``install``, else Celery's current app."""
+    if _app is None:
+        from celery import current_app
+
+        return current_app._get_current_object()
+    return _app
+
+
 def default_producer() -> RetryProducer:
     """The process-wide producer behind :func:`publish` and :func:`on_failure`."""
     global _producer
@@ -38,15 +48,24 @@ def default_producer() -> RetryProducer:
     if producer is None:
         with _lock:
             if _producer is None:
-                if _app is None:
-                    from celery import current_app
-
-                    app = current_app._get_current_object()
-                else:
-                    app = _app
-                _producer = RetryProducer.from_app(app)
+                _producer = RetryProducer.from_app(_source_app())
             producer = _producer
     return producer
+
+
+def default_settings() -> Settings:
+    """The settings the default producer has or will have, without creating it.
+
+    :raises ConfigurationError: when they cannot be read, or are not given yet (an app
+        with no ``redis_retry_*`` settings yet is not configured by asking).
+    """
+    producer = _producer
+    if producer is not None:
+        return producer.settings
+    app = _source_app()
+    if not settings_given(app):
+        raise ConfigurationError("the app's redis_retry_* settings are not given yet")
+    return settings_for(app)
 
 
 def publish(op: RedisOp) -> str:

@@ -8,6 +8,7 @@ bridge or a web process fails at startup rather than at 3 a.m. on the first outa
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import os
@@ -25,10 +26,8 @@ from .message import Signer
 from .ops import RedisOp
 from .policy import Backoff
 from .slots import check_single_slot
+from .target_urls import TargetURLError, normal_host, parse_target_url, redacted
 
-TARGET_SCHEMES = frozenset(
-    ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
-)
 # Celery brokers that redeliver an unacknowledged message after a visibility timeout.
 logger = logging.getLogger(__name__)
 
@@ -66,6 +65,11 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "redis_retry_worker_metrics_port": None,
     }
 )
+#: The keys without a default of their own: required, or derived from ``redis_retry_topic``.
+WITHOUT_DEFAULT = ("redis_retry_kafka", "redis_retry_targets", "redis_retry_dlq_topic", "redis_retry_ends_topic")
+#: Every key read here; any other ``redis_retry_*`` key is a mistake and refused.
+KEYS = frozenset(DEFAULTS) | frozenset(WITHOUT_DEFAULT)
+_PREFIX = "redis_retry_"
 
 
 def waiting_topic_name(topic: str, target: str) -> str:
@@ -171,8 +175,43 @@ class Settings:
 
     @classmethod
     def from_mapping(cls, conf: Mapping[str, Any]) -> Settings:
-        """Settings from a mapping of ``redis_retry_*`` keys (a Celery ``app.conf`` works)."""
+        """Settings from a mapping of ``redis_retry_*`` keys (a Celery ``app.conf`` works).
+
+        A key that looks like one of ours but is not read (misspelled, upper case) is
+        refused, naming the key meant.
+        """
+        check_key_names(conf)
         return _read(_Reader(conf))
+
+
+def check_key_names(conf: Mapping[str, Any]) -> None:
+    """Refuse ``redis_retry_*`` keys that no code reads: a misspelling, or upper case.
+
+    With a Celery namespace (``config_from_object(..., namespace="CELERY")``) the
+    namespaced names Celery maps to our keys (``CELERY_REDIS_RETRY_KAFKA``) are read too.
+    Celery's own settings that share the prefix (``redis_retry_on_timeout``) are left alone.
+    """
+    from celery.app.defaults import DEFAULTS as CELERY_SETTINGS
+
+    finalize = getattr(conf, "finalize", None)
+    if callable(finalize):
+        finalize()  # a Celery app's pending configuration is loaded on first access
+    to_keys = getattr(conf, "_to_keys", None)  # Celery's lookup: the namespaced and old names of a key
+    read = {name for key in KEYS for name in (to_keys(key) if callable(to_keys) else (key,))}
+    namespace = str(getattr(conf, "prefix", None) or "")
+    for key in list(conf):
+        if not isinstance(key, str) or key in read:
+            continue
+        name = key[len(namespace):] if namespace and key.upper().startswith(namespace.upper()) else key
+        lower = name.lower()
+        if not lower.startswith(_PREFIX) or lower in CELERY_SETTINGS:
+            continue
+        if lower in KEYS:
+            raise ConfigurationError(f"{key} is not read: the settings are lowercase, write {lower}")
+        close = difflib.get_close_matches(lower, sorted(KEYS), n=1)
+        hint = f"did you mean {close[0]}?" if close else "see docs/configuration.md for the keys"
+        case = "" if name == lower else " (and the settings are lowercase)"
+        raise ConfigurationError(f"{key} is not a celery_redis_retry setting{case}: {hint}")
 
 
 class _Reader:
@@ -182,12 +221,14 @@ class _Reader:
         self.conf = conf
 
     def get(self, key: str, default: Any = None) -> Any:
+        assert key in KEYS, f"{key} is read but missing from DEFAULTS and WITHOUT_DEFAULT"
         value = self.conf.get(key)
         if value is None:
             return DEFAULTS.get(key) if default is None else default
         return value
 
     def required(self, key: str) -> Any:
+        assert key in KEYS, f"{key} is read but missing from WITHOUT_DEFAULT"
         value = self.conf.get(key)
         if value is None:
             raise ConfigurationError(f"{key} is required")
@@ -231,6 +272,9 @@ def _kafka(reader: _Reader) -> dict[str, Any]:
     kafka = reader.mapping("redis_retry_kafka", required=True)
     if not kafka.get("bootstrap.servers"):
         raise ConfigurationError("redis_retry_kafka must set 'bootstrap.servers' (e.g. 'kafka1:9092,kafka2:9092')")
+    from .kafka import check_client_settings
+
+    check_client_settings(kafka)
     return kafka
 
 
@@ -247,12 +291,10 @@ def _targets(reader: _Reader) -> dict[str, str]:
             raise ConfigurationError(
                 f"redis_retry_targets name {name!r} must be 1-100 letters, digits, '.', '_' or '-'"
             )
-        scheme = urlsplit(url).scheme if isinstance(url, str) else ""
-        if scheme not in TARGET_SCHEMES:
-            raise ConfigurationError(
-                f"redis_retry_targets[{name!r}] must be a Redis URL ({', '.join(sorted(TARGET_SCHEMES))}://...), "
-                f"got {url!r}"
-            )
+        try:
+            parse_target_url(url)  # as the replay connection will: refused now, not at every replay
+        except TargetURLError as exc:
+            raise ConfigurationError(f"redis_retry_targets[{name!r}] {exc}, got {redacted(url)!r}") from None
     return targets
 
 
@@ -398,8 +440,11 @@ def _server(url: str) -> tuple[str, int] | None:
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
         return None
-    host = (parts.hostname or "localhost").lower()
-    return ("127.0.0.1" if host in ("localhost", "::1") else host), parts.port or 6379
+    try:
+        port = parts.port or 6379
+    except ValueError:  # several cluster nodes: the first is the seed node
+        return _server(parts._replace(netloc=parts.netloc.split(",")[0]).geturl())
+    return normal_host(parts.hostname or "localhost"), port
 
 
 def broker_shared_with_targets(settings: Settings, conf: Mapping[str, Any]) -> list[str]:
@@ -417,6 +462,22 @@ def warn_if_broker_is_a_target(settings: Settings, conf: Mapping[str, Any]) -> N
             "can be handed to Celery, so the bridge stalls its partitions and every op waits in Kafka until it "
             "is back; give the Celery broker a server of its own", name, settings.targets[name],
         )
+
+
+def settings_given(app: Any) -> bool:
+    """Whether a Celery app's settings are given, loaded or not: it is configured, has a
+    ``config_from_object`` source, or ``redis_retry_*`` keys set with ``app.conf.update()``."""
+    return bool(getattr(app, "configured", True) or getattr(app, "_config_source", None) is not None
+                or pending_settings(app) is not None)
+
+
+def pending_settings(app: Any) -> Mapping[str, Any] | None:
+    """What ``app.conf.update()`` set on an app not configured yet, when it holds ``redis_retry_*``
+    keys (None otherwise): checking it leaves the configuration to be loaded later."""
+    given = getattr(app, "_preconf", None) or {}
+    if any(isinstance(key, str) and key.lower().startswith(_PREFIX) for key in given):
+        return dict(given)
+    return None
 
 
 _cache: weakref.WeakKeyDictionary[Any, Settings] = weakref.WeakKeyDictionary()

@@ -156,6 +156,58 @@ def consumer_config(user: Mapping[str, Any], group_id: str, **overrides: Any) ->
     return conf
 
 
+# Never polled: the check's own warnings (consumer keys in a producer...) go nowhere.
+_UNHEARD = logging.getLogger("celery_redis_retry.librdkafka.settings_check")
+_UNHEARD.propagate = False
+_UNHEARD.addHandler(logging.NullHandler())
+
+
+def check_client_settings(user: Mapping[str, Any]) -> None:
+    """Refuse ``redis_retry_kafka`` properties librdkafka refuses, without connecting anywhere.
+
+    librdkafka checks each property's name and value as it is set, and the producer's
+    combination (``acks`` with idempotence...) when the client is created. So a producer
+    is built from the producer's configuration plus the consumer-only keys, without
+    ``bootstrap.servers`` (it has no broker to connect to), and destroyed at once: a few
+    milliseconds, and its two threads end with it. Callbacks are left out (they are the
+    application's code, not librdkafka settings).
+
+    :raises ConfigurationError: naming the key given (when one key alone is refused) and
+        librdkafka's message, which names the property by librdkafka's own name.
+    """
+    conf = {**producer_config(user), **{k: v for k, v in user.items() if k in _CONSUMER_ONLY}}
+    for key in [k for k, v in conf.items() if callable(v)]:
+        del conf[key]
+    conf.pop("bootstrap.servers", None)
+    conf["logger"] = _UNHEARD
+    problem = _refused(conf, create=True)
+    if problem is not None:
+        # librdkafka names a property by its own name (acks -> request.required.acks): name the key given too.
+        culprit = next((k for k, v in user.items() if _refused({k: v, "logger": _UNHEARD}, create=False)), None)
+        raise ConfigurationError(f"redis_retry_kafka{'' if culprit is None else f'[{culprit!r}]'}: {problem}")
+
+
+#: No such librdkafka property: setting it last stops the check before any client is created.
+_STOP = "celery_redis_retry.check"
+
+
+def _refused(conf: dict[str, Any], *, create: bool) -> str | None:
+    """librdkafka's message refusing ``conf``, or None. ``create``: also build (and close) the
+    client, which checks combinations; otherwise only the properties are set, one by one."""
+    try:
+        if create:
+            Producer(conf).close()  # nothing to flush: it never had a broker
+        else:
+            Producer({**conf, _STOP: 0})
+    except KafkaException as exc:
+        error = exc.args[0]
+        message = error.str() if isinstance(error, KafkaError) else str(exc)
+        return None if _STOP in message else message
+    except (TypeError, ValueError) as exc:  # a value confluent-kafka cannot pass on (a list, None...)
+        return str(exc)
+    return None
+
+
 # -- refused credentials and missing ACLs ----------------------------------------------------
 
 #: How librdkafka reports credentials the cluster refused (a wrong SASL user or password).

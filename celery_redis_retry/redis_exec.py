@@ -47,6 +47,7 @@ from .config import Settings
 from .errors import PermanentReplayError, RedisRetryError, UnknownScriptError
 from .ops import Arg, Command, RedisOp
 from .slots import group_by_slot, marker_key
+from .target_urls import TargetURLError, parse_target_url, redacted
 
 logger = logging.getLogger(__name__)
 
@@ -87,33 +88,38 @@ def connect(url: str, **overrides: Any) -> Any:
     """A redis-py client for a ``redis_retry_targets`` URL (plain, TLS, unix, Sentinel, Cluster).
 
     Sentinel: ``redis+sentinel://host1:26379,host2:26379/<service>/<db>``.
-    Cluster: ``redis+cluster://host:port`` (any node; the others are discovered).
+    Cluster: ``redis+cluster://host:port[,host:port...]`` (any nodes; the others are discovered).
     Query parameters (``?socket_timeout=2``...) are passed to redis-py as usual;
     ``overrides`` replace this module's client defaults (the circuit probe's short timeouts).
     """
     parts = urlsplit(url)
     scheme = parts.scheme
-    if scheme.endswith("+cluster"):
-        from redis.cluster import RedisCluster
+    try:
+        address = parse_target_url(url)  # the settings checked it already: this names what is wrong
+    except TargetURLError as exc:
+        raise PermanentReplayError(f"target URL {redacted(url)} {exc}", reason="configuration") from None
+    if address.kind == "cluster":
+        from redis.cluster import ClusterNode, RedisCluster
 
-        plain = url.replace(scheme, scheme.split("+")[0], 1)
-        return RedisCluster.from_url(plain, **_defaults_for(parts.query, overrides), retry=Retry(NoBackoff(), 0))
-    if scheme.endswith("+sentinel"):
+        # redis-py's URL parser takes one node: the first; the others seed the discovery too.
+        userinfo = parts.netloc.rpartition("@")[0]
+        first = parts._replace(scheme=scheme.split("+")[0], netloc=(userinfo + "@" if userinfo else "")
+                               + parts.netloc.rpartition("@")[2].split(",")[0]).geturl()
+        others = [ClusterNode(host, port) for host, port in address.nodes[1:]]  # type: ignore[no-untyped-call]
+        return RedisCluster.from_url(
+            first, startup_nodes=others, **_defaults_for(parts.query, overrides), retry=Retry(NoBackoff(), 0)
+        )
+    if address.kind == "sentinel":
         from redis.sentinel import Sentinel
 
-        hosts = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in parts.netloc.split("@")[-1].split(",")]
-        path = [p for p in parts.path.split("/") if p]
-        if not path:
-            raise PermanentReplayError(f"sentinel URL needs a service name: {url}", reason="configuration")
-        db = int(path[1]) if len(path) > 1 else 0
         # redis-py's own URL parser turns the query (?socket_timeout=2...) into typed options.
         given = parse_url(f"redis://?{parts.query}") if parts.query else {}  # type: ignore[no-untyped-call]
         options = {
             **_defaults_for(parts.query, overrides), **given, "password": parts.password, "username": parts.username,
         }
         # redis-py 8.2 types Sentinel; earlier releases do not.
-        sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": 2.0}, **options)  # type: ignore[no-untyped-call,unused-ignore]
-        return sentinel.master_for(path[0], db=db, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call,unused-ignore]
+        sentinel = Sentinel(list(address.nodes), sentinel_kwargs={"socket_timeout": 2.0}, **options)  # type: ignore[no-untyped-call,unused-ignore]
+        return sentinel.master_for(address.service, db=address.db, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call,unused-ignore]
     return redis.Redis.from_url(url, **_defaults_for(parts.query, overrides), retry=Retry(NoBackoff(), 0))
 
 

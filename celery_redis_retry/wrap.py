@@ -71,6 +71,7 @@ from .ops import RedisOp
 from .producer import RetryProducer
 from .redis_exec import LUA_MAX_ARGS, WRITE_STAMPED, WRITE_STAMPED_SHA, marker_ttl_ms
 from .slots import marker_for, slot_of
+from .target_urls import TargetAddress, client_address, parse_target_url, redacted
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class _Capture:
         self._apply_script: Script | None = None
         self._forgotten_at = 0.0
         self.stamp_ttl = self.marker_ttl = 0
+        self.server: TargetAddress | None = None
 
     @property
     def producer(self) -> RetryProducer:
@@ -133,6 +135,37 @@ class _Capture:
         from .capture import default_producer
 
         return default_producer()  # looked up each time: install() may come after wrap()
+
+    def check_server(self, client: Any) -> None:
+        """Refuse ``client`` unless it talks to its target's server: now when the settings
+        can be read, else at the first write (``install()`` may come after ``wrap()``)."""
+        self.server = client_address(client)
+        from .capture import default_settings
+
+        try:
+            settings = self._producer.settings if self._producer is not None else default_settings()
+        except ConfigurationError:
+            return
+        self.check_target(settings)
+
+    def check_target(self, settings: Settings) -> None:
+        """Raise :class:`ConfigurationError` if the target is unknown or names another server than the client's.
+
+        Hosts are compared as written (``localhost`` and ``127.0.0.1`` are one); no DNS
+        name is resolved.
+        """
+        url = settings.targets.get(self.target)
+        if url is None:
+            raise ConfigurationError(
+                f"wrap(target={self.target!r}): no such target in redis_retry_targets ({', '.join(settings.targets)})"
+            )
+        target = parse_target_url(url)
+        if self.server is not None and target.mismatch(self.server):
+            raise ConfigurationError(
+                f"wrap(target={self.target!r}): the client talks to {self.server.describe()} but "
+                f"redis_retry_targets[{self.target!r}] is {target.describe()} ({redacted(url)}): its failed writes "
+                "would be replayed on another server; wrap it with the target that names its server"
+            )
 
     # -- building ops --------------------------------------------------------------------
 
@@ -240,6 +273,7 @@ class _Capture:
                 # and the settings are looked up again at the next write.
                 settings = _DEFAULT_SETTINGS
             else:
+                self.check_target(settings)  # raised at every write until the settings are fixed
                 self._settings = settings
             self.stamp_ttl = stamps.ttl_ms(settings.max_age, settings.dedupe_ttl)
             self.marker_ttl = marker_ttl_ms(settings, settings.max_retries)
@@ -568,6 +602,10 @@ def wrap(
     what is captured and what a captured call returns.
 
     :raises TypeError: for an asyncio client (not supported yet) or a non-client.
+    :raises ConfigurationError: when ``target`` is not in ``redis_retry_targets`` or its
+        URL names another server than the client's (host, port and db; socket path;
+        Sentinel service; for a cluster, a node in common). Checked here when the
+        settings can be read, else at the first write, which then raises it.
     """
     plain: Any = client
     if isinstance(plain, _CapturingClient):
@@ -580,6 +618,7 @@ def wrap(
     if not isinstance(target, str) or not target:
         raise TypeError(f"target must be a non-empty string, got {target!r}")
     capture = _Capture(producer, source, target, raise_on_capture, on_capture)
+    capture.check_server(plain)
     wrapped: R = _copy_with_capture(plain, capture)
     return wrapped
 

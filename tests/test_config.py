@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 import pytest
@@ -324,7 +325,7 @@ def test_a_celery_broker_on_a_targets_server_is_warned_about(
 ) -> None:
     from celery_redis_retry.config import broker_shared_with_targets
 
-    app = Celery(broker=broker)
+    app = Celery(broker=broker, set_as_current=False)
     app.conf.redis_retry_kafka = {"bootstrap.servers": "127.0.0.1:9092"}
     app.conf.redis_retry_targets = {"default": "redis://127.0.0.1:6379/0", "sessions": "redis://127.0.0.1:7000/0"}
     assert broker_shared_with_targets(Settings.from_mapping(app.conf), app.conf) == shared
@@ -332,3 +333,289 @@ def test_a_celery_broker_on_a_targets_server_is_warned_about(
         settings_for(app)
     warned = [r.getMessage() for r in caplog.records if "Celery broker is the Redis server" in r.getMessage()]
     assert len(warned) == len(shared)
+
+
+# -- keys that are read by nothing -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "meant"),
+    [
+        ("redis_retry_max_retry", "redis_retry_max_retries"),
+        ("redis_retry_target", "redis_retry_targets"),
+        ("redis_retry_dlq_topik", "redis_retry_dlq_topic"),
+        ("redis_retry_backof_max", "redis_retry_backoff_max"),
+    ],
+)
+def test_a_misspelled_key_is_refused_naming_the_key_meant(key: str, meant: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        settings_for(make_app(**{key: 5}))
+    assert str(info.value) == f"{key} is not a celery_redis_retry setting: did you mean {meant}?"
+
+
+def test_an_uppercase_key_is_refused_naming_the_lowercase_key() -> None:
+    with pytest.raises(ConfigurationError, match=r"REDIS_RETRY_MAX_RETRIES is not read: the settings are lowercase, "
+                                                 r"write redis_retry_max_retries$"):
+        settings_for(make_app(REDIS_RETRY_MAX_RETRIES=5))
+    with pytest.raises(ConfigurationError, match=r"REDIS_RETRY_MAX_RETRY is .*lowercase.*redis_retry_max_retries"):
+        settings_for(make_app(REDIS_RETRY_MAX_RETRY=5))
+
+
+def test_other_keys_and_celerys_own_are_left_alone() -> None:
+    # Celery's own setting with our prefix, and unrelated upper-case keys of the app.
+    app = make_app(redis_retry_on_timeout=True, TIME_ZONE="UTC", REDIS_URL="redis://x", CELERY_TASK_ALWAYS_EAGER=False)
+    assert settings_for(app).max_retries == 3
+
+
+def test_keys_given_with_a_celery_namespace_are_read() -> None:
+    app = Celery("namespaced", set_as_current=False)
+    app.config_from_object({
+        "CELERY_BROKER_URL": "memory://",
+        "CELERY_REDIS_RETRY_KAFKA": {"bootstrap.servers": "kafka:9092"},
+        "CELERY_REDIS_RETRY_TARGETS": {"default": "redis://localhost:6379/0"},
+        "CELERY_REDIS_RETRY_MAX_RETRIES": 7,
+        "DATABASES": {},
+    }, namespace="CELERY")
+    assert settings_for(app).max_retries == 7
+    app.conf.CELERY_REDIS_RETRY_MAX_RETRYS = 1
+    with pytest.raises(ConfigurationError, match="did you mean redis_retry_max_retries"):
+        Settings.from_mapping(app.conf)
+
+
+def test_the_known_keys_are_the_documented_ones() -> None:
+    from pathlib import Path
+
+    from celery_redis_retry.config import KEYS
+
+    table = Path(__file__).parent.parent.joinpath("docs", "configuration.md").read_text()
+    assert set(re.findall(r"^\| `(redis_retry_[a-z_]+)` \|", table, re.MULTILINE)) == KEYS
+
+
+# -- target URLs, parsed as the replay connects with them ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis:/localhost", "must start with redis:// (two slashes)"),
+        ("redis://", "has no host"),
+        ("redis://cache:99999/0", "Port out of range"),
+        ("redis://cache:port/0", "Port could not be cast to integer"),
+        ("redis://cache:6379/zero", "database 'zero' must be a number"),
+        ("redis://cache:6379?db=x", "Invalid value for 'db'"),
+        ("unix://", "has no socket path"),
+        ("redis+sentinel://127.0.0.1:26379", "names no service"),
+        ("redis+sentinel://127.0.0.1:26379/", "names no service"),
+        ("redis+sentinel://127.0.0.1/mymaster", "Sentinel '127.0.0.1' must be HOST:PORT"),
+        ("redis+sentinel://s1:26379/mymaster/x", "must be /SERVICE or /SERVICE/DB"),
+        ("redis+cluster://", "names no node"),
+        ("redis+cluster://node-1:7000/2", "a Redis Cluster has only database 0"),
+        ("redis://a:1,b:2/0", "Port could not be cast"),
+    ],
+)
+def test_a_target_url_no_client_could_use_is_refused_naming_the_target(url: str, problem: str) -> None:
+    message = refused(targets={"default": "redis://localhost:6379/0", "sessions": url})
+    assert message.startswith("redis_retry_targets['sessions'] ")
+    assert problem in message
+
+
+def test_a_refused_target_url_does_not_show_its_password() -> None:
+    message = refused(targets={"default": "redis://:s3cret@cache:6379/zero"})
+    assert "s3cret" not in message
+    assert "redis://:***@cache:6379/zero" in message
+
+
+def test_the_replay_connection_parses_target_urls_as_the_settings_do() -> None:
+    from celery_redis_retry.errors import PermanentReplayError
+    from celery_redis_retry.redis_exec import connect
+
+    with pytest.raises(PermanentReplayError, match="names no service"):
+        connect("redis+sentinel://127.0.0.1:26379")
+    sessions = connect("redis+sentinel://127.0.0.1:1,127.0.0.1:2/sessions/3")
+    assert (sessions.connection_pool.service_name, sessions.connection_pool.connection_kwargs["db"]) == ("sessions", 3)
+
+
+# -- librdkafka properties, checked without connecting --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("properties", "expected"),
+    [
+        ({"acks": "sometimes"},
+         "redis_retry_kafka['acks']: " 'Invalid value for configuration property "request.required.acks"'),
+        ({"auto.offset.reset": "sometimes"},
+         "redis_retry_kafka['auto.offset.reset']: " 'Invalid value "sometimes" for configuration property '
+         '"auto.offset.reset"'),
+        ({"compression.type": "lz4", "linger.ms": "soon"},
+         "redis_retry_kafka['linger.ms']: " 'Invalid value for configuration property "queue.buffering.max.ms"'),
+        ({"no.such.property": 1},
+         "redis_retry_kafka['no.such.property']: " 'No such configuration property: "no.such.property"'),
+        # A combination: refused when the client is created, naming no single key.
+        ({"acks": 1}, "redis_retry_kafka: Failed to create producer: `acks` must be set to `all` when "
+                      "`enable.idempotence` is true"),
+    ],
+)
+def test_a_librdkafka_property_it_refuses_is_refused_at_once(properties: dict[str, Any], expected: str) -> None:
+    assert refused(kafka={"bootstrap.servers": "kafka:9092", **properties}) == expected
+
+
+def test_the_librdkafka_check_connects_nowhere_takes_milliseconds_and_leaves_no_thread() -> None:
+    import select
+    import socket
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        kafka = {"bootstrap.servers": f"127.0.0.1:{listener.getsockname()[1]}", "acks": "all", "group.id": "g"}
+        settings(kafka=kafka)  # librdkafka's one-time start-up is not what is measured
+        threads = len(os.listdir("/proc/self/task"))
+        started = time.perf_counter()
+        for _ in range(10):
+            settings(kafka=kafka)
+        each = (time.perf_counter() - started) / 10
+        assert len(os.listdir("/proc/self/task")) == threads
+        assert each < 0.05, f"{each * 1000:.1f} ms per check"
+        readable, _, _ = select.select([listener], [], [], 0.5)
+        assert not readable, "the check connected to bootstrap.servers"
+
+
+# -- install() in an application process ------------------------------------------------------------
+
+
+def test_install_reads_and_checks_the_settings_at_once() -> None:
+    import celery_redis_retry
+
+    with pytest.raises(ConfigurationError, match="redis_retry_max_retry is not a celery_redis_retry setting"):
+        celery_redis_retry.install(make_app(redis_retry_max_retry=5))
+    with pytest.raises(ConfigurationError, match=r"redis_retry_targets\['default'\] names no service"):
+        celery_redis_retry.install(make_app(redis_retry_targets={"default": "redis+sentinel://127.0.0.1:26379"}))
+
+
+def test_install_checks_a_configuration_source_given_before_it() -> None:
+    import celery_redis_retry
+
+    app = Celery("from_object", set_as_current=False)
+    app.config_from_object({**MINIMAL, "broker_url": "memory://", "REDIS_RETRY_TARGETS": {}})
+    with pytest.raises(ConfigurationError, match="REDIS_RETRY_TARGETS is not read"):
+        celery_redis_retry.install(app)
+
+
+def test_install_checks_updated_keys_without_loading_the_configuration() -> None:
+    from kombu import Queue
+
+    import celery_redis_retry
+    from celery_redis_retry.capture import use_app
+
+    app = make_app(broker_url="memory://")
+    try:
+        celery_redis_retry.install(app)
+        assert not app.configured
+        app.conf.task_queues = [Queue("billing")]  # set after install(): the queue is still added
+        assert [q.name for q in app.conf.task_queues] == ["billing", "redis-retry"]
+    finally:
+        use_app(None)
+
+
+def test_install_before_the_configuration_checks_it_once_configured(caplog: pytest.LogCaptureFixture) -> None:
+    import celery_redis_retry
+    from celery_redis_retry.capture import use_app
+
+    app = Celery("configured_later", set_as_current=False)
+    try:
+        celery_redis_retry.install(app)  # nothing to read yet: not refused
+        app.config_from_object({**MINIMAL, "broker_url": "memory://", "redis_retry_max_retries": 9})
+        assert settings_for(app).max_retries == 9
+    finally:
+        use_app(None)
+
+
+# -- the real processes refuse to start, in one line ---------------------------------------------------
+
+APPS = os.path.join(os.path.dirname(__file__), "apps")
+GOOD_KAFKA = {"bootstrap.servers": "127.0.0.1:1"}
+GOOD_TARGETS = {"default": "redis://127.0.0.1:1/0"}
+MISTAKES = {
+    "misspelled key": ({"redis_retry_max_retry": 5}, "redis_retry_max_retry is not a celery_redis_retry setting: "
+                                                     "did you mean redis_retry_max_retries?"),
+    "uppercase key": ({"REDIS_RETRY_MAX_RETRIES": 5}, "REDIS_RETRY_MAX_RETRIES is not read: the settings are "
+                                                      "lowercase, write redis_retry_max_retries"),
+    "sentinel URL without service": (
+        {"redis_retry_targets": {"default": "redis+sentinel://127.0.0.1:26379"}},
+        "redis_retry_targets['default'] names no service (write redis+sentinel://HOST:PORT/SERVICE/DB), "
+        "got 'redis+sentinel://127.0.0.1:26379'"),
+    "librdkafka value": ({"redis_retry_kafka": {**GOOD_KAFKA, "acks": "sometimes"}},
+                         "redis_retry_kafka['acks']: "
+                         'Invalid value for configuration property "request.required.acks"'),
+}
+
+
+def _settings_env(conf: dict[str, Any]) -> dict[str, str]:
+    import json
+
+    return {"CRR_SETTINGS": json.dumps({"redis_retry_kafka": GOOD_KAFKA, "redis_retry_targets": GOOD_TARGETS, **conf})}
+
+
+def _one_line_refusal(log: str, line: str, *, code: int = 3) -> None:
+    assert f"exited with code {code}" in log
+    assert line in log.splitlines()
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_celery_worker_refuses_to_start_in_one_line(mistake: str, tmp_path: Any) -> None:
+    from celery_redis_retry.testing import CeleryWorker, ProcessExitedError
+
+    conf, message = MISTAKES[mistake]
+    worker = CeleryWorker("settings_app", queues=["redis-retry"], cwd=APPS, env=_settings_env(conf),
+                          log_dir=tmp_path)
+    with pytest.raises(ProcessExitedError) as failure:
+        worker.start(timeout=60)
+    _one_line_refusal(str(failure.value), f"celery_redis_retry: configuration error: {message}")
+
+
+def test_celery_worker_refuses_a_metrics_port_in_use_in_one_line(tmp_path: Any) -> None:
+    import socket
+
+    from celery_redis_retry.testing import CeleryWorker, ProcessExitedError
+
+    with socket.create_server(("", 0)) as taken:
+        port = taken.getsockname()[1]
+        worker = CeleryWorker("settings_app", queues=["redis-retry"], cwd=APPS, log_dir=tmp_path,
+                              env=_settings_env({"redis_retry_worker_metrics_port": port}))
+        with pytest.raises(ProcessExitedError) as failure:
+            worker.start(timeout=60)
+    log = str(failure.value)
+    assert f"celery_redis_retry: configuration error: cannot serve metrics on port {port}" in log
+    _one_line_refusal(log, next(line for line in log.splitlines() if line.startswith("celery_redis_retry: ")))
+
+
+def test_celery_worker_with_good_settings_starts(tmp_path: Any) -> None:
+    from celery_redis_retry.testing import CeleryWorker
+
+    with CeleryWorker("settings_app", queues=["redis-retry"], cwd=APPS, env=_settings_env({}), log_dir=tmp_path):
+        pass  # ready: the app module and the boot steps passed
+
+
+@pytest.mark.parametrize("mistake", ["misspelled key", "librdkafka value"])
+def test_the_bridge_refuses_to_start_in_one_line(mistake: str, tmp_path: Any) -> None:
+    from celery_redis_retry.testing import CeleryCommand, ProcessExitedError
+
+    conf, message = MISTAKES[mistake]
+    bridge = CeleryCommand("settings_app", ["redis-retry", "bridge"], cwd=APPS, env=_settings_env(conf),
+                           log_dir=tmp_path)
+    with pytest.raises(ProcessExitedError) as failure:
+        bridge.start(ready_pattern="never printed", timeout=60)
+    _one_line_refusal(str(failure.value), f"configuration error: {message}")
+
+
+def test_the_other_commands_refuse_in_one_line() -> None:
+    import subprocess
+    import sys
+
+    conf, message = MISTAKES["uppercase key"]
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "settings_app", "redis-retry", "dlq", "list"],
+        cwd=APPS, env={**os.environ, **_settings_env(conf)}, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 3
+    assert done.stderr.strip().splitlines()[-1] == f"configuration error: {message}"
+    assert "Traceback" not in done.stderr

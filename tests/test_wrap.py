@@ -30,12 +30,13 @@ BUMP = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 class Published:
     """A producer on a topic of its own, and what it published, read back from Kafka."""
 
-    def __init__(self, kafka: EmbeddedKafka, topic: str, spool: Path) -> None:
+    def __init__(self, kafka: EmbeddedKafka, topic: str, spool: Path, server_url: str) -> None:
         self.kafka = kafka
         self.topic = topic
         settings = Settings.from_mapping({
             "redis_retry_kafka": kafka.config,
-            "redis_retry_targets": {"default": "redis://127.0.0.1:1/0", "sessions": "redis://127.0.0.1:2/0"},
+            # wrap() refuses a client of another server than its target's.
+            "redis_retry_targets": {"default": server_url, "sessions": server_url},
             "redis_retry_topic": topic,
             "redis_retry_spool_path": str(spool),
             "redis_retry_scripts": {"bump": BUMP},
@@ -49,8 +50,10 @@ class Published:
 
 
 @pytest.fixture
-def published(kafka: EmbeddedKafka, unique_topic: str, tmp_path: Path) -> Iterator[Published]:
-    p = Published(kafka, unique_topic, tmp_path / "spool.sqlite3")
+def published(
+    kafka: EmbeddedKafka, unique_topic: str, tmp_path: Path, redis_server: RedisServer
+) -> Iterator[Published]:
+    p = Published(kafka, unique_topic, tmp_path / "spool.sqlite3", redis_server.url)
     yield p
     p.producer.close(5)
 
@@ -230,7 +233,9 @@ def test_wrap_keeps_the_client_usable_and_refuses_what_it_cannot_capture(redis_s
     import redis.asyncio
 
     plain = fast_client(redis_server)
-    r = celery_redis_retry.wrap(plain)
+    # Settings of its own: whichever Celery app is current in this process names other servers.
+    producer: Any = _SettingsOnly({"default": redis_server.url})
+    r = celery_redis_retry.wrap(plain, producer=producer)
     again = celery_redis_retry.wrap(r, source="Other.place")
     assert again.uncaptured is plain  # wrapping a wrapped client wraps the original
     assert type(r.client()) is type(r)  # a single-connection client keeps capturing
@@ -240,3 +245,123 @@ def test_wrap_keeps_the_client_usable_and_refuses_what_it_cannot_capture(redis_s
     with pytest.raises(TypeError, match="redis-py client"):
         celery_redis_retry.wrap(object())
     r.close()
+
+
+# -- a client of another server than its target's ---------------------------------------------
+
+
+class _SettingsOnly:
+    """Stands in for a producer: wrap() reads only its settings before a write fails."""
+
+    def __init__(self, targets: dict[str, str]) -> None:
+        self.settings = Settings.from_mapping({
+            "redis_retry_kafka": {"bootstrap.servers": "127.0.0.1:1"}, "redis_retry_targets": targets,
+        })
+
+
+def test_wrap_refuses_a_client_of_another_server_than_its_targets(
+    redis_server: RedisServer, redis_factory: Any
+) -> None:
+    other = redis_factory()
+    producer: Any = _SettingsOnly({"default": redis_server.url, "sessions": f"redis://localhost:{other.port}/2"})
+    with pytest.raises(celery_redis_retry.ConfigurationError) as refused:
+        celery_redis_retry.wrap(fast_client(other), producer=producer)
+    assert str(refused.value) == (
+        f"wrap(target='default'): the client talks to 127.0.0.1:{other.port} db 0 but "
+        f"redis_retry_targets['default'] is 127.0.0.1:{redis_server.port} db 0 ({redis_server.url}): its failed "
+        "writes would be replayed on another server; wrap it with the target that names its server"
+    )
+    with pytest.raises(celery_redis_retry.ConfigurationError, match=r"db 0 but .*\['sessions'\] is .* db 2"):
+        celery_redis_retry.wrap(fast_client(other), producer=producer, target="sessions")
+    with pytest.raises(celery_redis_retry.ConfigurationError, match=r"no such target .*\(default, sessions\)"):
+        celery_redis_retry.wrap(fast_client(other), producer=producer, target="orders")
+    # Its own target's server: accepted, and its writes land there (localhost and 127.0.0.1 are one host).
+    sessions = celery_redis_retry.wrap(fast_client(other, db=2), producer=producer, target="sessions")
+    assert sessions.set("k", "v") is True
+    mine = celery_redis_retry.wrap(redis.Redis(host="localhost", port=redis_server.port), producer=producer)
+    assert mine.set("k", "v") is True
+    with fast_client(other, db=2) as check:
+        assert check.get("k") == b"v"
+
+
+def test_wrap_compares_unix_sockets_and_sentinel_services(redis_factory: Any, tmp_path: Path) -> None:
+    from redis.sentinel import Sentinel
+
+    socket = str(tmp_path / "redis.sock")
+    server = redis_factory(args=("--unixsocket", socket))
+    producer: Any = _SettingsOnly({"default": f"unix://{socket}", "tcp": server.url,
+                                   "sessions": "redis+sentinel://127.0.0.1:26379/sessions/0"})
+    assert celery_redis_retry.wrap(redis.Redis(unix_socket_path=socket), producer=producer).set("k", "v") is True
+    with pytest.raises(celery_redis_retry.ConfigurationError, match=r"unix socket .* but .*\['tcp'\] is 127.0.0.1"):
+        celery_redis_retry.wrap(redis.Redis(unix_socket_path=socket), producer=producer, target="tcp")
+    sentinel = Sentinel([("127.0.0.1", 26379)])  # never contacted: wrap() reads the pool's service name
+    celery_redis_retry.wrap(sentinel.master_for("sessions"), producer=producer, target="sessions")
+    with pytest.raises(celery_redis_retry.ConfigurationError, match="Sentinel service 'carts' db 0 but"):
+        celery_redis_retry.wrap(sentinel.master_for("carts"), producer=producer, target="sessions")
+
+
+def test_wrap_accepts_a_cluster_client_whose_cluster_has_the_targets_node(tmp_path: Path, redis_factory: Any) -> None:
+    from celery_redis_retry.testing import RedisCluster
+
+    with RedisCluster(3, dir=str(tmp_path / "cluster")) as cluster:
+        last = cluster.nodes[-1].port
+        stranger = redis_factory().port
+        producer: Any = _SettingsOnly({"default": f"redis+cluster://127.0.0.1:{last}",
+                                       "other": f"redis+cluster://127.0.0.1:{stranger}"})
+        client = cluster.client()  # started from the first node; the others are discovered
+        try:
+            assert celery_redis_retry.wrap(client, producer=producer).set("k", "v") is True
+            with pytest.raises(celery_redis_retry.ConfigurationError, match=r"Redis Cluster of .* but"):
+                celery_redis_retry.wrap(client, producer=producer, target="other")
+            with cluster.nodes[-1].client() as node, \
+                    pytest.raises(celery_redis_retry.ConfigurationError, match=r"but .* Redis Cluster"):
+                celery_redis_retry.wrap(node, producer=producer)
+        finally:
+            client.close()
+
+
+def test_wrap_checks_the_server_at_once_against_the_installed_apps_settings(
+    redis_server: RedisServer, redis_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery import Celery
+
+    from celery_redis_retry import capture
+
+    other = redis_factory()
+    app = Celery("web", set_as_current=False)
+    app.conf.update(redis_retry_kafka={"bootstrap.servers": "127.0.0.1:1"},
+                    redis_retry_targets={"default": redis_server.url},
+                    redis_retry_spool_path=str(tmp_path / "spool.sqlite3"))
+    monkeypatch.setattr(capture, "_app", None)
+    monkeypatch.setattr(capture, "_producer", None)
+    celery_redis_retry.install(app)
+    with pytest.raises(celery_redis_retry.ConfigurationError, match=f"127.0.0.1:{other.port} db 0 but"):
+        celery_redis_retry.wrap(fast_client(other))
+    celery_redis_retry.wrap(fast_client(redis_server))
+    assert capture._producer is None  # checked without creating the producer
+
+
+def test_wrap_before_the_settings_checks_the_server_at_the_first_write(
+    redis_server: RedisServer, redis_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery import Celery
+
+    from celery_redis_retry import capture
+
+    other = redis_factory()
+    app = Celery("configured_after_wrap", set_as_current=False)
+    monkeypatch.setattr(capture, "_app", app)
+    monkeypatch.setattr(capture, "_producer", None)
+    wrapped = celery_redis_retry.wrap(fast_client(other))  # no settings yet: nothing to compare with
+    app.conf.update(redis_retry_kafka={"bootstrap.servers": "127.0.0.1:1"},
+                    redis_retry_targets={"default": redis_server.url},
+                    redis_retry_spool_path=str(tmp_path / "spool.sqlite3"))
+    try:
+        for _ in range(2):  # refused at every write until the settings are fixed
+            with pytest.raises(celery_redis_retry.ConfigurationError, match=f"127.0.0.1:{other.port} db 0 but"):
+                wrapped.set("k", "v")
+        with fast_client(other) as check:
+            assert check.get("k") is None
+    finally:
+        if capture._producer is not None:
+            capture._producer.close(0)
