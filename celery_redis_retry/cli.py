@@ -568,14 +568,28 @@ def main() -> None:
     type=click.Path(dir_okay=False, writable=True),
     help="Also write HOST:PORT to this file once the broker listens.",
 )
+@click.option("--port", default=None, type=click.IntRange(1, 65535),
+              help="Bootstrap port on 127.0.0.1 that stays the same across restarts (default: a random port).")
 @click.option("--loglevel", "-l", default="WARNING", show_default=True, help="Logging level.")
-def dev_kafka(bootstrap_file: str | None, loglevel: str) -> None:
+@click.pass_context
+def dev_kafka(ctx: click.Context, bootstrap_file: str | None, port: int | None, loglevel: str) -> None:
     """Run an embedded Kafka broker (librdkafka's mock cluster) until SIGINT/SIGTERM.
 
-    Prints ``bootstrap.servers=HOST:PORT`` first. In-memory, about 5 MiB kept per
+    Prints bootstrap.servers=HOST:PORT first. In-memory, about 5 MiB kept per
     partition: for development, demos and tests only.
+
+    librdkafka cannot fix the port its mock broker listens on: with --port, clients
+    bootstrap through 127.0.0.1:PORT, which relays to the broker, and then talk to the
+    broker's own (random) port, as Kafka clients do. After a restart a new client
+    finds the broker at the same bootstrap address; a client that stays up across the
+    restart reconnects once librdkafka bootstraps again. Exits 0 on SIGINT/SIGTERM,
+    1 when --port cannot be bound.
     """
     from .kafka import serve_dev_broker
 
     _setup_logging(loglevel)
-    serve_dev_broker(bootstrap_file)
+    try:
+        serve_dev_broker(bootstrap_file, port)
+    except OSError as exc:
+        click.echo(f"error: cannot listen on 127.0.0.1:{port}: {exc}", err=True)
+        ctx.exit(EXIT_FAILURE)

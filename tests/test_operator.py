@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +21,7 @@ from loop_stack import LoopStack
 from celery_redis_retry import kafka, ops
 from celery_redis_retry.dlq_admin import Cursor, DeadLetterQueue, StoredLetter
 from celery_redis_retry.kafka import MAX_METADATA, format_offsets, parse_offsets
+from celery_redis_retry.testing import free_port
 
 
 def _stack_with_dead_ops(make_loop: Callable[..., LoopStack]) -> tuple[LoopStack, list[Any], list[Any]]:
@@ -181,6 +185,28 @@ def test_status_reports_lag_queue_and_dlq(make_loop: Callable[..., LoopStack]) -
     down = stack.cli("redis-retry", "status")
     assert down.returncode == 4
     assert "celery_broker" in down.stderr
+
+
+def test_dev_kafka_port_stays_across_restarts() -> None:
+    port = free_port()
+    bootstrap = {"bootstrap.servers": f"127.0.0.1:{port}"}
+    argv = [sys.executable, "-m", "celery_redis_retry", "dev-kafka", "--port", str(port)]
+    for _ in range(2):  # a restart finds the same bootstrap address
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as broker:
+            try:
+                assert broker.stdout is not None
+                assert broker.stdout.readline().strip() == f"bootstrap.servers=127.0.0.1:{port}"
+                topic = f"t-{uuid.uuid4().hex}"
+                producer = kafka.new_producer(bootstrap)
+                value = b"through the fixed port"
+                assert kafka.produce_confirmed(producer, topic, [(b"k", value, None)]) == [None]
+                assert [m.value() for m in kafka.read_to_end(bootstrap, topic, timeout=30)] == [value]
+                busy = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+                assert busy.returncode == 1
+                assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr
+            finally:
+                broker.terminate()
+            assert broker.wait(30) == 0
 
 
 # -- pure logic -------------------------------------------------------------------------
