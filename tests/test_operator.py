@@ -22,6 +22,7 @@ from celery_redis_retry import kafka, ops
 from celery_redis_retry.dlq_admin import Cursor, DeadLetterQueue, StoredLetter
 from celery_redis_retry.kafka import MAX_METADATA, format_offsets, parse_offsets
 from celery_redis_retry.testing import free_port
+from celery_redis_retry.words import counted
 
 
 def _stack_with_dead_ops(make_loop: Callable[..., LoopStack]) -> tuple[LoopStack, list[Any], list[Any]]:
@@ -248,3 +249,11 @@ def test_advance_commits_a_prefix_and_remembers_the_rest(monkeypatch: pytest.Mon
     reread = [_letter(0, 5), *(_letter(0, o, handled=True) for o in (6, 7, 8)), _letter(1, 0)]
     assert queue.advance(reread, [reread[0]]) == 1  # partition 1 is untouched
     assert commits[-1] == {0: (9, set())}
+
+
+def test_counts_read_in_words() -> None:
+    assert counted(1, "task") == "1 task"
+    assert counted(0, "task") == "0 tasks"
+    assert counted(2, "pending record") == "2 pending records"
+    assert counted(None, "op") == "unknown ops"
+    assert counted(3, "entry", "entries") == "3 entries"

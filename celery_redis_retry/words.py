@@ -1,0 +1,15 @@
+"""Counts in words for what operators read: ``1 task``, ``2 tasks``, ``unknown tasks``."""
+
+from __future__ import annotations
+
+
+def counted(number: int | None, noun: str, plural: str | None = None) -> str:
+    """``number`` and ``noun``, the noun in the plural unless ``number`` is 1.
+
+    ``None`` (a figure that could not be read) reads ``unknown <plural>``; ``plural``
+    is for nouns that do not just take an ``s``.
+    """
+    many = plural or noun + "s"
+    if number is None:
+        return f"unknown {many}"
+    return f"{number} {noun if number == 1 else many}"
