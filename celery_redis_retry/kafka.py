@@ -255,6 +255,21 @@ def cluster_metadata(client: Consumer | Producer, topic: str | None = None, *, t
                 raise
 
 
+#: librdkafka's codes for a cluster that did not answer: down, unreachable, or too slow.
+_NO_ANSWER = (KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE)
+
+
+def did_not_answer(exc: KafkaException) -> bool:
+    """Whether ``exc`` says that Kafka did not answer in time, rather than that it refused a request."""
+    error = exc.args[0] if exc.args else None
+    return isinstance(error, KafkaError) and error.code() in _NO_ANSWER
+
+
+def no_answer_message(user: Mapping[str, Any], timeout: float) -> str:
+    """``Kafka at HOST:PORT did not answer within N s``, for the commands' errors."""
+    return f"Kafka at {user.get('bootstrap.servers')} did not answer within {timeout:g} s"
+
+
 def _refused_login(client: Consumer | Producer) -> _RefusedLogin | None:
     memory: _RefusedLogin | None = getattr(client, "refused_login", None)  # clients built here have one
     if memory is not None and (not isinstance(client, Consumer) or not client.assignment()):
