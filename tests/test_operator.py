@@ -23,11 +23,13 @@ from click.testing import CliRunner
 from loop_stack import LoopStack
 
 from celery_redis_retry import dlq, errors, kafka, ops, policy, redis_exec
+from celery_redis_retry import topics as topics_module
 from celery_redis_retry.cli import main, redis_retry
 from celery_redis_retry.dlq_admin import Cursor, DeadLetterQueue, StoredLetter
 from celery_redis_retry.kafka import MAX_METADATA, format_offsets, parse_offsets
 from celery_redis_retry.spool import Spool
 from celery_redis_retry.testing import CeleryCommand, free_port
+from celery_redis_retry.topics import DAY_MS
 from celery_redis_retry.words import counted
 
 
@@ -394,6 +396,9 @@ def test_counts_read_in_words() -> None:
     assert counted(2, "pending record") == "2 pending records"
     assert counted(None, "op") == "unknown ops"
     assert counted(3, "entry", "entries") == "3 entries"
+    assert counted(1.0, "day") == "1 day"
+    assert counted(11 + 1 / 3, "day") == "11.3333 days"
+    assert topics_module._days(str(DAY_MS)) == " (1 day)"
 
 
 def test_every_reason_a_dead_letter_can_carry_is_a_known_reason() -> None:
