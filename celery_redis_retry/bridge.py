@@ -339,12 +339,16 @@ class Bridge:
         self._report()
 
     def _report(self) -> None:
+        """The periodic line of counters since start (docs/operations.md, "The bridge's report")."""
+        from .words import counted
+
         stats = self.stats
         logger.info(
-            "bridge: %d dispatched in %d tasks, %d parked, %d expired, %d rejected, %d stalls, %d holds, "
-            "%d in flight, %d handed over again in %.0f s",
-            stats.dispatched, stats.tasks, stats.parked, stats.expired, stats.rejected, stats.stalls, stats.held,
-            self.in_flight, stats.redelivered, time.monotonic() - stats.started,
+            "bridge: %s dispatched in %s, %s parked, %s expired, %s rejected, %s, "
+            "reading paused %s (Celery queue at high water), %s in flight, %s handed over again in %.0f s",
+            counted(stats.dispatched, "op"), counted(stats.tasks, "task"), stats.parked, stats.expired,
+            stats.rejected, counted(stats.stalls, "failed hand-over"), counted(stats.held, "time"),
+            counted(self.in_flight, "op"), counted(stats.redelivered, "op"), time.monotonic() - stats.started,
         )
 
     # -- rebalances ----------------------------------------------------------------------

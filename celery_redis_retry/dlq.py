@@ -56,6 +56,21 @@ MAX_RAW_BYTES = 64 * 1024
 MAX_RECORD_BYTES = 900_000
 
 
+#: Every ``reason`` a DLQ record of this release can carry: the ``reason`` of the errors
+#: that end an op (:mod:`.errors`), Redis's permanent errors
+#: (:func:`.policy.permanent_reason`), ``too_large`` (a command with too many arguments
+#: to apply atomically), and a task's time limit or an error this package does not know
+#: (:func:`_describe`). The operator commands accept no other for ``--reason``; a test
+#: keeps the list complete.
+REASONS: frozenset[str] = frozenset({
+    # rejected: the message was never a valid op
+    "malformed", "unsupported_version", "bad_signature", "forbidden_command", "unknown_target", "unknown_script",
+    # dead: the op could not be applied
+    "configuration", "invalid_op", "cross_slot", "replay_failed", "retries_exhausted", "permanent_error",
+    "wrong_type", "unknown_command", "syntax_error", "invalid_value", "too_large", "time_limit", "unexpected_error",
+})
+
+
 @dataclass(frozen=True)
 class Origin:
     """Where the op was read from Kafka."""

@@ -56,10 +56,15 @@ class StoredLetter:
         """The id of the op the record holds, ``-`` when it holds none."""
         return (self.letter.op_id if self.letter is not None else None) or "-"
 
+    @property
+    def state(self) -> str:
+        """``handled`` (replayed or purged already) or ``pending``."""
+        return "handled" if self.handled else "pending"
+
     def document(self) -> dict[str, Any]:
-        """The record as JSON-ready data, with its ref (``problem`` says why an undecodable one is)."""
+        """The record as JSON-ready data, with its ref and state (``problem`` says why an undecodable one is)."""
         body = self.letter.document() if self.letter is not None else {"problem": self.problem}
-        return {"ref": self.ref, **body}
+        return {"ref": self.ref, "state": self.state, **body}
 
     def matches(self, ref: str) -> bool:
         """Whether ``ref`` names this record: ``PARTITION:OFFSET`` or its op id."""
@@ -136,14 +141,7 @@ class DeadLetterQueue:
         fail them all).
         """
         replayed: list[tuple[StoredLetter, str]] = []
-        refused: list[tuple[StoredLetter, str]] = []
-        batch: list[tuple[StoredLetter, RedisOp, bytes]] = []
-        for stored in records:
-            try:
-                op = self._replayable(stored)
-                batch.append((stored, op, encode(op, self.settings.signer)))
-            except RedisRetryError as exc:
-                refused.append((stored, str(exc)))
+        batch, refused = self.check(records)
         if batch:
             producer = kafka.new_producer(self.settings.kafka, **{"linger.ms": 5})
             kafka.require_topic(producer, self.settings.topic, self.settings.kafka, role="retry",
@@ -159,6 +157,21 @@ class DeadLetterQueue:
         for stored, new_id in replayed:
             logger.info("DLQ record %s (op %s) replayed as op %s", stored.ref, stored.op_id, new_id)
         return ReplayResult(replayed, refused)
+
+    def check(
+        self, records: Iterable[StoredLetter]
+    ) -> tuple[list[tuple[StoredLetter, RedisOp, bytes]], list[tuple[StoredLetter, str]]]:
+        """Split ``records`` into those :meth:`replay` would publish (with the op and its
+        encoding) and those it would refuse (with why), without publishing anything."""
+        ready: list[tuple[StoredLetter, RedisOp, bytes]] = []
+        refused: list[tuple[StoredLetter, str]] = []
+        for stored in records:
+            try:
+                op = self._replayable(stored)
+                ready.append((stored, op, encode(op, self.settings.signer)))
+            except RedisRetryError as exc:
+                refused.append((stored, str(exc)))
+        return ready, refused
 
     def _replayable(self, stored: StoredLetter) -> RedisOp:
         letter = stored.letter

@@ -307,6 +307,21 @@ def cluster_metadata(client: Consumer | Producer, topic: str | None = None, *, t
                 raise
 
 
+#: librdkafka's codes for a cluster that did not answer: down, unreachable, or too slow.
+_NO_ANSWER = (KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE)
+
+
+def did_not_answer(exc: KafkaException) -> bool:
+    """Whether ``exc`` says that Kafka did not answer in time, rather than that it refused a request."""
+    error = exc.args[0] if exc.args else None
+    return isinstance(error, KafkaError) and error.code() in _NO_ANSWER
+
+
+def no_answer_message(user: Mapping[str, Any], timeout: float) -> str:
+    """``Kafka at HOST:PORT did not answer within N s``, for the commands' errors."""
+    return f"Kafka at {user.get('bootstrap.servers')} did not answer within {timeout:g} s"
+
+
 def _refused_login(client: Consumer | Producer) -> _RefusedLogin | None:
     memory: _RefusedLogin | None = getattr(client, "refused_login", None)  # clients built here have one
     if memory is not None and (not isinstance(client, Consumer) or not client.assignment()):
@@ -683,21 +698,30 @@ class EmbeddedBroker:
         self._handle = None
 
 
-def serve_dev_broker(bootstrap_file: str | None = None) -> None:
-    """Run an :class:`EmbeddedBroker` until SIGINT or SIGTERM; print its address first."""
+def serve_dev_broker(bootstrap_file: str | None = None, port: int | None = None) -> None:
+    """Run an :class:`EmbeddedBroker` until SIGINT or SIGTERM; print its address first.
+
+    With ``port``, clients bootstrap through ``127.0.0.1:port`` (see :mod:`.dev_port`).
+    :raises OSError: if ``port`` cannot be bound.
+    """
+    from .dev_port import PortForwarder
+
     stop = {signal.SIGINT, signal.SIGTERM}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
     broker = EmbeddedBroker()
-    line = f"bootstrap.servers={broker.bootstrap_servers}"
-    print(line, flush=True)
+    forwarder = PortForwarder(port, broker.bootstrap_servers) if port is not None else None
+    bootstrap = forwarder.address if forwarder is not None else broker.bootstrap_servers
+    print(f"bootstrap.servers={bootstrap}", flush=True)
     if bootstrap_file:
         folder = os.path.dirname(os.path.abspath(bootstrap_file))
         with tempfile.NamedTemporaryFile("w", dir=folder, delete=False) as out:
-            out.write(broker.bootstrap_servers + "\n")
+            out.write(bootstrap + "\n")
         os.replace(out.name, bootstrap_file)  # readers never see a half-written file
     try:
         received = signal.sigwait(stop)
         logger.info("dev-kafka: %s received, stopping", signal.Signals(received).name)
     finally:
+        if forwarder is not None:
+            forwarder.close()
         broker.close()
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)

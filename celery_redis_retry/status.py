@@ -95,7 +95,8 @@ class Status:
             "lag": self.lag,
             "not_ended": self.not_ended,
             "partitions": None if self.partitions is None else {
-                str(p): {"low": o.low, "high": o.high, "committed": o.committed, "lag": o.lag, "not_ended": o.pending}
+                str(p): {"low": o.low, "high": o.high, "committed": o.committed if o.committed >= 0 else None,
+                         "lag": o.lag, "not_ended": o.pending}
                 for p, o in sorted(self.partitions.items())
             },
             "queue": self.queue,
@@ -132,7 +133,7 @@ def collect(app: Any, settings: Settings, *, timeout: float = 10.0) -> Status:
             exc.role = "DLQ"
             missing.append(exc)
     except kafka.KafkaException as exc:
-        errors["kafka"] = str(exc)
+        errors["kafka"] = kafka.no_answer_message(settings.kafka, timeout) if kafka.did_not_answer(exc) else str(exc)
     sender = TaskSender(app, settings.queue, one_task_per_op=False)
     try:
         queued = sender.queued_tasks()

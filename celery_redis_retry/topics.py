@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from . import kafka
 from .config import Settings
 from .errors import RedisRetryError
+from .words import counted
 
 DAY_MS = 24 * 3600 * 1000
 DEFAULT_PARTITIONS = 12
@@ -139,16 +140,17 @@ def plan_warnings(settings: Settings, plans: list[TopicPlan]) -> list[str]:
     for p in plans:
         retention = int(p.config.get("retention.ms", "-1"))
         if p.role not in ("DLQ", "ends") and (retention < 0 or retention > settings.dedupe_ttl * 1000):
-            shown = "forever" if retention < 0 else f"{retention / DAY_MS:g} days"
+            shown = "forever" if retention < 0 else counted(retention / DAY_MS, "day")
             out.append(
                 f"retry topic {p.name} keeps ops {shown}, longer than redis_retry_dedupe_ttl "
-                f"({settings.dedupe_ttl / 86400:g} days): raise redis_retry_dedupe_ttl to at least "
+                f"({counted(settings.dedupe_ttl / 86400, 'day')}): raise redis_retry_dedupe_ttl to at least "
                 f"{max(retention, 0) // 1000} s, or an op read again after its marker expired may apply twice"
             )
         if p.role not in ("DLQ", "ends") and 0 <= retention < settings.max_age * 1000:
             out.append(
-                f"{p.role} topic {p.name} keeps ops {retention / DAY_MS:g} days, less than redis_retry_max_age "
-                f"({settings.max_age / 86400:g} days): an op waiting out a long outage could be deleted unread"
+                f"{p.role} topic {p.name} keeps ops {counted(retention / DAY_MS, 'day')}, less than "
+                f"redis_retry_max_age ({counted(settings.max_age / 86400, 'day')}): an op waiting out a long "
+                "outage could be deleted unread"
             )
     return out
 
@@ -212,8 +214,8 @@ def create(
         widest = max(p.replication_factor for p in missing)
         if widest > brokers:
             raise TopicSetupError(
-                f"replication factor {widest} needs at least {widest} brokers, but the cluster at {bootstrap} has "
-                f"{brokers}; pass --replication-factor {brokers} (or add brokers)"
+                f"replication factor {widest} needs at least {counted(widest, 'broker')}, but the cluster at "
+                f"{bootstrap} has {brokers}; pass --replication-factor {brokers} (or add brokers)"
             )
         if not has_controller:
             raise TopicSetupError(
@@ -259,7 +261,7 @@ def _days(retention_ms: str) -> str:
         return ""
     if value < 0:
         return " (forever)"
-    return f" ({value / DAY_MS:g} days)"
+    return f" ({counted(value / DAY_MS, 'day')})"
 
 
 def found_summary(found: kafka.TopicDescription) -> str:

@@ -186,11 +186,14 @@ class LoopStack:
         self.bridges.append(bridge)
         return bridge.start(ready_pattern=r"bridge consuming", timeout=90)
 
-    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:  # noqa: A002
-        """``celery -A loop_app ARGS`` run to completion as a real subprocess, with this stack's settings."""
+    def cli(
+        self, *args: str, input: str | None = None, env: dict[str, str] | None = None,  # noqa: A002
+    ) -> subprocess.CompletedProcess[str]:
+        """``celery -A loop_app ARGS`` run to completion as a real subprocess, with this stack's settings
+        (``env`` on top of them)."""
         return subprocess.run(
             [sys.executable, "-m", "celery", "-A", "loop_app", *args],
-            env={**os.environ, **self.env_for("operator")}, cwd=str(self.workdir), input=input,
+            env={**os.environ, **self.env_for("operator"), **(env or {})}, cwd=str(self.workdir), input=input,
             capture_output=True, text=True, timeout=120, check=False,
         )
 

@@ -9,15 +9,28 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import click
 import pytest
+from click.testing import CliRunner
 from loop_stack import LoopStack
 
-from celery_redis_retry import kafka, ops
+from celery_redis_retry import dlq, errors, kafka, ops, policy, redis_exec
+from celery_redis_retry import topics as topics_module
+from celery_redis_retry.cli import main, redis_retry
 from celery_redis_retry.dlq_admin import Cursor, DeadLetterQueue, StoredLetter
 from celery_redis_retry.kafka import MAX_METADATA, format_offsets, parse_offsets
+from celery_redis_retry.spool import Spool
+from celery_redis_retry.testing import CeleryCommand, free_port
+from celery_redis_retry.topics import DAY_MS
+from celery_redis_retry.words import counted
 
 
 def _stack_with_dead_ops(make_loop: Callable[..., LoopStack]) -> tuple[LoopStack, list[Any], list[Any]]:
@@ -59,10 +72,18 @@ def test_dlq_list_show_replay_purge_through_the_real_cli(make_loop: Callable[...
     assert {d["op"]["id"] for d in documents} == {op.id for op in wrong_type}
     assert all(d["outcome"] == "dead" and d["attempts"] == 1 for d in documents)
 
+    typo = stack.cli("redis-retry", "dlq", "list", "--reason", "wrong_typo")
+    assert typo.returncode == 2, typo.stderr
+    assert "'wrong_typo' is no DLQ reason" in typo.stderr
+    assert "wrong_type" in typo.stderr
+    assert "retries_exhausted" in typo.stderr
+    assert typo.stdout == ""
+
     shown = stack.cli("redis-retry", "dlq", "show", not_a_number[0].id)
     assert shown.returncode == 0, shown.stderr
     record = json.loads(shown.stdout)
     assert record["op"]["id"] == not_a_number[0].id
+    assert record["state"] == "pending"
     assert record["reason"] == "invalid_value"
     assert "not an integer" in record["error"]["message"]
     assert record["origin"]["topic"] == stack.topic
@@ -74,7 +95,20 @@ def test_dlq_list_show_replay_purge_through_the_real_cli(make_loop: Callable[...
     assert unselected.returncode == 2
     assert "--all" in unselected.stderr
     dry = stack.cli("redis-retry", "dlq", "replay", "--outcome", "dead", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
     assert dry.stdout.count("would replay") == 15
+    assert "dry run: 15 would be replayed" in dry.stdout
+    dry_rejected = stack.cli("redis-retry", "dlq", "replay", "--outcome", "rejected", "--dry-run")
+    assert dry_rejected.returncode == 1  # the real replay would refuse it, and exit 1
+    assert "would not replay" in dry_rejected.stdout
+    assert "was rejected (malformed)" in dry_rejected.stdout
+    assert "dry run: 0 would be replayed" in dry_rejected.stdout
+    for command in ("replay", "purge"):
+        nowhere = stack.cli("redis-retry", "dlq", command, "1:99", "--yes" if command == "purge" else "--dry-run")
+        assert nowhere.returncode == 1, (command, nowhere.stdout, nowhere.stderr)
+        assert "no pending record '1:99'" in nowhere.stderr
+        assert "matches" in nowhere.stdout
+    assert stack.cli("redis-retry", "dlq", "replay", "1:99").returncode == 1
 
     # The operator fixes the data, then replays what died of it.
     with stack.client() as r:
@@ -83,14 +117,16 @@ def test_dlq_list_show_replay_purge_through_the_real_cli(make_loop: Callable[...
         replayed = stack.cli("redis-retry", "dlq", "replay", "--outcome", "dead")
         assert replayed.returncode == 0, replayed.stderr
         assert "15 replayed" in replayed.stdout
-        assert "1 pending" in replayed.stdout
+        assert "1 record pending" in replayed.stdout
         stack.wait_for(lambda: r.scard("a-string") == 10 and r.get("not-a-number") == b"105", 60, "the replays")
         # Each INCRBY applied once, although its first life left a dedupe marker behind.
         assert r.smembers("a-string") == {str(i).encode() for i in range(10)}
         # The same records again: their replays carry the same ids, so nothing applies twice.
         again = stack.cli("redis-retry", "dlq", "replay", *(f"{op.id}" for op in not_a_number))
-        assert again.returncode == 0
+        assert again.returncode == 1  # handled records are no pending records
         assert again.stderr.count("no pending record") == 5
+        handled = json.loads(stack.cli("redis-retry", "dlq", "show", not_a_number[0].id).stdout)
+        assert handled["state"] == "handled"
         refs = [d["ref"] for d in map(json.loads, stack.cli("redis-retry", "dlq", "list", "--all", "--json",
                                                              "--reason", "invalid_value").stdout.splitlines())]
         duplicates = stack.worker_log_count(r"was already applied")
@@ -107,15 +143,22 @@ def test_dlq_list_show_replay_purge_through_the_real_cli(make_loop: Callable[...
     assert refused.returncode == 1
     assert "was rejected (malformed)" in refused.stderr
 
+    assert "1 pending record in" in left.stdout
+
     asked = stack.cli("redis-retry", "dlq", "purge", "--all", input="n\n")
     assert asked.returncode == 1
+    assert "purge 1 record of" in asked.stdout
     assert "Aborted" in asked.stderr
     purged = stack.cli("redis-retry", "dlq", "purge", "--all", "--yes")
     assert purged.returncode == 0
-    assert "1 purged, 0 pending" in purged.stdout
+    assert "1 purged, 0 records pending" in purged.stdout
     empty = stack.cli("redis-retry", "dlq", "list")
     assert _refs(empty.stdout) == []
     assert "0 pending records" in empty.stdout
+    nothing = stack.cli("redis-retry", "dlq", "replay", "--all", "--dry-run")
+    assert nothing.returncode == 0, nothing.stderr
+    assert f"no pending record in {stack.dlq_topic} matches" in nothing.stdout
+    assert "dry run: 0 would be replayed" in nothing.stdout
     everything = stack.cli("redis-retry", "dlq", "list", "--all")
     assert len(_refs(everything.stdout)) == 16
     assert everything.stdout.count("handled") == 16
@@ -140,7 +183,7 @@ def test_replay_of_one_record_keeps_older_pending_ones(make_loop: Callable[..., 
         done = stack.cli("redis-retry", "dlq", "replay", chosen.ref)
         assert done.returncode == 0, done.stderr
         assert "1 replayed" in done.stdout
-        assert "15 pending" in done.stdout
+        assert "15 records pending" in done.stdout
         stack.wait_for(lambda: r.scard("a-string") == 1, 60, "the one replay")
     listed = stack.cli("redis-retry", "dlq", "list")
     assert chosen.ref not in _refs(listed.stdout)
@@ -160,6 +203,14 @@ def test_status_reports_lag_queue_and_dlq(make_loop: Callable[..., LoopStack]) -
     assert figures["queued_tasks"] == 0
     assert figures["spool"]["messages"] == 0
     assert not figures["errors"]
+    # No bridge committed yet: no committed offset, said so (not librdkafka's -1001).
+    assert {p["committed"] for p in figures["partitions"].values()} == {None}
+    fresh = stack.cli("redis-retry", "status")
+    assert fresh.returncode == 0, fresh.stderr
+    assert "-1001" not in fresh.stdout
+    assert re.search(r"partition \d+: end \d+, committed -, lag", fresh.stdout), fresh.stdout
+    assert "spool        0 messages in" in fresh.stdout
+    assert "0 records pending" in fresh.stdout
 
     bridge = stack.start_bridge()  # no worker: the tasks wait in the Celery queue
     stack.wait_assigned(bridge)
@@ -222,3 +273,143 @@ def test_advance_commits_a_prefix_and_remembers_the_rest(monkeypatch: pytest.Mon
     reread = [_letter(0, 5), *(_letter(0, o, handled=True) for o in (6, 7, 8)), _letter(1, 0)]
     assert queue.advance(reread, [reread[0]]) == 1  # partition 1 is untouched
     assert commits[-1] == {0: (9, set())}
+
+
+# -- what every command says, and its exit codes ----------------------------------------
+
+#: Seconds a `celery -A loop_app ...` subprocess may take on top of its --timeout: starting
+#: Python, Celery and the app on a loaded two-core machine.
+STARTUP_MARGIN = 6.0
+
+#: Every command that talks to Kafka, as run against a closed port.
+KAFKA_COMMANDS = [
+    ("dlq", "list"), ("dlq", "show", "0:0"), ("dlq", "replay", "--all"), ("dlq", "purge", "--all", "--yes"),
+    ("status",), ("spool", "drain"), ("topics", "create"), ("topics", "describe"),
+]
+
+
+def test_every_kafka_command_gives_up_within_its_timeout(make_loop: Callable[..., LoopStack]) -> None:
+    stack = make_loop(create_topics=False)
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens there
+    Spool(str(stack.workdir / "spool.sqlite3")).put(stack.topic, b"k", b"an op Kafka could not take")
+    for command in KAFKA_COMMANDS:
+        started = time.monotonic()
+        done = stack.cli("redis-retry", *command, "--timeout", "1", env={"CRR_BOOTSTRAP": closed})
+        elapsed = time.monotonic() - started
+        assert done.returncode == 4, (command, done.stdout, done.stderr)
+        assert f"Kafka at {closed} did not answer within 1 s" in done.stderr, (command, done.stderr)
+        assert elapsed < 1 + STARTUP_MARGIN, (command, elapsed)
+
+
+def test_without_an_app_the_cli_asks_for_one(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("CELERY_APP", "APP")}
+    done = subprocess.run([sys.executable, "-m", "celery", "redis-retry", "dlq", "list"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "-A/--app" in done.stderr
+    assert "celery -A proj redis-retry" in done.stderr
+    assert "redis_retry_kafka" not in done.stderr
+
+
+def _leaf_commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    leaves: list[tuple[str, ...]] = []
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            leaves += [(*path, name), *_leaf_commands(command, (*path, name))]
+        else:
+            leaves.append((*path, name))
+    return leaves
+
+
+def test_help_is_plain_text_and_every_command_states_its_exit_codes() -> None:
+    runner = CliRunner()
+    for root in (redis_retry, main):
+        for path in [(), *_leaf_commands(root)]:
+            shown = runner.invoke(root, [*path, "--help"])
+            assert shown.exit_code == 0, (path, shown.output)
+            assert "``" not in shown.output, (path, shown.output)
+            command = root
+            for name in path:
+                assert isinstance(command, click.Group)
+                command = command.commands[name]
+            if not isinstance(command, click.Group):
+                assert "Exits 0" in " ".join(shown.output.split()), (path, shown.output)
+
+
+def test_bridge_writes_its_pidfile_and_logs_to_its_logfile(make_loop: Callable[..., LoopStack]) -> None:
+    stack = make_loop()
+    pidfile, logfile = stack.workdir / "bridge.pid", stack.workdir / "bridge.log"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    pidfile.write_text(f"{gone.pid}\n")  # stale: its process has ended, the bridge replaces it
+    bridge = CeleryCommand(
+        "loop_app", ["redis-retry", "bridge", "--pidfile", str(pidfile), "--logfile", str(logfile)],
+        env=stack.env_for("bridge"), cwd=str(stack.workdir), log_dir=stack.workdir,
+    )
+    stack.bridges.append(bridge)  # stopped with the stack if the test fails
+    bridge.start()
+    bridge.wait_until(lambda: logfile.exists() and "bridge consuming" in logfile.read_text(), 90,
+                      "the bridge to log to its logfile")
+    assert pidfile.read_text().strip() == str(bridge.pid)
+
+    second = stack.cli("redis-retry", "bridge", "--pidfile", str(pidfile))
+    assert second.returncode == 1, second.stderr
+    assert f"names process {bridge.pid}, which is running" in second.stderr
+    assert pidfile.read_text().strip() == str(bridge.pid)
+
+    assert bridge.stop(timeout=30) == 0
+    assert not pidfile.exists()
+    logged = logfile.read_text()
+    assert "reading paused 0 times (Celery queue at high water)" in logged
+    assert "0 ops dispatched in 0 tasks" in logged
+    assert "bridge consuming" not in bridge.log_text()  # stderr: nothing logged there
+
+
+def test_dev_kafka_port_stays_across_restarts() -> None:
+    port = free_port()
+    bootstrap = {"bootstrap.servers": f"127.0.0.1:{port}"}
+    argv = [sys.executable, "-m", "celery_redis_retry", "dev-kafka", "--port", str(port)]
+    for _ in range(2):  # a restart finds the same bootstrap address
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as broker:
+            try:
+                assert broker.stdout is not None
+                assert broker.stdout.readline().strip() == f"bootstrap.servers=127.0.0.1:{port}"
+                topic = f"t-{uuid.uuid4().hex}"
+                producer = kafka.new_producer(bootstrap)
+                value = b"through the fixed port"
+                assert kafka.produce_confirmed(producer, topic, [(b"k", value, None)]) == [None]
+                assert [m.value() for m in kafka.read_to_end(bootstrap, topic, timeout=30)] == [value]
+                busy = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+                assert busy.returncode == 1
+                assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr
+            finally:
+                broker.terminate()
+            assert broker.wait(30) == 0
+
+
+# -- pure logic -------------------------------------------------------------------------
+
+
+def test_counts_read_in_words() -> None:
+    assert counted(1, "task") == "1 task"
+    assert counted(0, "task") == "0 tasks"
+    assert counted(2, "pending record") == "2 pending records"
+    assert counted(None, "op") == "unknown ops"
+    assert counted(3, "entry", "entries") == "3 entries"
+    assert counted(1.0, "day") == "1 day"
+    assert counted(11 + 1 / 3, "day") == "11.3333 days"
+    assert topics_module._days(str(DAY_MS)) == " (1 day)"
+
+
+def test_every_reason_a_dead_letter_can_carry_is_a_known_reason() -> None:
+    never_dead_letters = {"error", "captured", "publish_failed", "spool_full"}  # raised to the app, not written
+    error_reasons = {getattr(errors, name).reason for name in errors.__all__} - never_dead_letters
+    assert error_reasons <= dlq.REASONS, error_reasons - dlq.REASONS
+    redis_errors = ["WRONGTYPE Operation against a key", "CROSSSLOT Keys", "ERR unknown command 'X'",
+                    "EXECABORT Transaction discarded", "ERR wrong number of arguments", "ERR syntax error",
+                    "ERR value is not an integer or out of range", "ERR something else"]
+    assert {policy.permanent_reason(text) for text in redis_errors} <= dlq.REASONS
+    source = Path(redis_exec.__file__).read_text()
+    assert set(re.findall(r'reason="(\w+)"', source)) <= dlq.REASONS
+    time_limit = type("TimeLimitExceeded", (Exception,), {})
+    assert {dlq._describe(exc)[1] for exc in (time_limit(), ValueError())} <= dlq.REASONS
