@@ -1,0 +1,116 @@
+"""What an operator reads during an outage: few lines, and true ones.
+
+librdkafka retries a lost broker every few tens of milliseconds and logs each failure;
+these tests hold the process to one line when a broker goes, one when it is back, and a
+count of the failures in between at most once a minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from loop_stack import LoopStack
+
+from celery_redis_retry.librdkafka_log import LibrdkafkaLog
+from celery_redis_retry.testing import TansuKafka
+
+REFUSED = "[thrd:127.0.0.1:9092/bootstrap]: 127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: " \
+          "Connection refused (after 0ms in state CONNECT)"
+UP = '{"brokers": {"127.0.0.1:9092/1": {"nodename": "127.0.0.1:9092", "state": "UP"}}}'
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def quiet(caplog: pytest.LogCaptureFixture) -> tuple[LibrdkafkaLog, Clock]:
+    caplog.set_level(logging.DEBUG, logger="test.librdkafka")
+    clock = Clock()
+    return LibrdkafkaLog(logging.getLogger("test.librdkafka"), clock=clock), clock
+
+
+def test_a_broker_refusing_connections_is_one_warning_then_a_count_a_minute_then_one_info(
+    quiet: tuple[LibrdkafkaLog, Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    log, clock = quiet
+    for _ in range(500):  # 30 s of a reconnect every 60 ms
+        log.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", REFUSED)
+        clock.now += 0.06
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "Kafka broker 127.0.0.1:9092 unreachable: Connect to ipv4#127.0.0.1:9092 failed: Connection "
+                    "refused (further failures are counted, told once a minute)"),
+    ]
+    assert log.unreachable == ["127.0.0.1:9092"]
+    clock.now += 31
+    log.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#producer-2", REFUSED)
+    assert "still unreachable after 61 s: 500 more failures in the last 61 s" in caplog.records[-1].getMessage()
+    log.statistics('{"brokers": {"127.0.0.1:9092/1": {"nodename": "127.0.0.1:9092", "state": "CONNECT"}}}')
+    assert len(caplog.records) == 2
+    clock.now += 4
+    log.statistics(UP)
+    assert (caplog.records[-1].levelname, caplog.records[-1].getMessage()) == (
+        "INFO", "Kafka broker 127.0.0.1:9092 reachable again after 65 s (501 failures)")
+    assert log.unreachable == []
+    log.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", REFUSED)  # a new outage: said again
+    assert len(caplog.records) == 4
+    assert "unreachable" in caplog.records[-1].getMessage()
+
+
+def test_another_repeated_line_is_told_once_a_minute_with_its_count(
+    quiet: tuple[LibrdkafkaLog, Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    log, clock = quiet
+    timeout = "[thrd:main]: Consumer group session timed out after {} ms"
+    for client in range(3):
+        log.log(logging.WARNING, "%s [%s] %s", "SESSTMOUT", f"rdkafka#consumer-{client}", timeout.format(6000 + client))
+    log.log(logging.WARNING, "%s [%s] %s", "OTHER", "rdkafka#consumer-1", "something else")
+    assert [r.getMessage() for r in caplog.records] == [
+        "SESSTMOUT [rdkafka#consumer-0] [thrd:main]: Consumer group session timed out after 6000 ms",
+        "OTHER [rdkafka#consumer-1] something else",
+    ]
+    clock.now += 60
+    log.log(logging.WARNING, "%s [%s] %s", "SESSTMOUT", "rdkafka#consumer-1", timeout.format(6001))
+    assert caplog.records[-1].getMessage().endswith("(2 more like it in the last 60 s)")
+    assert caplog.records[-1].levelname == "WARNING"
+
+
+def test_a_bridge_whose_kafka_stops_for_60_s_says_so_in_few_lines_and_reconnects(
+    make_loop: Callable[..., LoopStack], tmp_path: Path
+) -> None:
+    broker = TansuKafka(log_dir=tmp_path).start()
+    try:
+        stack = make_loop(kafka_broker=broker)
+        bridge = stack.start_bridge()
+        stack.wait_assigned(bridge)
+        time.sleep(1)  # the waiting topic's assignment is logged just after
+        since = bridge.mark()
+        broker.stop()
+        bridge.wait_for_log(r"Kafka broker \S+ unreachable", timeout=20, since=since)
+        time.sleep(60)
+        during = [line for line in bridge.log_text(since).splitlines()
+                  if not re.search(r"bridge: \d+ dispatched", line)]  # the periodic report, about nothing here
+        assert len(during) < 10, "\n".join(during)
+        assert bridge.running
+
+        broker.start()  # Tansu keeps no data across a restart: the topics are made again
+        stack.create_topics()
+        back = bridge.mark()
+        bridge.wait_for_log(r"Kafka broker 127\.0\.0\.1:\d+ reachable again after \d+ s \(\d+ failures\)",
+                            timeout=60, since=since)
+        stack.wait_assigned(bridge, timeout=60)
+        assert bridge.running
+        from_librdkafka = re.findall(r"celery_redis_retry\.librdkafka", bridge.log_text(since))
+        assert len(from_librdkafka) <= 6, bridge.log_text(since)
+        assert "Connection refused" not in bridge.log_text(back)
+    finally:
+        broker.stop()
