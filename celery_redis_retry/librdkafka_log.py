@@ -27,13 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .outage_log import SUMMARY_INTERVAL, Outages
+
 __all__ = ["LIBRDKAFKA_LOG", "STATISTICS_INTERVAL_MS", "LibrdkafkaLog"]
 
 #: How often clients report their statistics: how soon a broker back is noticed.
 STATISTICS_INTERVAL_MS = 5000
-
-#: Repeats of one line are told at most this often (seconds).
-SUMMARY_INTERVAL = 60.0
 
 #: The facility librdkafka logs a failed connection or a lost one under.
 _CONNECTION_FAILED = "FAIL"
@@ -43,14 +42,6 @@ _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*):(\d{1,5}
 
 #: What differs between repeats of one line: numbers (ms, offsets) and the client's name.
 _VARYING = re.compile(r"\d+")
-
-
-@dataclass
-class _Outage:
-    since: float
-    failures: int = 0  # since the last line about it
-    total: int = 1
-    told_at: float = 0.0
 
 
 @dataclass
@@ -74,22 +65,21 @@ class LibrdkafkaLog:
         self.clock = clock
         self.interval = interval
         self._lock = threading.Lock()
-        self._outages: dict[str, _Outage] = {}  # host:port -> since when it is unreachable
+        self._outages = Outages(clock=clock, interval=interval)  # host:port -> since when it is unreachable
         self._repeats: dict[tuple[int, str], _Repeat] = {}
 
     @property
     def unreachable(self) -> list[str]:
         """The brokers (``host:port``) this process cannot reach now."""
-        with self._lock:
-            return sorted(self._outages)
+        return self._outages.keys
 
     def log(self, level: int, _format: str, facility: str = "", client: str = "", text: str = "", *_: Any) -> None:
         """One line of librdkafka's log (the signature of :meth:`logging.Logger.log` as it calls it)."""
         address = _address(text) if facility == _CONNECTION_FAILED else None
-        with self._lock:
-            if address is not None:
-                self._connection_failed(address, text)
-            else:
+        if address is not None:
+            self._connection_failed(address, text)
+        else:
+            with self._lock:
                 self._line(level, facility, client, text)
 
     def statistics(self, document: str) -> None:
@@ -101,33 +91,26 @@ class LibrdkafkaLog:
         except ValueError:
             return
         up = {str(b.get("nodename")) for b in brokers.values() if isinstance(b, dict) and b.get("state") == "UP"}
-        with self._lock:
-            for address in sorted(up & set(self._outages)):
-                self._reachable(address)
-
-    # -- under the lock ------------------------------------------------------------------
+        for address in up:
+            outage = self._outages.ended(address)
+            if outage is not None:
+                self.logger.info("Kafka broker %s reachable again after %.0f s (%d failures)",
+                                 address, self._outages.seconds(outage), outage.total)
 
     def _connection_failed(self, address: str, text: str) -> None:
-        now = self.clock()
-        outage = self._outages.get(address)
-        if outage is None:
-            self._outages[address] = _Outage(since=now, told_at=now)
+        due = self._outages.failed(address)
+        if due is None:
+            return
+        what, outage = due
+        if what == "started":
             self.logger.warning("Kafka broker %s unreachable: %s (further failures are counted, told once a "
                                 "minute)", address, _reason(text))
-            return
-        outage.failures += 1
-        outage.total += 1
-        if now - outage.told_at >= self.interval:
+        else:
             self.logger.warning("Kafka broker %s still unreachable after %.0f s: %d more failures in the last "
-                                "%.0f s (%s)", address, now - outage.since, outage.failures, now - outage.told_at,
-                                _reason(text))
-            outage.failures = 0
-            outage.told_at = now
+                                "%.0f s (%s)", address, self._outages.seconds(outage), outage.untold,
+                                self._outages.seconds(outage, outage.told_at), _reason(text))
 
-    def _reachable(self, address: str) -> None:
-        outage = self._outages.pop(address)
-        self.logger.info("Kafka broker %s reachable again after %.0f s (%d failures)",
-                         address, self.clock() - outage.since, outage.total)
+    # -- under the lock ------------------------------------------------------------------
 
     def _line(self, level: int, facility: str, client: str, text: str) -> None:
         now = self.clock()
