@@ -9,12 +9,13 @@ its caller which line is due; the caller words it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["SUMMARY_INTERVAL", "Outage", "Outages"]
+__all__ = ["SUMMARY_INTERVAL", "UNKNOWN_TARGET_INTERVAL", "Outage", "Outages", "UnknownTargetLog"]
 
 #: Repeats are told at most this often (seconds).
 SUMMARY_INTERVAL = 60.0
@@ -81,3 +82,38 @@ class Outages:
     def seconds(self, outage: Outage, since: float | None = None) -> float:
         """How long ago ``since`` (default: the outage's start) was."""
         return self.clock() - (outage.since if since is None else since)
+
+
+#: How often a bridge says again that it meets ops for targets it does not know (seconds).
+UNKNOWN_TARGET_INTERVAL = 600.0
+
+
+class UnknownTargetLog:
+    """What a bridge says of ops for targets its app does not define: once per target,
+    then once per :data:`UNKNOWN_TARGET_INTERVAL` with a count, naming the likely cause.
+
+    Two apps with the default settings share the topic and the consumer group, so each
+    one's bridge meets the other's ops. Each such op still becomes a ``rejected`` DLQ record.
+    """
+
+    def __init__(self, logger: logging.Logger, topic: str, *, interval: float = UNKNOWN_TARGET_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.topic = topic
+        self._seen = Outages(clock=clock, interval=interval)
+
+    def met(self, target: str) -> None:
+        """An op for ``target``, which this app does not define, was read (and rejected)."""
+        due = self._seen.failed(target)
+        if due is None:
+            return
+        what, seen = due
+        count = "" if what == "started" else (
+            f"{seen.untold} more in the last {self._seen.seconds(seen, seen.told_at) / 60:.0f} min, "
+            f"{seen.total} since the first; "
+        )
+        self.logger.warning(
+            "ops for target %r which this app does not define (%sthey go to the DLQ as rejected): another app may "
+            "publish to topic %s; give each app its own redis_retry_topic and redis_retry_consumer_group",
+            target, count, self.topic,
+        )

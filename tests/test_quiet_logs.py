@@ -7,6 +7,7 @@ count of the failures in between at most once a minute.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 from loop_stack import LoopStack
 
+from celery_redis_retry import ops
 from celery_redis_retry.librdkafka_log import LibrdkafkaLog
+from celery_redis_retry.outage_log import UnknownTargetLog
 from celery_redis_retry.testing import TansuKafka
 
 REFUSED = "[thrd:127.0.0.1:9092/bootstrap]: 127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: " \
@@ -114,3 +117,47 @@ def test_a_bridge_whose_kafka_stops_for_60_s_says_so_in_few_lines_and_reconnects
         assert "Connection refused" not in bridge.log_text(back)
     finally:
         broker.stop()
+
+
+def test_ops_for_a_target_the_app_does_not_define_are_told_once_then_every_10_minutes_with_a_count(
+    quiet: tuple[LibrdkafkaLog, Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, clock = quiet
+    told = UnknownTargetLog(logging.getLogger("test.librdkafka"), "redis-retry-queue", clock=clock)
+    for _ in range(50):
+        told.met("billing")
+        clock.now += 10
+    told.met("sessions")
+    assert len(caplog.records) == 2
+    assert caplog.records[0].getMessage() == (
+        "ops for target 'billing' which this app does not define (they go to the DLQ as rejected): another app "
+        "may publish to topic redis-retry-queue; give each app its own redis_retry_topic and "
+        "redis_retry_consumer_group")
+    assert "'sessions'" in caplog.records[1].getMessage()
+    clock.now += 100  # 10 minutes after the first
+    told.met("billing")
+    assert len(caplog.records) == 3
+    assert "(50 more in the last 10 min, 51 since the first; they go to the DLQ as rejected)" in \
+        caplog.records[2].getMessage()
+
+
+def test_a_bridge_meeting_ops_of_a_target_it_does_not_define_says_so_once_and_rejects_each(
+    make_loop: Callable[..., LoopStack],
+) -> None:
+    stack = make_loop()
+    bridge = stack.start_bridge()
+    stack.wait_assigned(bridge)
+    # Another app on the same topic, with a target this one does not define.
+    other = dataclasses.replace(stack, extra_targets={"billing": stack.target.url}, bridges=[])
+    try:
+        other.publish_all([ops.set(f"invoice:{n}", n).with_target("billing") for n in range(5)])
+        letters = stack.dead_letters(count=5)
+    finally:
+        other.stop()
+    assert [(d.outcome, d.reason) for d in letters] == [("rejected", "unknown_target")] * 5
+    said = re.findall(r"WARNING.*which this app does not define.*", bridge.log_text())
+    assert len(said) == 1, bridge.log_text()
+    assert f"ops for target 'billing' which this app does not define (they go to the DLQ as rejected): another " \
+           f"app may publish to topic {stack.topic}; give each app its own redis_retry_topic and " \
+           f"redis_retry_consumer_group" in said[0]
+    assert not re.search(r"WARNING.*rejected: op", bridge.log_text())  # not one line per op
