@@ -368,8 +368,10 @@ class RetryProducer:
                 logger.warning("all Kafka brokers are down: new ops go to the spool %s", self.spool.path)
             if state is not None:
                 state.diverting = state.purge_requested = state.stale_producer_id = True
-        elif state is not None and state.diverting and err.code() in _CONNECTIVITY_ERRORS:
-            logger.debug("Kafka producer: %s", err.str())  # known outage: one warning is enough
+        elif err.code() in _CONNECTIVITY_ERRORS:
+            # Once per reconnect attempt: librdkafka's own log says when a broker becomes
+            # unreachable and when it is back, once (celery_redis_retry.librdkafka).
+            logger.debug("Kafka producer: %s", err.str())
         else:
             logger.warning("Kafka producer: %s", err.str())
 

@@ -7,20 +7,25 @@ count of the failures in between at most once a minute.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import re
+import signal
+import sqlite3
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from loop_stack import LoopStack
+from loop_stack import APPS_DIR, LoopStack
 
 from celery_redis_retry import ops
 from celery_redis_retry.librdkafka_log import LibrdkafkaLog
 from celery_redis_retry.outage_log import UnknownTargetLog
-from celery_redis_retry.testing import TansuKafka
+from celery_redis_retry.testing import ManagedProcess, TansuKafka, free_port, wait_until
 
 REFUSED = "[thrd:127.0.0.1:9092/bootstrap]: 127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: " \
           "Connection refused (after 0ms in state CONNECT)"
@@ -161,3 +166,58 @@ def test_a_bridge_meeting_ops_of_a_target_it_does_not_define_says_so_once_and_re
            f"app may publish to topic {stack.topic}; give each app its own redis_retry_topic and " \
            f"redis_retry_consumer_group" in said[0]
     assert not re.search(r"WARNING.*rejected: op", bridge.log_text())  # not one line per op
+
+
+def test_sigterm_and_sigint_stop_a_busy_bridge_without_a_traceback(make_loop: Callable[..., LoopStack]) -> None:
+    stack = make_loop()
+    stack.start_worker(concurrency=1)
+    for number, stop in enumerate((signal.SIGTERM, signal.SIGINT)):
+        bridge = stack.start_bridge()
+        stack.wait_assigned(bridge)
+        stack.publish_all([ops.incrby(f"visits:{number}", 1) for _ in range(200)])
+        assert bridge.pid is not None
+        os.killpg(bridge.pid, stop)
+        assert bridge.stop(timeout=30) == 0, bridge.log_tail()
+        assert "Traceback" not in bridge.log_text(), bridge.log_text()
+        assert " raised" not in bridge.log_text()
+    assert stack.worker is not None
+    assert "Traceback" not in stack.worker.log_text()
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGTERM-app-handler", "SIGINT-twice"])
+def test_an_app_spooling_through_a_kafka_outage_stops_without_a_traceback(tmp_path: Path, stop: str) -> None:
+    """The publishing process, its main thread inside spool transactions most of the time
+    (Kafka refuses, ``redis_retry_durable_publish``), stopped by a signal: nothing but the
+    app's own lines, and every op it published is in the spool."""
+    out = tmp_path / "published.jsonl"
+    env = {"CRR_BOOTSTRAP": f"127.0.0.1:{free_port()}", "CRR_TOPIC": "quiet", "CRR_SPOOL": str(tmp_path / "spool"),
+           "CRR_DURABLE": "1", "PYTHONPATH": str(APPS_DIR)}
+    args = ["--then", "forever", *(["--exit-on-sigterm"] if stop == "SIGTERM-app-handler" else [])]
+    app = ManagedProcess([sys.executable, str(APPS_DIR / "durability_publisher.py"), "--out", str(out), *args],
+                         env=env, cwd=str(APPS_DIR), name="publisher", log_dir=tmp_path).start()
+    try:
+        app.wait_until(lambda: out.exists() and out.stat().st_size > 0, 30, "ops published")
+        time.sleep(1)
+        assert app.pid is not None
+        if stop == "SIGINT-twice":
+            os.kill(app.pid, signal.SIGINT)
+            os.kill(app.pid, signal.SIGINT)
+        else:
+            os.kill(app.pid, signal.SIGTERM)
+        wait_until(lambda: not app.running, 30, what="the app to exit")
+        code = app.returncode
+    finally:
+        app.kill()
+    output = app.log_text()
+    published = out.read_bytes().count(b"\n")
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool")) as spool:
+        spooled = spool.execute("SELECT count(*) FROM spool").fetchone()[0]
+    assert spooled >= published > 0  # Kafka refused them all: each publish that returned is in the spool
+    if stop == "SIGINT-twice":  # the script does not catch Ctrl-C: Python's one traceback is the script's
+        assert output.count("Traceback") <= 1, output
+        assert output.rstrip().endswith("KeyboardInterrupt") or "Traceback" not in output, output
+    else:
+        assert "Traceback" not in output, output
+        assert code == (0 if stop == "SIGTERM-app-handler" else -signal.SIGTERM), output
+    assert "closing a producer failed" not in output
+    assert "LOST" not in output
