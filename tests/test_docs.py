@@ -141,3 +141,10 @@ def test_each_default_in_the_configuration_table_is_the_code_s() -> None:
     wrong = {key: (value, DEFAULTS[key]) for key, value in shown.items() if key in DEFAULTS and value != DEFAULTS[key]}
     assert not wrong, f"(docs, code): {wrong}"
     assert set(shown) <= set(DEFAULTS)
+
+
+def test_the_exit_codes_the_docs_list_are_the_cli_s() -> None:
+    rows = re.findall(r"^\| (\d+) \| `(EXIT_\w+)` \|", (ROOT / "docs" / "operations.md").read_text(), re.MULTILINE)
+    assert len(rows) >= 5
+    assert {name: int(code) for code, name in rows} == {name: getattr(cli, name) for _, name in rows}
+    assert {name for _, name in rows} == {name for name in vars(cli) if name.startswith("EXIT_")}
