@@ -148,3 +148,9 @@ def test_the_exit_codes_the_docs_list_are_the_cli_s() -> None:
     assert len(rows) >= 5
     assert {name: int(code) for code, name in rows} == {name: getattr(cli, name) for _, name in rows}
     assert {name for _, name in rows} == {name for name in vars(cli) if name.startswith("EXIT_")}
+
+
+def test_the_architecture_table_names_every_module() -> None:
+    table = (ROOT / "docs" / "architecture.md").read_text()
+    modules = sorted(p.name for p in (ROOT / "celery_redis_retry").glob("*.py") if not p.name.startswith("__"))
+    assert [name for name in modules if f"`{name}`" not in table] == []
