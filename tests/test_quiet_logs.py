@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from loop_stack import APPS_DIR, LoopStack
 
-from celery_redis_retry import ops
+from celery_redis_retry import message, ops
 from celery_redis_retry.librdkafka_log import LibrdkafkaLog
 from celery_redis_retry.outage_log import UnknownTargetLog
-from celery_redis_retry.testing import ManagedProcess, TansuKafka, free_port, wait_until
+from celery_redis_retry.testing import ManagedProcess, TansuKafka, free_port, read_topic, wait_until
 
 REFUSED = "[thrd:127.0.0.1:9092/bootstrap]: 127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: " \
           "Connection refused (after 0ms in state CONNECT)"
@@ -221,3 +221,43 @@ def test_an_app_spooling_through_a_kafka_outage_stops_without_a_traceback(tmp_pa
         assert code == (0 if stop == "SIGTERM-app-handler" else -signal.SIGTERM), output
     assert "closing a producer failed" not in output
     assert "LOST" not in output
+
+
+def test_ctrl_c_twice_while_the_app_flushes_to_a_stalled_kafka_spools_the_rest_without_a_second_traceback(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C ends the app (its own KeyboardInterrupt traceback); the producers then flush at
+    exit, for up to 5 s while Kafka does not answer; a second Ctrl-C stops that wait: what
+    Kafka had not confirmed is spooled, and nothing else is printed."""
+    broker = TansuKafka(log_dir=tmp_path).start()
+    broker.create_topic("stalled")
+    out, spool = tmp_path / "published.jsonl", tmp_path / "spool.sqlite3"
+    env = {"CRR_BOOTSTRAP": broker.bootstrap_servers, "CRR_TOPIC": "stalled", "CRR_SPOOL": str(spool),
+           "PYTHONPATH": str(APPS_DIR)}
+    app = ManagedProcess([sys.executable, str(APPS_DIR / "durability_publisher.py"), "--out", str(out),
+                          "--then", "forever", "--rate", "2000"], env=env, cwd=str(APPS_DIR), name="publisher",
+                         log_dir=tmp_path).start()
+    try:
+        app.wait_until(lambda: out.exists() and out.stat().st_size > 0, 30, "ops published")
+        assert app.pid is not None
+        assert broker.pid is not None
+        os.kill(broker.pid, signal.SIGSTOP)  # Kafka stalls: deliveries wait, no error ends them
+        time.sleep(0.5)
+        os.kill(app.pid, signal.SIGINT)
+        time.sleep(1.0)  # the app flushes at exit meanwhile
+        os.kill(app.pid, signal.SIGINT)
+        wait_until(lambda: not app.running, 15, what="the app to exit")
+    finally:
+        app.kill()
+        if broker.pid is not None:
+            os.kill(broker.pid, signal.SIGCONT)
+    output = app.log_text()
+    assert output.count("Traceback") == 1, output  # the script's own, for the first Ctrl-C
+    assert "Exception ignored" not in output, output
+    published = {message.decode(line).id for line in out.read_bytes().splitlines()}
+    with contextlib.closing(sqlite3.connect(spool)) as db:
+        spooled = {message.decode(value).id for (value,) in db.execute("SELECT value FROM spool")}
+    assert spooled, output  # the wait was cut short: some ops were still Kafka's to confirm
+    in_kafka = {message.decode(r.value or b"").id for r in read_topic(broker.config, "stalled", idle=2, timeout=60)}
+    broker.stop()
+    assert published <= spooled | in_kafka
