@@ -387,8 +387,6 @@ class Bridge:
             op = decode(raw, max_bytes=self.settings.max_message_bytes, signer=self._signer)
             self.settings.check_op(op)
         except DecodeError as exc:
-            if isinstance(exc, UnknownTargetError) and op is not None:
-                self._unknown_targets.met(op.target)
             try:
                 self._reject(message, raw, op, exc)
             except HandoverError as failure:
@@ -759,9 +757,12 @@ class Bridge:
         except PublishError as publish_error:
             raise HandoverError(str(publish_error)) from publish_error
         self.stats.rejected += 1
-        # Ops for a target this app does not define are told by _unknown_targets, not one by one.
-        level = logging.DEBUG if isinstance(exc, UnknownTargetError) else logging.WARNING
-        logger.log(level, "message %s[%d]@%d rejected: %s", *_position(message), exc)
+        if isinstance(exc, UnknownTargetError) and op is not None:
+            # Likely another app's ops on this topic: told once per target, not once per op.
+            self._unknown_targets.met(op.target)
+            logger.debug("message %s[%d]@%d rejected: %s", *_position(message), exc)
+        else:
+            logger.warning("message %s[%d]@%d rejected: %s", *_position(message), exc)
 
     # -- stalled partitions --------------------------------------------------------------
 
