@@ -46,9 +46,10 @@ from .config import settings_for, waiting_group
 from .dispatch import Batcher, Consumed, HandoverError, InFlight, OffsetTracker, Partition, TaskSender
 from .dlq import DeadLetter, DeadLetterWriter, Origin
 from .ends import EndsReader
-from .errors import DecodeError, PublishError, RedisRetryError
+from .errors import DecodeError, PublishError, RedisRetryError, UnknownTargetError
 from .message import decode
 from .ops import RedisOp
+from .outage_log import UnknownTargetLog
 from .redis_exec import ends_expired
 from .waiting import Parked, ParkedHeaders, WaitingWriter
 
@@ -167,6 +168,7 @@ class Bridge:
         self._waiting_consumer: kafka.Consumer | None = None  # every waiting topic
         self._assigned: set[Partition] = set()
         self._topic_gone_logged_at = -60.0
+        self._unknown_targets = UnknownTargetLog(logger, self.settings.topic)
         self._waiting = WaitingWriter(self.settings, parked_by="bridge")
         self._probes = {name: TargetProbe(url) for name, url in self.settings.targets.items()}
         self.circuits = Circuits(
@@ -774,7 +776,12 @@ class Bridge:
         except PublishError as publish_error:
             raise HandoverError(str(publish_error)) from publish_error
         self.stats.rejected += 1
-        logger.warning("message %s[%d]@%d rejected: %s", *_position(message), exc)
+        if isinstance(exc, UnknownTargetError) and op is not None:
+            # Likely another app's ops on this topic: told once per target, not once per op.
+            self._unknown_targets.met(op.target)
+            logger.debug("message %s[%d]@%d rejected: %s", *_position(message), exc)
+        else:
+            logger.warning("message %s[%d]@%d rejected: %s", *_position(message), exc)
 
     # -- stalled partitions --------------------------------------------------------------
 

@@ -155,7 +155,13 @@ class EndsWriter:
         """Deliver what is queued (at worker process shutdown)."""
         producer, self._producer = self._producer, None
         if producer is not None and self._pid == os.getpid():
-            left = producer.flush(timeout)
+            try:
+                left = producer.flush(timeout)
+            except kafka.KafkaException as exc:
+                # After a fatal error flush() raises: at shutdown that is a count to log,
+                # not a traceback from the worker_process_shutdown handler.
+                logger.debug("flushing end records at shutdown: %s", exc)
+                left = len(producer)
             if left:
                 logger.warning("%d end records not delivered at shutdown: those ops will be handed over again", left)
 

@@ -32,6 +32,7 @@ from confluent_kafka import admin as _admin
 from confluent_kafka.admin import AdminClient
 
 from .errors import ConfigurationError
+from .librdkafka_log import LIBRDKAFKA_LOG, STATISTICS_INTERVAL_MS
 
 #: A topic to create (confluent_kafka exports it at runtime, but its type stubs do not).
 NewTopic: Any = _admin.NewTopic  # type: ignore[attr-defined]
@@ -138,8 +139,7 @@ _CONSUMER_ONLY = frozenset(
 def producer_config(user: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
     """librdkafka producer settings: defaults, then ``redis_retry_kafka``, then ``overrides``."""
     conf = {**PRODUCER_DEFAULTS, **{k: v for k, v in user.items() if k not in _CONSUMER_ONLY}, **overrides}
-    conf.setdefault("logger", logging.getLogger("celery_redis_retry.librdkafka"))
-    return conf
+    return _with_quiet_log(conf)
 
 
 def consumer_config(user: Mapping[str, Any], group_id: str, **overrides: Any) -> dict[str, Any]:
@@ -152,7 +152,26 @@ def consumer_config(user: Mapping[str, Any], group_id: str, **overrides: Any) ->
         for key in CLASSIC_PROTOCOL_ONLY:
             defaults.pop(key, None)
     conf = {**defaults, **mine, "group.id": group_id, **overrides}
-    conf.setdefault("logger", logging.getLogger("celery_redis_retry.librdkafka"))
+    return _with_quiet_log(conf)
+
+
+def _with_quiet_log(conf: dict[str, Any]) -> dict[str, Any]:
+    """``conf`` logging to :data:`LIBRDKAFKA_LOG` (one line per broker outage, not per reconnect attempt).
+
+    Its statistics tell it when a broker is back; a ``stats_cb`` of the user's still gets them.
+    A ``logger`` of the user's replaces it, and ``statistics.interval.ms`` 0 leaves the
+    outage's end untold.
+    """
+    conf.setdefault("logger", LIBRDKAFKA_LOG)
+    conf.setdefault("statistics.interval.ms", STATISTICS_INTERVAL_MS)
+    users = conf.get("stats_cb")
+
+    def statistics(document: str) -> None:
+        LIBRDKAFKA_LOG.statistics(document)
+        if users is not None:
+            users(document)
+
+    conf["stats_cb"] = statistics
     return conf
 
 
@@ -334,7 +353,7 @@ def _refused_login(client: Consumer | Producer) -> _RefusedLogin | None:
 def new_admin(user: Mapping[str, Any]) -> AdminClient:
     """An AdminClient with the connection settings of ``redis_retry_kafka`` (client-type keys dropped)."""
     conf = {k: v for k, v in user.items() if k not in _PRODUCER_ONLY and k not in _CONSUMER_ONLY}
-    conf.setdefault("logger", logging.getLogger("celery_redis_retry.librdkafka"))
+    conf.setdefault("logger", LIBRDKAFKA_LOG)
     return AdminClient(conf)
 
 

@@ -368,8 +368,10 @@ class RetryProducer:
                 logger.warning("all Kafka brokers are down: new ops go to the spool %s", self.spool.path)
             if state is not None:
                 state.diverting = state.purge_requested = state.stale_producer_id = True
-        elif state is not None and state.diverting and err.code() in _CONNECTIVITY_ERRORS:
-            logger.debug("Kafka producer: %s", err.str())  # known outage: one warning is enough
+        elif err.code() in _CONNECTIVITY_ERRORS:
+            # Once per reconnect attempt: librdkafka's own log says when a broker becomes
+            # unreachable and when it is back, once (celery_redis_retry.librdkafka).
+            logger.debug("Kafka producer: %s", err.str())
         else:
             logger.warning("Kafka producer: %s", err.str())
 
@@ -557,8 +559,14 @@ class RetryProducer:
         if state is None or state.pid != os.getpid():
             return 0
         state.stopping.set()
-        state.thread.join(timeout)
-        _serve_reports(state.producer, timeout)
+        interrupted = False
+        try:
+            state.thread.join(timeout)
+            _serve_reports(state.producer, timeout)
+        except KeyboardInterrupt:
+            # Ctrl-C again while Kafka keeps us waiting: wait no longer, spool what is left
+            # (below, local and quick), then let the interrupt go on.
+            interrupted = True
         with state.send_lock:
             state.closed = True  # other threads' publishes go to the spool from now on
         left = _serve_reports(state.producer, 0)
@@ -569,6 +577,8 @@ class RetryProducer:
             _serve_reports(state.producer, min(timeout, 5.0))
             logger.warning("%d undelivered ops were spooled at shutdown (%s)", left, self.spool.path)
         self.spool.close()
+        if interrupted:
+            raise KeyboardInterrupt
         return left
 
     def _forget_after_fork(self) -> None:
@@ -602,12 +612,21 @@ def _record_report(
 
 
 def close_all(timeout: float = 10.0) -> None:
-    """Close every producer of this process (flush, then spool the rest)."""
+    """Close every producer of this process (flush, then spool the rest).
+
+    Interrupted (Ctrl-C), it closes the others without waiting for Kafka, then raises
+    :class:`KeyboardInterrupt`: every one's undelivered ops are spooled either way.
+    """
+    interrupted = False
     for producer in list(_live_producers):
         try:
-            producer.close(timeout)
+            producer.close(0.0 if interrupted else timeout)
+        except KeyboardInterrupt:
+            interrupted = True
         except Exception:
             logger.exception("closing a producer failed")
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 _shutdown_pid = 0
@@ -618,6 +637,15 @@ def _shut_down(timeout: float) -> None:
     global _shutdown_pid
     _shutdown_pid = os.getpid()
     close_all(timeout)
+
+
+def _shut_down_at_exit() -> None:
+    try:
+        _shut_down(5.0)
+    except KeyboardInterrupt:
+        # Ctrl-C again while the producers flushed at exit: they stopped waiting for Kafka
+        # and spooled what it had not confirmed. The process is ending: no traceback.
+        logger.info("interrupted while flushing to Kafka at exit: undelivered ops are in the spool")
 
 
 def _after_fork_in_child() -> None:
@@ -682,4 +710,4 @@ def _install_sigterm_handler() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(_shut_down, 5.0)
+atexit.register(_shut_down_at_exit)

@@ -132,13 +132,17 @@ class Spool:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
             try:
+                db.execute("BEGIN IMMEDIATE")
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # Also when a signal handler raised (KeyboardInterrupt, SystemExit) right
+                # after BEGIN or COMMIT: a transaction left open would make every later one
+                # (the close at exit that spools what is left) fail.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
 
     def close(self) -> None:
         """Close this process's connection (the file stays)."""

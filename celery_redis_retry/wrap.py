@@ -28,7 +28,9 @@ What is captured, and what is not:
   In all these cases the Redis error is raised as if the client were not wrapped.
 
 A captured call returns None (redis-py's "no result": ``SET`` returns True when it
-wrote, so None never reads as success) and logs a WARNING naming the op id. With
+wrote, so None never reads as success) and logs its op id at DEBUG; the first failed
+write of a target's outage is a WARNING, a write that goes through again an INFO with
+the count (see :data:`WRITE_OUTAGES`). With
 ``raise_on_capture=True`` it raises :class:`CapturedWriteError` instead, carrying the
 op and chained to the Redis error. ``on_capture`` is called with each captured op
 (metrics, tracing, tests). If the op cannot be published either (spool full...), the
@@ -68,12 +70,17 @@ from .commands import COMMANDS, is_idempotent
 from .config import Settings
 from .errors import CapturedWriteError, ConfigurationError, EncodeError, RedisRetryError
 from .ops import RedisOp
+from .outage_log import Outages
 from .producer import RetryProducer
 from .redis_exec import LUA_MAX_ARGS, WRITE_STAMPED, WRITE_STAMPED_SHA, marker_ttl_ms
 from .slots import marker_for, slot_of
 from .target_urls import TargetAddress, client_address, parse_target_url, redacted
 
 logger = logging.getLogger(__name__)
+
+#: The targets whose writes fail now, for the whole process: an outage is one line when it
+#: starts, a count at most once a minute, and one line when a write goes through again.
+WRITE_OUTAGES = Outages()
 
 R = TypeVar("R")
 
@@ -91,6 +98,11 @@ _FORGET_BATCH = 256
 _FORGET_EVERY_S = 1.0
 # Frames of these packages are skipped when naming the caller as the op's source.
 _OWN_PACKAGES = ("redis", "celery_redis_retry")
+
+
+def _command_name(args: tuple[Any, ...]) -> str:
+    name = args[0]
+    return (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).upper()
 
 
 def op_summary(op: RedisOp) -> str:
@@ -330,6 +342,38 @@ class _Capture:
 
     # -- publishing ----------------------------------------------------------------------
 
+    def tell_captured(self, op: RedisOp, exc: BaseException) -> None:
+        """Log a captured write: the first of an outage of its target as a WARNING, the
+        others at DEBUG (op ids), counted and told at most once a minute (see :data:`WRITE_OUTAGES`)."""
+        target = op.target
+        why = f"{type(exc).__name__}: {exc}"
+        logger.debug("%s failed (%s); captured for replay as op %s", op_summary(op), why, op.id)
+        due = WRITE_OUTAGES.failed(target)
+        if due is None:
+            return
+        what, outage = due
+        if what == "started":
+            logger.warning("writes to target %r fail (%s): captured for replay, first %s as op %s; further failed "
+                           "writes are counted until one succeeds (op ids at DEBUG)", target, why, op_summary(op),
+                           op.id)
+        else:
+            logger.warning("writes to target %r still fail after %.0f s: %d more captured for replay in the last "
+                           "%.0f s (%s)", target, WRITE_OUTAGES.seconds(outage), outage.untold,
+                           WRITE_OUTAGES.seconds(outage, outage.told_at), why)
+
+    def succeeded(self, args: tuple[Any, ...] | None = None) -> None:
+        """A call to this client's target went through: if it was a write (``args`` None: a
+        pipeline, or a stamped write), end the target's outage, if it had one, in one line.
+        A read alone ends nothing: a read-only replica answers reads while it refuses writes."""
+        if self.target not in WRITE_OUTAGES:  # the usual case: one dict lookup per call
+            return
+        if args is not None and (not args or _command_name(args) not in COMMANDS):
+            return
+        outage = WRITE_OUTAGES.ended(self.target)
+        if outage is not None:
+            logger.info("target %r takes writes again: %d failed writes in %.0f s, all captured for replay",
+                        self.target, outage.total, WRITE_OUTAGES.seconds(outage))
+
     def captured(self, op: RedisOp | None, exc: BaseException) -> Any:
         """Publish ``op`` for the failed call and return what the call returns (or raise)."""
         if op is None:
@@ -341,8 +385,7 @@ class _Capture:
             self.producer.publish(op)
         except RedisRetryError as error:
             raise error from exc
-        logger.warning("%s failed (%s: %s); captured for replay as op %s", op_summary(op), type(exc).__name__, exc,
-                       op.id)
+        self.tell_captured(op, exc)
         if self.on_capture is not None:
             self.on_capture(op)
         if self.raise_on_capture:
@@ -449,7 +492,9 @@ class _CapturingClient:
         write = capture.stamped_write(args)
         try:
             if write is None:
-                return super().execute_command(*args, **options)  # type: ignore[misc]
+                reply = super().execute_command(*args, **options)  # type: ignore[misc]
+                capture.succeeded(args)
+                return reply
             reply = write.run(super().execute_command, self, options)  # type: ignore[misc]
         except Exception as exc:
             if not policy.is_retryable(exc):
@@ -460,6 +505,7 @@ class _CapturingClient:
             return capture.captured(op, exc)
         if write.op_id is not None:
             capture.forget_marker(write.keys[-1], self._crr_plain)
+        capture.succeeded()
         return reply
 
     @property
@@ -518,7 +564,9 @@ class _CapturingPipeline:
         stamped = None if watched else capture.stamp_stack(self.command_stack)
         try:
             if stamped is None:
-                return super().execute(raise_on_error)  # type: ignore[misc]
+                replies = super().execute(raise_on_error)  # type: ignore[misc]
+                capture.succeeded()
+                return replies
             if transaction:
                 # A transaction cannot be re-run in part: make sure the server has the script.
                 self.scripts.add(capture.apply_script(self))  # type: ignore[attr-defined]
@@ -543,6 +591,7 @@ class _CapturingPipeline:
                 op = msgspec.structs.replace(op, created_at=stamped.issued_at)
             return capture.captured(op, exc)
         replies = stamped.parsed(self, replies)
+        capture.succeeded()
         if raise_on_error:
             self.raise_first_error(stack, replies)  # type: ignore[attr-defined]
         return replies

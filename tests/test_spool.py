@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -320,3 +321,33 @@ def test_a_batch_cut_by_sigkill_is_all_there_or_not_at_all(spools: Callable[...,
     assert (len(values) - 1) % 250 == 0
     assert len(values) > 1
     assert values[1:] == [b"%d-%d" % (b, n) for b in range((len(values) - 1) // 250) for n in range(250)]
+
+
+@pytest.mark.parametrize(("when", "nth"), [("c_return", 1), ("c_call", 3)], ids=["after-begin", "before-commit"])
+def test_a_signal_that_interrupts_a_transaction_leaves_none_open(tmp_path: Path, when: str, nth: int) -> None:
+    """A signal handler that raises (Ctrl-C, an app's ``sys.exit`` on SIGTERM) runs between two
+    bytecodes: right after BEGIN returned, or right before COMMIT. The spool stays usable, for
+    the close at exit that spools what librdkafka still held."""
+    spool = Spool(str(tmp_path / "spool.sqlite3"))
+    spool.put("t", None, b"kept")
+    calls = 0
+
+    def interrupt(_frame: Any, event: str, arg: Any) -> None:
+        # Raised where the signal's handler would: as BEGIN (the 1st execute) returns, or as
+        # COMMIT (the 3rd, after reading the spool's size) is called.
+        nonlocal calls
+        if event == when and getattr(arg, "__name__", "") == "execute":
+            calls += 1
+            if calls == nth:
+                sys.setprofile(None)
+                raise KeyboardInterrupt
+
+    sys.setprofile(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            spool.put("t", None, b"interrupted")
+    finally:
+        sys.setprofile(None)
+    spool.put("t", None, b"after")  # "cannot start a transaction within a transaction" if one was left open
+    assert [m.value for m in spool.claim()] == [b"kept", b"after"]
+    spool.close()

@@ -6,6 +6,7 @@ embedded broker, and every assertion on what was published reads the topic back.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from celery_redis_retry.config import Settings
 from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.producer import RetryProducer
 from celery_redis_retry.testing import EmbeddedKafka, RedisServer, read_topic
-from celery_redis_retry.wrap import CapturedWriteError
+from celery_redis_retry.wrap import WRITE_OUTAGES, CapturedWriteError
 
 BUMP = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 
@@ -365,3 +366,43 @@ def test_wrap_before_the_settings_checks_the_server_at_the_first_write(
     finally:
         if capture._producer is not None:
             capture._producer.close(0)
+
+
+def test_an_outage_of_a_target_is_one_warning_then_one_info_with_op_ids_at_debug(
+    redis_server: RedisServer, published: Published, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="celery_redis_retry")
+    WRITE_OUTAGES.ended("sessions")  # the process-wide outage another test of this module left open
+    r = celery_redis_retry.wrap(fast_client(redis_server), producer=published.producer, target="sessions")
+    assert r.set("up", "1") is True
+    redis_server.stop()
+    for n in range(6):
+        assert r.set(f"user:{n}", "x") is None
+    assert r.incrby("visits", 1) is None
+    pipe = r.pipeline()
+    pipe.set("a", 1).lpush("l", "x")
+    assert pipe.execute() is None
+    with pytest.raises(redis.ConnectionError):
+        r.get("user:0")  # reads are not captured and end nothing
+    ids = [op.id for op in published.ops()]
+    assert len(ids) == 8
+
+    def said(level: int) -> list[str]:
+        return [rec.getMessage() for rec in caplog.records if rec.name == "celery_redis_retry.wrap"
+                and rec.levelno == level]
+
+    warned = said(logging.WARNING)
+    assert len(warned) == 1, warned
+    assert warned[0].startswith("writes to target 'sessions' fail (ConnectionError: ")
+    assert sum(i in warned[0] for i in ids) == 1  # the first op, named
+    assert all(any(i in line for line in said(logging.DEBUG)) for i in ids)  # every op id, at DEBUG
+
+    redis_server.start()
+    assert r.get("user:0") is None  # a read that works ends nothing: a replica answers reads, not writes
+    assert said(logging.INFO) == []
+    assert r.set("back", "1") is True
+    assert len(said(logging.INFO)) == 1
+    assert said(logging.INFO)[0].startswith("target 'sessions' takes writes again: 8 failed writes in ")
+    assert r.set("again", "1") is True
+    assert len([rec for rec in caplog.records if rec.name == "celery_redis_retry.wrap"
+                and rec.levelno >= logging.INFO]) == 2

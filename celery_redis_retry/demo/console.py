@@ -67,18 +67,26 @@ def _reasons(counts: dict[str, int]) -> str:
 
 
 def table(acc: Accounting, *, topic: str, dlq_topic: str) -> str:
-    """The accounting table the demo ends with."""
+    """The accounting table the demo ends with: each count named, and the rows add up as printed
+    (``writes attempted`` is the sum of its three parts, ``published`` of the five rows below it)."""
     dead = sum(acc.dead.values())
     rejected = sum(acc.rejected.values())
     drain = "-" if acc.drain_seconds is None else f"{acc.drain_seconds:.1f} s"
+    failed = f" + {acc.failed} failed, not captured" if acc.failed else ""
     rows = [
-        ("writes attempted", acc.attempted, f"{acc.direct} applied at once, {acc.refused} refused by Redis at once"),
-        ("published", acc.published, f"of {acc.captured} captured: each read back from {topic}"),
+        ("writes attempted", acc.attempted,
+         f"= {acc.direct} applied at once + {acc.captured} captured + {acc.refused} refused at once "
+         f"(an error no retry fixes: not captured){failed}"),
+        ("published", acc.published,
+         f"of {acc.captured} captured, each read back from {topic}; = the 5 rows below"),
         ("applied", acc.applied, "replayed; each seen in Redis (value, or dedupe marker)"),
         ("expired", acc.expired, "cache entries whose TTL ran out before the replay"),
         ("superseded", acc.superseded, "replays a newer write had overtaken: the newer write stays"),
-        ("dead", dead, f"in {dlq_topic}, Redis refused the replay: {_reasons(acc.dead)}"),
-        ("rejected", rejected, f"in {dlq_topic}, never valid: {_reasons(acc.rejected)}"),
+        ("dead", dead, f"in {dlq_topic}: Redis refused the replay: {_reasons(acc.dead)}"),
+        ("rejected", rejected, f"in {dlq_topic}: the bridge refused the op: {_reasons(acc.rejected)}"),
+        ("foreign message", acc.foreign,
+         f"put onto {topic} by the demo, not captured (a newer client's); rejected: "
+         f"{_reasons(acc.foreign_rejected)}"),
         ("lost", acc.lost, "must be 0"),
         ("newer writes overwritten", acc.overwritten,
          f"must be 0; {acc.hot_keys} hot keys written during the outage and again as Redis came back"),

@@ -175,7 +175,7 @@ def play(
         target.start()
         restarted_at.append(time.monotonic())
     console.event(f"the app stopped after {len(ledger.writes)} writes: {counts['direct']} applied at once, "
-                  f"{counts['captured']} captured, {counts['refused']} refused by Redis")
+                  f"{counts['captured']} captured, {counts['refused']} refused at once by Redis (not captured)")
     return restarted_at[0]
 
 

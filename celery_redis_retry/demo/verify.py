@@ -41,9 +41,14 @@ class Accounting:
     #: Hot keys whose newer write a replay overwrote (must be 0), and how many were written again.
     overwritten: int = 0
     hot_keys: int = 0
-    #: DLQ records by reason (``dead``: Redis refused the replay; ``rejected``: never valid).
+    #: DLQ records of captured ops by reason (``dead``: Redis refused the replay; ``rejected``:
+    #: the bridge refused the op, never valid).
     dead: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
+    #: Messages put straight onto the topic, not by the app (a newer client's), and their
+    #: DLQ records by reason: not captured writes, so a row of their own.
+    foreign: int = 0
+    foreign_rejected: Counter[str] = field(default_factory=Counter)
     #: Captured ops found in the DLQ, dead or rejected.
     dead_letters: int = 0
     lost: int = 0
@@ -53,12 +58,31 @@ class Accounting:
     problems: list[str] = field(default_factory=list)
 
     @property
+    def ended(self) -> int:
+        """The rows a published op ends in: applied, expired, superseded, dead or rejected."""
+        return self.applied + self.expired + self.superseded + sum(self.dead.values()) + sum(self.rejected.values())
+
+    @property
+    def sums(self) -> list[str]:
+        """How the table's rows fail to add up as printed (empty when they do)."""
+        wrong = []
+        if self.direct + self.captured + self.refused + self.failed != self.attempted:
+            wrong.append(f"writes attempted {self.attempted} != {self.direct} applied at once + {self.captured} "
+                         f"captured + {self.refused} refused at once + {self.failed} failed")
+        if self.ended != self.published:
+            wrong.append(f"published {self.published} != applied + expired + superseded + dead + rejected "
+                         f"{self.ended}")
+        if sum(self.foreign_rejected.values()) != self.foreign:
+            wrong.append(f"{self.foreign} foreign messages but {sum(self.foreign_rejected.values())} rejected")
+        return wrong
+
+    @property
     def balanced(self) -> bool:
-        """Every captured op applied, expired or dead as expected; nothing lost or doubled."""
+        """Every captured op applied, expired or dead as expected; nothing lost or doubled; the rows add up."""
         accounted = self.applied + self.expired + self.dead_letters + self.superseded
         return (
             not self.problems and self.lost == 0 and self.duplicates == 0 and self.failed == 0
-            and self.overwritten == 0
+            and self.overwritten == 0 and not self.sums
             and self.published == self.captured and accounted == self.captured
         )
 
@@ -137,7 +161,7 @@ def account(
     foreign_messages: int,
 ) -> Accounting:
     """Check every write of ``ledger`` against Redis, ``topic`` and the dead ``letters``."""
-    acc = Accounting(attempted=len(ledger.writes))
+    acc = Accounting(attempted=len(ledger.writes), foreign=foreign_messages)
     acc.direct, acc.refused = len(ledger.by_path("direct")), len(ledger.by_path("refused"))
     failed = ledger.by_path("failed")
     acc.failed = len(failed)
@@ -150,6 +174,8 @@ def account(
     _check_writes(acc, client, ledger, dead_by_id)
     _check_totals(acc, client, ledger)
     acc.hot_keys = len(ledger.latest)
+    for wrong in acc.sums:
+        acc.problem(f"the table does not add up: {wrong}")
     return acc
 
 
@@ -178,10 +204,11 @@ def _check_dlq(acc: Accounting, captured: list[Write], letters: Iterable[DeadLet
     expected = {w.op.id: w for w in captured if w.op is not None and w.dlq is not None}
     by_id: dict[str, DeadLetter] = {}
     for letter in letters:
-        (acc.rejected if letter.outcome == "rejected" else acc.dead)[letter.reason] += 1
         op_id = letter.op_id
-        if op_id is None:
-            continue  # undecodable: the foreign message
+        if op_id is None:  # undecodable: the foreign message
+            acc.foreign_rejected[letter.reason] += 1
+            continue
+        (acc.rejected if letter.outcome == "rejected" else acc.dead)[letter.reason] += 1
         if op_id in by_id:
             acc.duplicates += 1
             acc.problem(f"op {op_id} is in the DLQ twice")
