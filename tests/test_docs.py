@@ -163,3 +163,15 @@ def test_the_architecture_table_names_every_module() -> None:
     table = (ROOT / "docs" / "architecture.md").read_text()
     modules = sorted(p.name for p in (ROOT / "celery_redis_retry").glob("*.py") if not p.name.startswith("__"))
     assert [name for name in modules if f"`{name}`" not in table] == []
+
+
+#: A row of the reasons table in docs/operations.md: outcome, then the reason.
+REASON_ROW = re.compile(r"^\| (?:dead|rejected) \| `(\w+)` \|")
+
+
+def test_every_dead_letter_reason_is_explained_in_the_docs() -> None:
+    from celery_redis_retry.dlq import REASONS
+
+    rows = [m.group(1) for line in (ROOT / "docs" / "operations.md").read_text().splitlines()
+            if (m := REASON_ROW.match(line))]
+    assert sorted(rows) == sorted(REASONS), "docs/operations.md's reasons table and dlq.REASONS differ"
