@@ -237,7 +237,7 @@ def test_wrap_keeps_the_client_usable_and_refuses_what_it_cannot_capture(redis_s
     # Settings of its own: whichever Celery app is current in this process names other servers.
     producer: Any = _SettingsOnly({"default": redis_server.url})
     r = celery_redis_retry.wrap(plain, producer=producer)
-    again = celery_redis_retry.wrap(r, source="Other.place")
+    again = celery_redis_retry.wrap(r, source="Other.place", producer=producer)
     assert again.uncaptured is plain  # wrapping a wrapped client wraps the original
     assert type(r.client()) is type(r)  # a single-connection client keeps capturing
     assert r.client().set("k", "v") is True
