@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from celery_redis_retry import message
+from celery_redis_retry.capture.producer import RetryProducer
 from celery_redis_retry.config import Settings
-from celery_redis_retry.producer import RetryProducer
-from celery_redis_retry.tasks import DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
+from celery_redis_retry.names import DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 from celery_redis_retry.testing import CeleryCommand
 
 from .bench_publish import build_ops

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery_redis_retry import kafka, message, ops
+from celery_redis_retry.capture.producer import RetryProducer
 from celery_redis_retry.config import Settings
 from celery_redis_retry.ops import RedisOp
-from celery_redis_retry.producer import RetryProducer
 
 from .common import (
     RESULTS_DIR,

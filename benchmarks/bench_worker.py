@@ -37,7 +37,7 @@ from typing import Any
 import redis
 
 from celery_redis_retry import message, ops
-from celery_redis_retry.tasks import DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
+from celery_redis_retry.names import DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 
 from .apps.bench_app import RAW_COMMAND_TASK, RAW_PIPELINE_TASK
 from .bench_publish import build_ops

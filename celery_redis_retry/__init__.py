@@ -22,10 +22,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import ops
-from .capture import default_producer, on_failure, publish
-from .config import Settings, settings_for
-from .errors import (
+from celery_redis_retry import ops
+from celery_redis_retry.capture.guard import default_producer, on_failure, publish
+from celery_redis_retry.capture.producer import RetryProducer
+from celery_redis_retry.capture.wrap import wrap
+from celery_redis_retry.config import Settings, settings_for
+from celery_redis_retry.errors import (
     CapturedWriteError,
     CommandNotAllowedError,
     ConfigurationError,
@@ -35,9 +37,7 @@ from .errors import (
     RedisRetryError,
     SignatureError,
 )
-from .ops import RedisOp
-from .producer import RetryProducer
-from .wrap import wrap
+from celery_redis_retry.ops import RedisOp
 
 __version__ = "0.1.0"
 
@@ -54,10 +54,10 @@ def install(app: Any) -> Any:
 
     :raises ConfigurationError: naming the key at fault.
     """
-    from .tasks import attach
+    from celery_redis_retry.tasks import attach
 
     attach(app)
-    from .capture import use_app
+    from celery_redis_retry.capture.guard import use_app
 
     use_app(app)
     return app

@@ -20,13 +20,13 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from .commands import COMMANDS, DEFAULT_ALLOWED
-from .errors import CommandNotAllowedError, ConfigurationError, UnknownScriptError, UnknownTargetError
-from .message import Signer
-from .ops import RedisOp
-from .policy import Backoff
-from .slots import check_single_slot
-from .target_urls import TargetURLError, normal_host, parse_target_url, redacted
+from celery_redis_retry.errors import CommandNotAllowedError, ConfigurationError, UnknownScriptError, UnknownTargetError
+from celery_redis_retry.message import Signer
+from celery_redis_retry.ops import RedisOp
+from celery_redis_retry.policy import Backoff
+from celery_redis_retry.redis_commands import COMMANDS, DEFAULT_ALLOWED
+from celery_redis_retry.slots import check_single_slot
+from celery_redis_retry.targets import TargetURLError, normal_host, parse_target_url, redacted
 
 # Celery brokers that redeliver an unacknowledged message after a visibility timeout.
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class Settings:
     targets: Mapping[str, str]
     topic: str = "redis-retry-queue"
     dlq_topic: str = "redis-retry-queue.dlq"
-    #: Where workers report the ops they ended, for the bridges (see :mod:`celery_redis_retry.ends`).
+    #: Where workers report the ops they ended, for the bridges (see :mod:`celery_redis_retry.bridge.ends`).
     ends_topic: str = "redis-retry-queue.ends"
     consumer_group: str = "redis-retry-consumer-group"
     queue: str = "redis-retry"
@@ -167,6 +167,11 @@ class Settings:
     def target_of_waiting_topic(self, topic: str) -> str | None:
         """The target whose waiting topic ``topic`` is, or None for any other topic."""
         return self._targets_by_waiting_topic.get(topic)
+
+    def marker_ttl_ms(self, retries: int) -> int:
+        """How long a dedupe marker lives: the dedupe TTL, and never less than the retry window plus an hour."""
+        window = self.backoff.total(retries) + 3600
+        return int(max(self.dedupe_ttl, window) * 1000)
 
     @property
     def signer(self) -> Signer | None:
@@ -272,7 +277,7 @@ def _kafka(reader: _Reader) -> dict[str, Any]:
     kafka = reader.mapping("redis_retry_kafka", required=True)
     if not kafka.get("bootstrap.servers"):
         raise ConfigurationError("redis_retry_kafka must set 'bootstrap.servers' (e.g. 'kafka1:9092,kafka2:9092')")
-    from .kafka import check_client_settings
+    from celery_redis_retry.kafka import check_client_settings
 
     check_client_settings(kafka)
     return kafka
@@ -349,7 +354,7 @@ def _allowed_commands(reader: _Reader) -> frozenset[str]:
     if unknown:
         raise ConfigurationError(
             f"redis_retry_allowed_commands names commands that cannot be replayed: {', '.join(unknown)} "
-            "(only the write commands of celery_redis_retry.commands.COMMANDS)"
+            "(only the write commands of celery_redis_retry.redis_commands.COMMANDS)"
         )
     return frozenset(n.upper() for n in names)
 

@@ -30,15 +30,15 @@ from typing import Annotated, Any, Literal
 import msgspec
 import orjson
 
-from .commands import COMMANDS, spec_for
-from .errors import (
+from celery_redis_retry.errors import (
     CommandNotAllowedError,
     DecodeError,
     EncodeError,
     SignatureError,
     UnsupportedVersionError,
 )
-from .ops import EMPTY_CONTEXT, Arg, Command, ErrorInfo, Guard, RedisOp
+from celery_redis_retry.ops import EMPTY_CONTEXT, Arg, Command, ErrorInfo, Guard, RedisOp
+from celery_redis_retry.redis_commands import COMMANDS, spec_for
 
 VERSION = 1
 

@@ -21,10 +21,10 @@ import multiprocessing
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigurationError
+from celery_redis_retry.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from .bridge import Bridge
+    from celery_redis_retry.bridge.loop import Bridge
 
 #: The outcomes a replay can count, in flow order (``retrying``: sent back with a countdown).
 OUTCOMES = ("applied", "duplicate", "superseded", "expired", "retrying", "waiting", "dead", "rejected")
@@ -76,7 +76,7 @@ def register_producer_metrics(registry: Any = None) -> None:
     client = _client()
 
     def families() -> Iterator[Any]:
-        from .producer import _live_producers
+        from celery_redis_retry.capture.producer import _live_producers
 
         producers = list(_live_producers)
         for field, help_text in (
@@ -143,7 +143,7 @@ def serve_bridge_metrics(bridge: Bridge, port: int) -> Any:
 def _circuit_families(bridge: Bridge) -> Iterator[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    from .circuit import CLOSED, OPEN, RECOVERING
+    from celery_redis_retry.bridge.circuits import CLOSED, OPEN, RECOVERING
 
     state = GaugeMetricFamily("crr_bridge_circuit_state", "1 for the state each target's circuit is in now",
                               labels=["target", "state"])

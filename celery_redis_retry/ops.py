@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 import msgspec
 
-from . import policy
-from .commands import COMMANDS, spec_for
-from .errors import EncodeError
+from celery_redis_retry import policy
+from celery_redis_retry.errors import EncodeError
+from celery_redis_retry.redis_commands import COMMANDS, spec_for
 
 #: A Redis argument as the application gives it. Each type round-trips exactly.
 Arg = str | bytes | int | float

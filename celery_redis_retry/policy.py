@@ -94,7 +94,7 @@ def is_outage(exc: BaseException) -> bool:
     """True when ``exc`` says the target is unavailable, not that this op is wrong.
 
     Such a failure is not the op's: it does not spend one of its attempts, and its
-    target's circuit opens (see :mod:`celery_redis_retry.circuit`). The other retryable
+    target's circuit opens (see :mod:`celery_redis_retry.bridge.circuits`). The other retryable
     errors (BUSY, OOM, NOREPLICAS, NOPERM) concern what the op asks and count.
     """
     if isinstance(exc, rex.MaxConnectionsError):

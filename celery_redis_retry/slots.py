@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from redis.crc import key_slot
 
-from .errors import CrossSlotError
-from .ops import Arg, RedisOp
+from celery_redis_retry.errors import CrossSlotError
+from celery_redis_retry.ops import Arg, RedisOp
 
 
 def to_bytes(value: Arg) -> bytes:

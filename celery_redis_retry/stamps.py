@@ -23,12 +23,14 @@ Stamps live as long as an op can still be replayed (``redis_retry_max_age``, or
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from .commands import COMMANDS, spec_for
-from .slots import brace_tag, to_bytes
+from celery_redis_retry.redis_commands import COMMANDS, spec_for
+from celery_redis_retry.slots import brace_tag, to_bytes
 
 #: Writes that build on what the key holds: superseded only by a newer overwrite.
 BUILDS_ON = frozenset((
@@ -209,3 +211,10 @@ def step(
 def _any_key(keys: list[Any]) -> Any:
     # A placeholder in the slot of the op's keys (Redis Cluster routes by KEYS).
     return keys[0] if keys else b"crr:{-}:none"
+
+
+#: The Lua step a wrapped client sends each write with (see ``write_stamped.lua``).
+WRITE_STAMPED = (Path(__file__).parent / "write_stamped.lua").read_text()
+
+
+WRITE_STAMPED_SHA = hashlib.sha1(WRITE_STAMPED.encode()).hexdigest()  # noqa: S324

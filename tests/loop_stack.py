@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from celery_redis_retry.capture.producer import RetryProducer
 from celery_redis_retry.config import Settings, waiting_topic_name
-from celery_redis_retry.dlq import DeadLetter, decode_record
+from celery_redis_retry.dlq.record import DeadLetter, decode_record
 from celery_redis_retry.kafka import CLASSIC_PROTOCOL_ONLY
-from celery_redis_retry.producer import RetryProducer
 from celery_redis_retry.testing import (
     TEST_CONSUMER_SETTINGS,
     ApacheKafka,

@@ -28,8 +28,8 @@ import redis.exceptions as rex
 from hypothesis import strategies as st
 
 from celery_redis_retry import ops as builders
-from celery_redis_retry.commands import COMMANDS
 from celery_redis_retry.ops import Arg, RedisOp
+from celery_redis_retry.redis_commands import COMMANDS
 
 #: Commands whose expiry the builders rewrite (SETEX -> SET PXAT...): generated with
 #: integer amounts where Redis expects them, never with arbitrary arguments.

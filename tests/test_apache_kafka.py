@@ -322,7 +322,7 @@ def test_huge_invalid_messages_become_bounded_dlq_records_and_block_nothing(
     import os
 
     from celery_redis_retry import kafka
-    from celery_redis_retry.dlq import MAX_RAW_BYTES
+    from celery_redis_retry.dlq.record import MAX_RAW_BYTES
 
     stack = make_loop(kafka_broker=apache_kafka, create_topics=False)
     apache_kafka.create_topic(stack.topic, partitions=2, config={"max.message.bytes": "6000000"})

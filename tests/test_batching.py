@@ -12,11 +12,12 @@ import pytest
 import redis
 from loop_stack import LoopStack, data_keys
 
-from celery_redis_retry import ends, ops
+from celery_redis_retry import ops
+from celery_redis_retry.bridge import ends
+from celery_redis_retry.bridge.dispatch import Batcher, Consumed, InFlight, OffsetTracker
 from celery_redis_retry.config import Settings
-from celery_redis_retry.dispatch import Batcher, Consumed, InFlight, OffsetTracker
 from celery_redis_retry.errors import PermanentReplayError
-from celery_redis_retry.redis_exec import Applied, Executor
+from celery_redis_retry.replay.executor import Applied, Executor
 from celery_redis_retry.testing import RedisServer
 
 

@@ -12,11 +12,11 @@ import pytest
 import redis.exceptions as rex
 
 from celery_redis_retry import ops
-from celery_redis_retry.circuit import CLOSED, OPEN, RECOVERING, Circuits, CircuitState, LocalCircuit
+from celery_redis_retry.bridge.circuits import CLOSED, OPEN, RECOVERING, Circuits, CircuitState, LocalCircuit
+from celery_redis_retry.bridge.waiting import ParkedHeaders
 from celery_redis_retry.config import ConfigurationError, Settings
-from celery_redis_retry.redis_exec import expired
-from celery_redis_retry.topics import plan
-from celery_redis_retry.waiting import ParkedHeaders
+from celery_redis_retry.expiry import expired
+from celery_redis_retry.kafka.topics import plan
 
 
 class Target:

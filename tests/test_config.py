@@ -11,11 +11,11 @@ import pytest
 from celery import Celery
 
 from celery_redis_retry import ops
-from celery_redis_retry.commands import DEFAULT_ALLOWED
 from celery_redis_retry.config import Settings, check_broker_visibility, settings_for
 from celery_redis_retry.errors import CommandNotAllowedError, ConfigurationError, UnknownTargetError
 from celery_redis_retry.message import Signer
 from celery_redis_retry.policy import Backoff
+from celery_redis_retry.redis_commands import DEFAULT_ALLOWED
 
 MINIMAL: dict[str, Any] = {
     "redis_retry_kafka": {"bootstrap.servers": "kafka:9092"},
@@ -427,7 +427,7 @@ def test_a_refused_target_url_does_not_show_its_password() -> None:
 
 def test_the_replay_connection_parses_target_urls_as_the_settings_do() -> None:
     from celery_redis_retry.errors import PermanentReplayError
-    from celery_redis_retry.redis_exec import connect
+    from celery_redis_retry.targets import connect
 
     with pytest.raises(PermanentReplayError, match="names no service"):
         connect("redis+sentinel://127.0.0.1:26379")
@@ -503,7 +503,7 @@ def test_install_checks_updated_keys_without_loading_the_configuration() -> None
     from kombu import Queue
 
     import celery_redis_retry
-    from celery_redis_retry.capture import use_app
+    from celery_redis_retry.capture.guard import use_app
 
     app = make_app(broker_url="memory://")
     try:
@@ -517,7 +517,7 @@ def test_install_checks_updated_keys_without_loading_the_configuration() -> None
 
 def test_install_before_the_configuration_checks_it_once_configured(caplog: pytest.LogCaptureFixture) -> None:
     import celery_redis_retry
-    from celery_redis_retry.capture import use_app
+    from celery_redis_retry.capture.guard import use_app
 
     app = Celery("configured_later", set_as_current=False)
     try:

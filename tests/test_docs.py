@@ -16,7 +16,7 @@ from typing import Any
 import click
 import pytest
 
-from celery_redis_retry import cli
+from celery_redis_retry.cli import commands as cli
 from celery_redis_retry.config import DEFAULTS, KEYS, Settings
 
 ROOT = Path(__file__).parent.parent
@@ -170,7 +170,7 @@ REASON_ROW = re.compile(r"^\| (?:dead|rejected) \| `(\w+)` \|")
 
 
 def test_every_dead_letter_reason_is_explained_in_the_docs() -> None:
-    from celery_redis_retry.dlq import REASONS
+    from celery_redis_retry.dlq.record import REASONS
 
     rows = [m.group(1) for line in (ROOT / "docs" / "operations.md").read_text().splitlines()
             if (m := REASON_ROW.match(line))]

@@ -17,10 +17,11 @@ import pytest
 from loop_stack import LoopStack
 
 from celery_redis_retry import message, ops
-from celery_redis_retry.commands import COMMANDS, DEFAULT_ALLOWED, is_idempotent
 from celery_redis_retry.config import Settings
 from celery_redis_retry.errors import CrossSlotError, EncodeError, PermanentReplayError
-from celery_redis_retry.redis_exec import LUA_MAX_ARGS, Executor, expired
+from celery_redis_retry.expiry import expired
+from celery_redis_retry.redis_commands import COMMANDS, DEFAULT_ALLOWED, LUA_MAX_ARGS, is_idempotent
+from celery_redis_retry.replay.executor import Executor
 from celery_redis_retry.slots import marker_key
 from celery_redis_retry.testing import RedisCluster, RedisServer
 

@@ -434,7 +434,7 @@ def test_install_keeps_the_apps_own_queues_and_routes() -> None:
     from kombu import Queue
 
     import celery_redis_retry
-    from celery_redis_retry.tasks import DEAD_LETTER_TASK, REPLAY_TASK
+    from celery_redis_retry.names import DEAD_LETTER_TASK, REPLAY_TASK
 
     app = Celery("installed", broker="memory://", set_as_current=False)
     routes = {"billing.*": {"queue": "billing"}}

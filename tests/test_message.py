@@ -16,12 +16,7 @@ from strategies import args, exact, ops, texts
 
 from celery_redis_retry import message
 from celery_redis_retry import ops as builders
-from celery_redis_retry.errors import (
-    CommandNotAllowedError,
-    DecodeError,
-    SignatureError,
-    UnsupportedVersionError,
-)
+from celery_redis_retry.errors import CommandNotAllowedError, DecodeError, SignatureError, UnsupportedVersionError
 from celery_redis_retry.message import MAX_ARGS, MAX_COMMANDS, Signer
 
 SIGNER = Signer({"k1": b"x" * 32})

@@ -19,11 +19,11 @@ import pytest
 from loop_stack import LoopStack
 
 from celery_redis_retry import ops
+from celery_redis_retry.capture.producer import RetryProducer
 from celery_redis_retry.config import Settings
 from celery_redis_retry.errors import ConfigurationError
 from celery_redis_retry.kafka import new_producer
 from celery_redis_retry.metrics import register_producer_metrics
-from celery_redis_retry.producer import RetryProducer
 from celery_redis_retry.testing import EmbeddedKafka, free_port
 
 

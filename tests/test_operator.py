@@ -22,14 +22,16 @@ import pytest
 from click.testing import CliRunner
 from loop_stack import LoopStack
 
-from celery_redis_retry import dlq, errors, kafka, ops, policy, redis_exec
-from celery_redis_retry import topics as topics_module
-from celery_redis_retry.cli import main, redis_retry
-from celery_redis_retry.dlq_admin import Cursor, DeadLetterQueue, StoredLetter
+from celery_redis_retry import errors, kafka, ops, policy
+from celery_redis_retry.capture.spool import Spool
+from celery_redis_retry.cli.commands import main, redis_retry
+from celery_redis_retry.dlq import record as dlq
+from celery_redis_retry.dlq.admin import Cursor, DeadLetterQueue, StoredLetter
 from celery_redis_retry.kafka import MAX_METADATA, format_offsets, parse_offsets
-from celery_redis_retry.spool import Spool
+from celery_redis_retry.kafka import topics as topics_module
+from celery_redis_retry.kafka.topics import DAY_MS
+from celery_redis_retry.replay import executor as redis_exec
 from celery_redis_retry.testing import CeleryCommand, free_port
-from celery_redis_retry.topics import DAY_MS
 from celery_redis_retry.words import counted
 
 

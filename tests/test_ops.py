@@ -13,7 +13,8 @@ import redis.exceptions as rex
 from hypothesis import HealthCheck, given, settings
 from strategies import ops as any_ops
 
-from celery_redis_retry import commands, ops
+from celery_redis_retry import ops
+from celery_redis_retry import redis_commands as commands
 from celery_redis_retry.errors import CommandNotAllowedError, EncodeError
 from celery_redis_retry.ops import RedisOp
 

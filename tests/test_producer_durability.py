@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from celery_redis_retry.capture.spool import Spool
 from celery_redis_retry.message import decode
-from celery_redis_retry.spool import Spool
 from celery_redis_retry.testing import (
     CeleryWorker,
     ManagedProcess,
@@ -525,7 +525,8 @@ def test_spool_status_and_drain_commands(
     from celery.bin.celery import celery as celery_group
     from click.testing import CliRunner
 
-    from celery_redis_retry import capture, ops
+    from celery_redis_retry import ops
+    from celery_redis_retry.capture import guard as capture
     from celery_redis_retry.message import encode, message_key
 
     topic = f"durability-{uuid.uuid4().hex[:8]}"

@@ -23,7 +23,7 @@ import pytest
 from loop_stack import APPS_DIR, LoopStack
 
 from celery_redis_retry import message, ops
-from celery_redis_retry.librdkafka_log import LibrdkafkaLog
+from celery_redis_retry.kafka.log import LibrdkafkaLog
 from celery_redis_retry.outage_log import UnknownTargetLog
 from celery_redis_retry.testing import ManagedProcess, TansuKafka, free_port, read_topic, wait_until
 

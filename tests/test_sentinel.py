@@ -14,7 +14,7 @@ import redis
 from loop_stack import LoopStack
 
 from celery_redis_retry import ops
-from celery_redis_retry.redis_exec import connect
+from celery_redis_retry.targets import connect
 from celery_redis_retry.testing import RedisSentinel, wait_until
 
 

@@ -1,4 +1,4 @@
-"""The producer's spool (celery_redis_retry.spool) on real SQLite files, across real processes.
+"""The producer's spool (celery_redis_retry.capture.spool) on real SQLite files, across real processes.
 
 No mocks: every test works on a file in ``tmp_path``; "another process" is either a
 second :class:`Spool` on the same file (each instance is its own lease owner) or a
@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
+from celery_redis_retry.capture.spool import Spool
 from celery_redis_retry.errors import PublishError, SpoolFullError
-from celery_redis_retry.spool import Spool
 
 
 @pytest.fixture
@@ -277,7 +277,7 @@ def test_rows_committed_before_sigkill_are_there_after(path: str, fsync: bool) -
     """A real subprocess spools, reports each commit on stdout, and SIGKILLs itself."""
     code = (
         "import os, signal, sys\n"
-        "from celery_redis_retry.spool import Spool\n"
+        "from celery_redis_retry.capture.spool import Spool\n"
         f"spool = Spool({path!r}, fsync={fsync})\n"
         "for n in range(300):\n"
         "    spool.put('t', None, b'%d' % n)\n"

@@ -1,6 +1,6 @@
 """Write stamps: what each command stamps (pure), and what a replay does with them (a real redis-server).
 
-The replays run through the worker's :class:`~celery_redis_retry.redis_exec.Executor`;
+The replays run through the worker's :class:`~celery_redis_retry.replay.executor.Executor`;
 the newer writes through ``wrap()``, exactly as an application sends them.
 """
 
@@ -18,7 +18,7 @@ import celery_redis_retry
 from celery_redis_retry import ops, stamps
 from celery_redis_retry.config import Settings
 from celery_redis_retry.ops import RedisOp
-from celery_redis_retry.redis_exec import Executor
+from celery_redis_retry.replay.executor import Executor
 from celery_redis_retry.slots import slot_of
 from celery_redis_retry.testing import RedisServer
 

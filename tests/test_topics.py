@@ -19,9 +19,9 @@ import pytest
 from loop_stack import LoopStack
 
 from celery_redis_retry import kafka, ops
-from celery_redis_retry.producer import RetryProducer
+from celery_redis_retry.capture.producer import RetryProducer
+from celery_redis_retry.kafka.topics import DAY_MS
 from celery_redis_retry.testing import CeleryCommand, RedisServer, free_port, read_topic, wait_until
-from celery_redis_retry.topics import DAY_MS
 
 SEVEN_DAYS_MS = str(7 * DAY_MS)
 TWENTY_EIGHT_DAYS_MS = str(28 * DAY_MS)
@@ -234,7 +234,7 @@ def test_producer_spools_and_names_the_missing_topic(
 ) -> None:
     stack = stack_on(apache_kafka)
     producer = RetryProducer(stack.settings(), handle_sigterm=False)
-    caplog.set_level(logging.INFO, logger="celery_redis_retry.producer")
+    caplog.set_level(logging.INFO, logger="celery_redis_retry.capture.producer")
     published = [ops.set(f"key-{i}", i) for i in range(200)]
     started = time.monotonic()
     for op in published:

@@ -19,11 +19,11 @@ from redis.retry import Retry
 
 import celery_redis_retry
 from celery_redis_retry import message, ops
+from celery_redis_retry.capture.producer import RetryProducer
+from celery_redis_retry.capture.wrap import WRITE_OUTAGES, CapturedWriteError
 from celery_redis_retry.config import Settings
 from celery_redis_retry.ops import RedisOp
-from celery_redis_retry.producer import RetryProducer
 from celery_redis_retry.testing import EmbeddedKafka, RedisServer, read_topic
-from celery_redis_retry.wrap import WRITE_OUTAGES, CapturedWriteError
 
 BUMP = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 
@@ -326,7 +326,7 @@ def test_wrap_checks_the_server_at_once_against_the_installed_apps_settings(
 ) -> None:
     from celery import Celery
 
-    from celery_redis_retry import capture
+    from celery_redis_retry.capture import guard as capture
 
     other = redis_factory()
     app = Celery("web", set_as_current=False)
@@ -347,7 +347,7 @@ def test_wrap_before_the_settings_checks_the_server_at_the_first_write(
 ) -> None:
     from celery import Celery
 
-    from celery_redis_retry import capture
+    from celery_redis_retry.capture import guard as capture
 
     other = redis_factory()
     app = Celery("configured_after_wrap", set_as_current=False)
@@ -388,7 +388,7 @@ def test_an_outage_of_a_target_is_one_warning_then_one_info_with_op_ids_at_debug
     assert len(ids) == 8
 
     def said(level: int) -> list[str]:
-        return [rec.getMessage() for rec in caplog.records if rec.name == "celery_redis_retry.wrap"
+        return [rec.getMessage() for rec in caplog.records if rec.name == "celery_redis_retry.capture.wrap"
                 and rec.levelno == level]
 
     warned = said(logging.WARNING)
@@ -404,5 +404,5 @@ def test_an_outage_of_a_target_is_one_warning_then_one_info_with_op_ids_at_debug
     assert len(said(logging.INFO)) == 1
     assert said(logging.INFO)[0].startswith("target 'sessions' takes writes again: 8 failed writes in ")
     assert r.set("again", "1") is True
-    assert len([rec for rec in caplog.records if rec.name == "celery_redis_retry.wrap"
+    assert len([rec for rec in caplog.records if rec.name == "celery_redis_retry.capture.wrap"
                 and rec.levelno >= logging.INFO]) == 2

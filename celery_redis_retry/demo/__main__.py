@@ -2,6 +2,6 @@
 
 import sys
 
-from .run import main
+from celery_redis_retry.demo.run import main
 
 sys.exit(main())

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TextIO
 
-from .verify import Accounting
+from celery_redis_retry.demo.verify import Accounting
 
 
 class Console:

@@ -31,18 +31,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from celery_redis_retry import kafka
-from celery_redis_retry.testing import (
-    CeleryCommand,
-    CeleryWorker,
-    EmbeddedKafka,
-    HarnessError,
-    RedisServer,
-    free_port,
-)
-
-from .console import Console, bar, table
-from .story import HOT_KEYS, Ledger, WebApp
-from .verify import Accounting, Tracker, account, read_dead_letters
+from celery_redis_retry.demo.console import Console, bar, table
+from celery_redis_retry.demo.story import HOT_KEYS, Ledger, WebApp
+from celery_redis_retry.demo.verify import Accounting, Tracker, account, read_dead_letters
+from celery_redis_retry.testing import CeleryCommand, CeleryWorker, EmbeddedKafka, HarnessError, RedisServer, free_port
 
 APP = "celery_redis_retry.demo.app"
 
@@ -208,7 +200,7 @@ def run(args: argparse.Namespace, console: Console, workdir: Path, stack: contex
     from celery_redis_retry.config import settings_for
 
     os.environ["CRR_DEMO_WEB_APP"] = "1"  # this process is the web app (see demo/app.py)
-    from . import app as demo_app  # configured from the environment set above
+    from celery_redis_retry.demo import app as demo_app
 
     settings = settings_for(demo_app.app)
     deployment.publish_foreign_message(settings.topic)
@@ -277,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.say()
                 console.say("stopping every process the demo started...")
                 stopping = time.monotonic()
-                from celery_redis_retry.producer import close_all
+                from celery_redis_retry.capture.producer import close_all
 
                 close_all(5.0)
         console.say(f"  all stopped in {time.monotonic() - stopping:.1f} s")

@@ -16,12 +16,11 @@ from typing import Any
 
 import redis
 
-from celery_redis_retry.dlq import DeadLetter, decode_record
+from celery_redis_retry.demo.story import Ledger, Write
+from celery_redis_retry.dlq.record import DeadLetter, decode_record
 from celery_redis_retry.errors import DecodeError
 from celery_redis_retry.message import decode
 from celery_redis_retry.testing import read_topic
-
-from .story import Ledger, Write
 
 
 @dataclass

@@ -19,7 +19,7 @@ so the code is checked against two implementations of the protocol, not one.
 """
 
 
-from .apache_kafka import (
+from celery_redis_retry.testing.apache_kafka import (
     KAFKA_VERSION,
     ApacheKafka,
     KafkaNode,
@@ -28,8 +28,8 @@ from .apache_kafka import (
     java_binary,
     kafka_libs,
 )
-from .celery_processes import CeleryCommand, CeleryWorker
-from .kafka_brokers import (
+from celery_redis_retry.testing.celery_processes import CeleryCommand, CeleryWorker
+from celery_redis_retry.testing.kafka_brokers import (
     TEST_CONSUMER_SETTINGS,
     EmbeddedKafka,
     KafkaBroker,
@@ -38,7 +38,7 @@ from .kafka_brokers import (
     read_topic,
     tansu_binary,
 )
-from .processes import (
+from celery_redis_retry.testing.processes import (
     HarnessError,
     HarnessTimeoutError,
     ManagedProcess,
@@ -48,8 +48,14 @@ from .processes import (
     quiet_port,
     wait_until,
 )
-from .rabbitmq import RabbitMQServer, rabbitmq_server_binary
-from .redis_servers import RedisCluster, RedisSentinel, RedisServer, redis_server_binary, valkey_server_binary
+from celery_redis_retry.testing.rabbitmq import RabbitMQServer, rabbitmq_server_binary
+from celery_redis_retry.testing.redis_servers import (
+    RedisCluster,
+    RedisSentinel,
+    RedisServer,
+    redis_server_binary,
+    valkey_server_binary,
+)
 
 __all__ = [
     "KAFKA_VERSION",

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from .processes import ManagedProcess
+from celery_redis_retry.testing.processes import ManagedProcess
 
 if TYPE_CHECKING:
     from typing_extensions import Self

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..kafka import (
+from celery_redis_retry.kafka import (
     OFFSET_BEGINNING,
     KafkaError,
     KafkaException,
@@ -23,7 +23,7 @@ from ..kafka import (
     new_consumer,
     topic_partitions,
 )
-from .processes import HarnessError, HarnessTimeoutError, ManagedProcess, free_port
+from celery_redis_retry.testing.processes import HarnessError, HarnessTimeoutError, ManagedProcess, free_port
 
 if TYPE_CHECKING:
     from typing_extensions import Self

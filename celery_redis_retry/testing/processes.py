@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from ..errors import RedisRetryError
+from celery_redis_retry.errors import RedisRetryError
 
 if TYPE_CHECKING:
     from types import TracebackType

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from kombu.connection import Connection
 
-from .processes import ManagedProcess, free_port
-from .redis_servers import _find_binary
+from celery_redis_retry.testing.processes import ManagedProcess, free_port
+from celery_redis_retry.testing.redis_servers import _find_binary
 
 if TYPE_CHECKING:
     from typing_extensions import Self

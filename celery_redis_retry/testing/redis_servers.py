@@ -14,7 +14,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .processes import (
+from celery_redis_retry.testing.processes import (
     HarnessError,
     ManagedProcess,
     ProcessExitedError,

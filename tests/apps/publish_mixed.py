@@ -24,9 +24,9 @@ import msgspec
 import redis.exceptions
 
 from celery_redis_retry import ops
+from celery_redis_retry.capture.producer import RetryProducer
 from celery_redis_retry.config import Settings
 from celery_redis_retry.ops import Arg, RedisOp
-from celery_redis_retry.producer import RetryProducer
 
 #: A small pool: str, unicode, binary (not UTF-8), with NUL, empty and integer keys.
 KEYS: tuple[Arg, ...] = (

@@ -2,7 +2,7 @@
 
 For every message of ``redis_retry_topic`` the bridge decodes, verifies and validates
 the op, then hands it to Celery: grouped with other ops for the same target into a
-``celery_redis_retry.replay_batch`` task (see :mod:`celery_redis_retry.dispatch`), or
+``celery_redis_retry.replay_batch`` task (see :mod:`celery_redis_retry.bridge.dispatch`), or
 as one ``celery_redis_retry.replay`` task when ``redis_retry_batch_size`` is 1. Either
 way ``celery_redis_retry.dead_letter`` is the error callback. Messages that are not
 valid ops become ``rejected`` DLQ records.
@@ -15,9 +15,9 @@ partition is rewound to its first op not handed over and paused with a growing
 backoff, then tried again: it is never skipped. Several bridges share the consumer
 group to scale out.
 
-Outages: the bridge watches every target's circuit (:mod:`celery_redis_retry.circuit`).
+Outages: the bridge watches every target's circuit (:mod:`celery_redis_retry.bridge.circuits`).
 While a target's circuit is open, its ops read from the retry topic are parked in the
-target's waiting topic (:mod:`celery_redis_retry.waiting`) and their offsets stored, so
+target's waiting topic (:mod:`celery_redis_retry.bridge.waiting`) and their offsets stored, so
 the other targets' ops on the same partitions keep flowing; the bridge reads the
 waiting topic again once a probe finds the target back, at a rate that ramps up. An op
 past its deadline or ``redis_retry_max_age`` ends ``expired`` here, without a task.
@@ -40,18 +40,26 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import kafka
-from .circuit import OPEN, RECOVERING, Circuits, CircuitState, TargetProbe
-from .config import settings_for, waiting_group
-from .dispatch import Batcher, Consumed, HandoverError, InFlight, OffsetTracker, Partition, TaskSender
-from .dlq import DeadLetter, DeadLetterWriter, Origin
-from .ends import EndsReader
-from .errors import DecodeError, PublishError, RedisRetryError, UnknownTargetError
-from .message import decode
-from .ops import RedisOp
-from .outage_log import UnknownTargetLog
-from .redis_exec import ends_expired
-from .waiting import Parked, ParkedHeaders, WaitingWriter
+from celery_redis_retry import kafka
+from celery_redis_retry.bridge.circuits import OPEN, RECOVERING, Circuits, CircuitState, TargetProbe
+from celery_redis_retry.bridge.dispatch import (
+    Batcher,
+    Consumed,
+    HandoverError,
+    InFlight,
+    OffsetTracker,
+    Partition,
+    TaskSender,
+)
+from celery_redis_retry.bridge.ends import EndsReader
+from celery_redis_retry.bridge.waiting import Parked, ParkedHeaders, WaitingWriter
+from celery_redis_retry.config import settings_for, waiting_group
+from celery_redis_retry.dlq.record import DeadLetter, DeadLetterWriter, Origin
+from celery_redis_retry.errors import DecodeError, PublishError, RedisRetryError, UnknownTargetError
+from celery_redis_retry.expiry import ends_expired
+from celery_redis_retry.message import decode
+from celery_redis_retry.ops import RedisOp
+from celery_redis_retry.outage_log import UnknownTargetLog
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +350,7 @@ class Bridge:
 
     def _report(self) -> None:
         """The periodic line of counters since start (docs/operations.md, "The bridge's report")."""
-        from .words import counted
+        from celery_redis_retry.words import counted
 
         stats = self.stats
         logger.info(

@@ -16,14 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-#: Exit codes shared by every command.
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 3  # a redis_retry_* setting is missing or invalid
-EXIT_UNAVAILABLE = 4  # Kafka or the Celery broker cannot be reached at start
-EXIT_NO_TOPIC = 5  # a Kafka topic the command needs does not exist (see ``redis-retry topics create``)
-
+from celery_redis_retry.names import EXIT_CONFIG, EXIT_FAILURE, EXIT_NO_TOPIC, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -54,7 +47,7 @@ def _app_name(ctx: click.Context) -> str:
 
 def _kafka_silent(ctx: click.Context, settings: Any, timeout: float) -> None:
     """Say that Kafka did not answer, naming its bootstrap servers, and exit 4."""
-    from .kafka import no_answer_message
+    from celery_redis_retry.kafka import no_answer_message
 
     click.echo(f"error: {no_answer_message(settings.kafka, timeout)}", err=True)
     ctx.exit(EXIT_UNAVAILABLE)
@@ -84,7 +77,7 @@ class _RedisRetryGroup(click.Group):
     """The ``redis-retry`` group: refused Kafka credentials end any command with exit 3, naming the setting."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from .kafka import KafkaCredentialsError
+        from celery_redis_retry.kafka import KafkaCredentialsError
 
         try:
             return super().invoke(ctx)
@@ -152,15 +145,15 @@ def _pidlock(ctx: click.Context, pidfile: str) -> Any:
 
 
 def _run_bridge(ctx: click.Context, app: Any, metrics_port: int | None, **options: Any) -> None:
-    from .bridge import Bridge, BridgeUnavailableError
-    from .errors import ConfigurationError
-    from .kafka import TopicMissingError
+    from celery_redis_retry.bridge.loop import Bridge, BridgeUnavailableError
+    from celery_redis_retry.errors import ConfigurationError
+    from celery_redis_retry.kafka import TopicMissingError
 
     try:
         runner = Bridge(app, **options)
         port = metrics_port or runner.settings.bridge_metrics_port
         if port is not None:
-            from .metrics import serve_bridge_metrics
+            from celery_redis_retry.metrics import serve_bridge_metrics
 
             serve_bridge_metrics(runner, port)
             logging.getLogger(__name__).info("serving Prometheus metrics on :%d/metrics", port)
@@ -183,9 +176,9 @@ def spool() -> None:
 
 
 def _spool_producer(ctx: click.Context) -> Any:
-    from .config import settings_for
-    from .errors import ConfigurationError
-    from .producer import RetryProducer
+    from celery_redis_retry.capture.producer import RetryProducer
+    from celery_redis_retry.config import settings_for
+    from celery_redis_retry.errors import ConfigurationError
 
     try:
         return RetryProducer(settings_for(_app(ctx)), handle_sigterm=False)
@@ -222,8 +215,8 @@ def spool_drain(ctx: click.Context, timeout: float) -> None:
     Exits 0 once it is empty, 1 if messages remain, 3 on bad settings, 4 when Kafka
     does not answer within --timeout, 5 when the retry topic does not exist.
     """
-    from .kafka import cluster_metadata, new_producer
-    from .words import counted
+    from celery_redis_retry.kafka import cluster_metadata, new_producer
+    from celery_redis_retry.words import counted
 
     _quiet_kafka_logs()
     producer = _spool_producer(ctx.find_root())
@@ -246,8 +239,8 @@ def spool_drain(ctx: click.Context, timeout: float) -> None:
 
 
 def _settings(ctx: click.Context) -> Any:
-    from .config import settings_for
-    from .errors import ConfigurationError
+    from celery_redis_retry.config import settings_for
+    from celery_redis_retry.errors import ConfigurationError
 
     try:
         return settings_for(_app(ctx.find_root()))
@@ -258,7 +251,7 @@ def _settings(ctx: click.Context) -> Any:
 
 def _require_kafka_answer(ctx: click.Context, settings: Any, call: Any, timeout: float) -> Any:
     """``call()``'s result; exit 4, naming Kafka's address, when Kafka does not answer in time."""
-    from .kafka import KafkaException, did_not_answer
+    from celery_redis_retry.kafka import KafkaException, did_not_answer
 
     try:
         return call()
@@ -276,7 +269,7 @@ def _quiet_kafka_logs() -> None:
 
 
 def _dead_letter_queue(ctx: click.Context, timeout: float) -> Any:
-    from .dlq_admin import DeadLetterQueue
+    from celery_redis_retry.dlq.admin import DeadLetterQueue
 
     _quiet_kafka_logs()
     return DeadLetterQueue(_settings(ctx), timeout=timeout)
@@ -284,7 +277,7 @@ def _dead_letter_queue(ctx: click.Context, timeout: float) -> Any:
 
 def _read_dlq(ctx: click.Context, dlq: Any, *, include_handled: bool = False) -> Any:
     """The DLQ's records; exit 4 when Kafka does not answer, 5 when the DLQ topic does not exist."""
-    from .kafka import KafkaException, TopicMissingError
+    from celery_redis_retry.kafka import KafkaException, TopicMissingError
 
     try:
         return _require_kafka_answer(ctx, dlq.settings, lambda: dlq.read(include_handled=include_handled),
@@ -298,7 +291,7 @@ def _read_dlq(ctx: click.Context, dlq: Any, *, include_handled: bool = False) ->
 
 def _known_reason(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """Refuse a --reason no DLQ record can carry (a typo would otherwise match nothing, silently)."""
-    from .dlq import REASONS
+    from celery_redis_retry.dlq.record import REASONS
 
     if value is not None and value not in REASONS:
         raise click.BadParameter(f"{value!r} is no DLQ reason; the reasons are: {', '.join(sorted(REASONS))}")
@@ -343,7 +336,7 @@ def _read_selection(
 
     Says which REFS name no pending record.
     """
-    from .dlq_admin import select
+    from celery_redis_retry.dlq.admin import select
 
     if not (refs or all_ or reason or outcome):
         raise click.UsageError("name records (PARTITION:OFFSET or op id), or use --all, --reason or --outcome")
@@ -389,9 +382,9 @@ def dlq_list(  # noqa: PLR0917 - click passes every option
     """
     from datetime import datetime, timezone
 
-    from .dlq_admin import describe_op, select
-    from .message import dumps
-    from .words import counted
+    from celery_redis_retry.dlq.admin import describe_op, select
+    from celery_redis_retry.message import dumps
+    from celery_redis_retry.words import counted
 
     queue = _dead_letter_queue(ctx, timeout)
     read = _read_dlq(ctx, queue, include_handled=include_handled)
@@ -433,8 +426,8 @@ def dlq_show(ctx: click.Context, refs: tuple[str, ...], timeout: float) -> None:
     """
     import json
 
-    from .dlq_admin import select
-    from .message import dumps
+    from celery_redis_retry.dlq.admin import select
+    from celery_redis_retry.message import dumps
 
     queue = _dead_letter_queue(ctx, timeout)
     chosen, unknown = select(_read_dlq(ctx, queue, include_handled=True), refs=refs)
@@ -464,8 +457,8 @@ def dlq_replay(  # noqa: PLR0917 - click passes every option
     4 when Kafka does not answer within --timeout, 5 when the DLQ or retry topic does
     not exist.
     """
-    from .kafka import TopicMissingError
-    from .words import counted
+    from celery_redis_retry.kafka import TopicMissingError
+    from celery_redis_retry.words import counted
 
     selection = _read_selection(ctx, refs=refs, all_=all_, reason=reason, outcome=outcome, timeout=timeout)
     queue = selection.queue
@@ -510,7 +503,7 @@ def dlq_purge(  # noqa: PLR0917 - click passes every option
     2 on a bad command line, 3 on bad settings, 4 when Kafka does not answer within
     --timeout, 5 when the DLQ topic does not exist.
     """
-    from .words import counted
+    from celery_redis_retry.words import counted
 
     selection = _read_selection(ctx, refs=refs, all_=all_, reason=reason, outcome=outcome, timeout=timeout)
     queue = selection.queue
@@ -538,9 +531,9 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
     be read, 3 on bad settings, 4 if a place is unreachable (Kafka within --timeout,
     or the Celery broker), 5 if the retry or DLQ topic does not exist.
     """
-    from .message import dumps
-    from .status import collect
-    from .words import counted
+    from celery_redis_retry.cli.status import collect
+    from celery_redis_retry.message import dumps
+    from celery_redis_retry.words import counted
 
     _quiet_kafka_logs()
     settings = _settings(ctx)
@@ -575,7 +568,7 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
 
 
 def _retrying_line(retrying: Any) -> str:
-    from .words import counted
+    from celery_redis_retry.words import counted
 
     if retrying.ops is None:
         return "unknown: no worker answered (none running, or remote control is off)"
@@ -622,8 +615,8 @@ def _plan_options(command: Any) -> Any:
 
 
 def _plans(ctx: click.Context, options: dict[str, Any]) -> Any:
-    from . import topics as topic_admin
-    from .errors import RedisRetryError
+    from celery_redis_retry.errors import RedisRetryError
+    from celery_redis_retry.kafka import topics as topic_admin
 
     settings = _settings(ctx)
     day_ms = topic_admin.DAY_MS
@@ -647,8 +640,8 @@ def _plans(ctx: click.Context, options: dict[str, Any]) -> Any:
 
 def _ask_cluster(ctx: click.Context, settings: Any, call: Any, timeout: float) -> Any:
     """``call()``'s result; exit 2 when the cluster cannot hold the plan, 4 when Kafka does not answer."""
-    from .kafka import KafkaException
-    from .topics import TopicSetupError
+    from celery_redis_retry.kafka import KafkaException
+    from celery_redis_retry.kafka.topics import TopicSetupError
 
     try:
         return _require_kafka_answer(ctx, settings, call, timeout)
@@ -662,7 +655,7 @@ def _ask_cluster(ctx: click.Context, settings: Any, call: Any, timeout: float) -
 
 def _echo_states(states: Any) -> None:
     """Print one line per topic, and a warning where an existing one differs from the plan."""
-    from .topics import found_summary
+    from celery_redis_retry.kafka.topics import found_summary
 
     for state in states:
         what = f"{state.plan.role} topic {state.plan.name}"
@@ -690,7 +683,7 @@ def topics_create(ctx: click.Context, /, dry_run: bool, **options: Any) -> None:
     brokers than --replication-factor (or on a bad command line), 3 on bad settings,
     4 when Kafka does not answer within --timeout.
     """
-    from .topics import create, plan_warnings
+    from celery_redis_retry.kafka.topics import create, plan_warnings
 
     _quiet_kafka_logs()
     settings, plans = _plans(ctx, options)
@@ -712,7 +705,7 @@ def topics_describe(ctx: click.Context, /, **options: Any) -> None:
     nothing. Exits 0 when both exist, 2 on a bad command line, 3 on bad settings, 4 when
     Kafka does not answer within --timeout, 5 when one is missing.
     """
-    from .topics import describe
+    from celery_redis_retry.kafka.topics import describe
 
     _quiet_kafka_logs()
     settings, plans = _plans(ctx, options)
@@ -759,7 +752,7 @@ def dev_kafka(ctx: click.Context, bootstrap_file: str | None, port: int | None, 
     restart reconnects once librdkafka bootstraps again. Exits 0 on SIGINT/SIGTERM,
     1 when --port cannot be bound.
     """
-    from .kafka import serve_dev_broker
+    from celery_redis_retry.kafka import serve_dev_broker
 
     _setup_logging(loglevel)
     try:

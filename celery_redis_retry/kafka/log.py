@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .outage_log import SUMMARY_INTERVAL, Outages
+from celery_redis_retry.outage_log import SUMMARY_INTERVAL, Outages
 
 __all__ = ["LIBRDKAFKA_LOG", "STATISTICS_INTERVAL_MS", "LibrdkafkaLog"]
 

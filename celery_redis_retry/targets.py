@@ -1,5 +1,5 @@
 """``redis_retry_targets`` URLs: parsed in one place for the settings check, the replay
-connection (:func:`celery_redis_retry.redis_exec.connect`) and ``wrap()``'s check that a
+connection (:func:`celery_redis_retry.targets.connect`) and ``wrap()``'s check that a
 client talks to its target's server.
 
 Forms: ``redis://HOST[:PORT][/DB]``, ``rediss://...``, ``unix:///PATH[?db=N]``,
@@ -12,11 +12,17 @@ host); no DNS name is resolved.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
+import redis
+from redis.backoff import NoBackoff
 from redis.connection import parse_url
+from redis.retry import Retry
+
+from celery_redis_retry.errors import PermanentReplayError
 
 TARGET_SCHEMES = frozenset(
     ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
@@ -182,3 +188,87 @@ def client_address(client: Any) -> TargetAddress | None:
     if kwargs.get("path"):
         return TargetAddress("unix", db=db, path=str(kwargs["path"]))
     return TargetAddress("server", ((str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379))),), db=db)
+
+
+# Client defaults: redis-py waits forever without timeouts, and its own retries would
+# sleep inside the worker; Celery's countdown is the retry loop here.
+_CLIENT_DEFAULTS: dict[str, Any] = {
+    "socket_timeout": 5.0,
+    "socket_connect_timeout": 5.0,
+    "health_check_interval": 30,
+}
+
+
+def connect(url: str, **overrides: Any) -> Any:
+    """A redis-py client for a ``redis_retry_targets`` URL (plain, TLS, unix, Sentinel, Cluster).
+
+    Sentinel: ``redis+sentinel://host1:26379,host2:26379/<service>/<db>``.
+    Cluster: ``redis+cluster://host:port[,host:port...]`` (any nodes; the others are discovered).
+    Query parameters (``?socket_timeout=2``...) are passed to redis-py as usual;
+    ``overrides`` replace this module's client defaults (the circuit probe's short timeouts).
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    try:
+        address = parse_target_url(url)  # the settings checked it already: this names what is wrong
+    except TargetURLError as exc:
+        raise PermanentReplayError(f"target URL {redacted(url)} {exc}", reason="configuration") from None
+    if address.kind == "cluster":
+        from redis.cluster import ClusterNode, RedisCluster
+
+        # redis-py's URL parser takes one node: the first; the others seed the discovery too.
+        userinfo = parts.netloc.rpartition("@")[0]
+        first = parts._replace(scheme=scheme.split("+")[0], netloc=(userinfo + "@" if userinfo else "")
+                               + parts.netloc.rpartition("@")[2].split(",")[0]).geturl()
+        others = [ClusterNode(host, port) for host, port in address.nodes[1:]]  # type: ignore[no-untyped-call]
+        return RedisCluster.from_url(
+            first, startup_nodes=others, **_defaults_for(parts.query, overrides), retry=Retry(NoBackoff(), 0)
+        )
+    if address.kind == "sentinel":
+        from redis.sentinel import Sentinel
+
+        # redis-py's own URL parser turns the query (?socket_timeout=2...) into typed options.
+        given = parse_url(f"redis://?{parts.query}") if parts.query else {}  # type: ignore[no-untyped-call]
+        options = {
+            **_defaults_for(parts.query, overrides), **given, "password": parts.password, "username": parts.username,
+        }
+        # redis-py 8.2 types Sentinel; earlier releases do not.
+        sentinel = Sentinel(list(address.nodes), sentinel_kwargs={"socket_timeout": 2.0}, **options)  # type: ignore[no-untyped-call,unused-ignore]
+        return sentinel.master_for(address.service, db=address.db, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call,unused-ignore]
+    return redis.Redis.from_url(url, **_defaults_for(parts.query, overrides), retry=Retry(NoBackoff(), 0))
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether a ``redis_retry_targets`` URL names a Redis Cluster."""
+    return urlsplit(url).scheme.endswith("+cluster")
+
+
+def _defaults_for(query: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    given = parse_qs(query)
+    return {k: v for k, v in {**_CLIENT_DEFAULTS, **(overrides or {})}.items() if k not in given}
+
+
+class TargetClients:
+    """One client (and connection pool) per target, created lazily in each process."""
+
+    def __init__(self, targets: dict[str, str] | Any) -> None:
+        self._targets = dict(targets)
+        self._clients: dict[str, Any] = {}
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def is_cluster(self, target: str) -> bool:
+        """Whether ``target`` is a Redis Cluster (its ops may span slots)."""
+        return is_cluster_url(self._targets[target])
+
+    def get(self, target: str) -> Any:
+        """The client for ``target``; a pool is never shared with a forked parent."""
+        if self._pid != os.getpid():
+            self._clients, self._pid, self._lock = {}, os.getpid(), threading.Lock()
+        client = self._clients.get(target)
+        if client is None:
+            with self._lock:
+                client = self._clients.get(target)
+                if client is None:
+                    client = self._clients[target] = connect(self._targets[target])
+        return client

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .errors import SpoolFullError
+from celery_redis_retry.errors import SpoolFullError
 
 logger = logging.getLogger(__name__)
 

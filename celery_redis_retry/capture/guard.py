@@ -1,6 +1,6 @@
 """Capturing failed writes in application code: ``publish(op)`` and the ``on_failure`` guard.
 
-Both use one default :class:`~celery_redis_retry.producer.RetryProducer` per process,
+Both use one default :class:`~celery_redis_retry.capture.producer.RetryProducer` per process,
 configured from the Celery app given to :func:`celery_redis_retry.install` (or Celery's
 current app when none was installed).
 """
@@ -13,11 +13,11 @@ from typing import Any
 
 import redis.exceptions
 
-from . import policy
-from .config import Settings, settings_for, settings_given
-from .errors import ConfigurationError, RedisRetryError
-from .ops import RedisOp
-from .producer import RetryProducer
+from celery_redis_retry import policy
+from celery_redis_retry.capture.producer import RetryProducer
+from celery_redis_retry.config import Settings, settings_for, settings_given
+from celery_redis_retry.errors import ConfigurationError, RedisRetryError
+from celery_redis_retry.ops import RedisOp
 
 _lock = threading.Lock()
 _app: Any = None

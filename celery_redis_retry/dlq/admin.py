@@ -24,12 +24,12 @@ from typing import Any
 
 import msgspec
 
-from . import kafka
-from .config import Settings
-from .dlq import DeadLetter, decode_record
-from .errors import DecodeError, EncodeError, RedisRetryError
-from .message import encode, message_key
-from .ops import RedisOp
+from celery_redis_retry import kafka
+from celery_redis_retry.config import Settings
+from celery_redis_retry.dlq.record import DeadLetter, decode_record
+from celery_redis_retry.errors import DecodeError, EncodeError, RedisRetryError
+from celery_redis_retry.message import encode, message_key
+from celery_redis_retry.ops import RedisOp
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import policy
+from celery_redis_retry import policy
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class TargetProbe:
     """:func:`probe` of one target URL, through a client of its own with the probe's timeouts."""
 
     def __init__(self, url: str) -> None:
-        from .redis_exec import is_cluster_url
+        from celery_redis_retry.targets import is_cluster_url
 
         self.url = url
         self.cluster = is_cluster_url(url)
@@ -83,7 +83,7 @@ class TargetProbe:
     def __call__(self) -> None:
         """Raise the error an op would meet if the target cannot take writes now."""
         if self._client is None:
-            from .redis_exec import connect
+            from celery_redis_retry.targets import connect
 
             self._client = connect(self.url, socket_timeout=PROBE_TIMEOUT, socket_connect_timeout=PROBE_TIMEOUT,
                                    health_check_interval=0)

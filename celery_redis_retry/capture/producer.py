@@ -48,12 +48,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import kafka
-from .config import Settings, settings_for
-from .errors import EncodeError, PublishError, SpoolFullError
-from .message import encode, message_key
-from .ops import RedisOp
-from .spool import Spool
+from celery_redis_retry import kafka
+from celery_redis_retry.capture.spool import Spool
+from celery_redis_retry.config import Settings, settings_for
+from celery_redis_retry.errors import EncodeError, PublishError, SpoolFullError
+from celery_redis_retry.message import encode, message_key
+from celery_redis_retry.ops import RedisOp
 
 logger = logging.getLogger(__name__)
 

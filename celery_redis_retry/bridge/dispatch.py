@@ -25,10 +25,10 @@ from typing import Any
 
 from kombu.exceptions import ChannelError
 
-from .errors import RedisRetryError
-from .kafka import format_offsets
-from .ops import RedisOp
-from .tasks import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
+from celery_redis_retry.errors import RedisRetryError
+from celery_redis_retry.kafka import format_offsets
+from celery_redis_retry.names import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
+from celery_redis_retry.ops import RedisOp
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class OffsetTracker:
 
     An offset is safe once it and every offset before it *ended*. With ``hold_until_end``
     (``redis_retry_commit_after = "end"``) an op handed to Celery is only *in flight*: it
-    ends when a worker reports it (:mod:`celery_redis_retry.ends`), and is handed over
+    ends when a worker reports it (:mod:`celery_redis_retry.bridge.ends`), and is handed over
     again when it has not within ``redelivery_timeout`` seconds. Without it, the hand-over
     is the end, as when Celery's broker is trusted with the only copy. Ops the bridge ends
     itself (expired, rejected, parked in a waiting topic) end at once either way.

@@ -12,7 +12,7 @@ retryable error is built into an op and published for replay, exactly as the
 
 What is captured, and what is not:
 
-* single write commands of :data:`celery_redis_retry.commands.COMMANDS` that the
+* single write commands of :data:`celery_redis_retry.redis_commands.COMMANDS` that the
   producer's ``redis_retry_allowed_commands`` allow, built with
   :func:`celery_redis_retry.ops.command` (relative expiries become absolute);
 * ``EVALSHA``/``EVAL`` of a script whose source is registered in
@@ -65,16 +65,16 @@ from redis.commands import READ_COMMANDS
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
-from . import ops, policy, stamps
-from .commands import COMMANDS, is_idempotent
-from .config import Settings
-from .errors import CapturedWriteError, ConfigurationError, EncodeError, RedisRetryError
-from .ops import RedisOp
-from .outage_log import Outages
-from .producer import RetryProducer
-from .redis_exec import LUA_MAX_ARGS, WRITE_STAMPED, WRITE_STAMPED_SHA, marker_ttl_ms
-from .slots import marker_for, slot_of
-from .target_urls import TargetAddress, client_address, parse_target_url, redacted
+from celery_redis_retry import ops, policy, stamps
+from celery_redis_retry.capture.producer import RetryProducer
+from celery_redis_retry.config import Settings
+from celery_redis_retry.errors import CapturedWriteError, ConfigurationError, EncodeError, RedisRetryError
+from celery_redis_retry.ops import RedisOp
+from celery_redis_retry.outage_log import Outages
+from celery_redis_retry.redis_commands import COMMANDS, LUA_MAX_ARGS, is_idempotent
+from celery_redis_retry.slots import marker_for, slot_of
+from celery_redis_retry.stamps import WRITE_STAMPED, WRITE_STAMPED_SHA
+from celery_redis_retry.targets import TargetAddress, client_address, parse_target_url, redacted
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class _Capture:
     def producer(self) -> RetryProducer:
         if self._producer is not None:
             return self._producer
-        from .capture import default_producer
+        from celery_redis_retry.capture.guard import default_producer
 
         return default_producer()  # looked up each time: install() may come after wrap()
 
@@ -152,7 +152,7 @@ class _Capture:
         """Refuse ``client`` unless it talks to its target's server: now when the settings
         can be read, else at the first write (``install()`` may come after ``wrap()``)."""
         self.server = client_address(client)
-        from .capture import default_settings
+        from celery_redis_retry.capture.guard import default_settings
 
         try:
             settings = self._producer.settings if self._producer is not None else default_settings()
@@ -288,7 +288,7 @@ class _Capture:
                 self.check_target(settings)  # raised at every write until the settings are fixed
                 self._settings = settings
             self.stamp_ttl = stamps.ttl_ms(settings.max_age, settings.dedupe_ttl)
-            self.marker_ttl = marker_ttl_ms(settings, settings.max_retries)
+            self.marker_ttl = settings.marker_ttl_ms(settings.max_retries)
         return settings
 
     def forget_marker(self, marker: bytes, client: Any) -> None:

@@ -30,11 +30,11 @@ from typing import Any
 
 import msgspec
 
-from . import kafka
-from .config import Settings
-from .errors import PublishError
-from .message import encode, message_key
-from .ops import RedisOp
+from celery_redis_retry import kafka
+from celery_redis_retry.config import Settings
+from celery_redis_retry.errors import PublishError
+from celery_redis_retry.message import encode, message_key
+from celery_redis_retry.ops import RedisOp
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import kafka
-from .config import Settings, waiting_group
-from .dispatch import TaskSender
-from .dlq_admin import DeadLetterQueue
+from celery_redis_retry import kafka
+from celery_redis_retry.bridge.dispatch import TaskSender
+from celery_redis_retry.config import Settings, waiting_group
+from celery_redis_retry.dlq.admin import DeadLetterQueue
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class Status:
 
 def collect(app: Any, settings: Settings, *, timeout: float = 10.0) -> Status:
     """Read every figure of :class:`Status`; unreachable places go to ``errors``."""
-    from .spool import Spool
+    from celery_redis_retry.capture.spool import Spool
 
     errors: dict[str, str] = {}
     missing: list[kafka.TopicMissingError] = []
@@ -176,9 +176,9 @@ def _retrying(app: Any, settings: Settings, *, timeout: float) -> Retrying:
     until it is due: it is neither in the Celery queue nor in Kafka's lag, and only the
     workers can say it is there.
     """
-    from .errors import DecodeError
-    from .message import decode
-    from .tasks import REPLAY_BATCH_TASK, REPLAY_TASK
+    from celery_redis_retry.errors import DecodeError
+    from celery_redis_retry.message import decode
+    from celery_redis_retry.names import REPLAY_BATCH_TASK, REPLAY_TASK
 
     replies = app.control.inspect(timeout=timeout).scheduled() or {}
     count = 0
@@ -207,8 +207,8 @@ def _retrying(app: Any, settings: Settings, *, timeout: float) -> Retrying:
 
 
 def _target_status(settings: Settings, name: str, *, timeout: float, kafka_ok: bool) -> TargetStatus:
-    from . import policy
-    from .circuit import TargetProbe
+    from celery_redis_retry import policy
+    from celery_redis_retry.bridge.circuits import TargetProbe
 
     circuit, reason = "closed", ""
     target_probe = TargetProbe(settings.targets[name])

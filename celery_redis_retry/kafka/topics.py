@@ -34,10 +34,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from . import kafka
-from .config import Settings
-from .errors import RedisRetryError
-from .words import counted
+from celery_redis_retry import kafka
+from celery_redis_retry.config import Settings
+from celery_redis_retry.errors import RedisRetryError
+from celery_redis_retry.words import counted
 
 DAY_MS = 24 * 3600 * 1000
 DEFAULT_PARTITIONS = 12

@@ -4,7 +4,7 @@ Kafka and Celery deliver at least once, and a write that "failed" with a timeout
 already have been applied. Replaying SET or DEL twice is harmless; replaying INCRBY or
 LPUSH twice is not. So:
 
-* idempotent commands (see :mod:`celery_redis_retry.commands`) and pipelines made only
+* idempotent commands (see :mod:`celery_redis_retry.redis_commands`) and pipelines made only
   of them run as they are;
 * everything else (non-idempotent commands, transactions, pipelines holding a
   non-idempotent command, registered scripts) runs inside one Lua step that first sets
@@ -25,40 +25,27 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-import redis
 from redis._parsers import _RESP2Parser
-from redis.backoff import NoBackoff
-from redis.connection import parse_url
 from redis.exceptions import NoScriptError
-from redis.retry import Retry
 
-from . import policy, stamps
-from .commands import is_idempotent, spec_for
-from .config import Settings
-from .errors import PermanentReplayError, RedisRetryError, UnknownScriptError
-from .ops import Arg, Command, RedisOp
-from .slots import group_by_slot, marker_key
-from .target_urls import TargetURLError, parse_target_url, redacted
+from celery_redis_retry import policy, stamps
+from celery_redis_retry.config import Settings
+from celery_redis_retry.errors import PermanentReplayError, RedisRetryError, UnknownScriptError
+from celery_redis_retry.ops import Arg, Command, RedisOp
+from celery_redis_retry.redis_commands import LUA_MAX_ARGS, is_idempotent, spec_for
+from celery_redis_retry.slots import group_by_slot, marker_key
+from celery_redis_retry.targets import TargetClients
 
 logger = logging.getLogger(__name__)
 
-#: Lua's unpack() stops near 8,000 values: larger commands cannot take the Lua path.
-LUA_MAX_ARGS = 7_900
 
 #: The Lua step replays run (see ``apply_once.lua``).
 APPLY_ONCE = (Path(__file__).parent / "apply_once.lua").read_text()
-#: The Lua step a wrapped client sends each write with (see ``write_stamped.lua``).
-WRITE_STAMPED = (Path(__file__).parent / "write_stamped.lua").read_text()
-WRITE_STAMPED_SHA = hashlib.sha1(WRITE_STAMPED.encode()).hexdigest()  # noqa: S324
 # A registered script runs inside this wrapper, which adds the dedupe marker as the last
 # key and its TTL as the last argument, then calls the user's code with the rest.
 _SCRIPT_WRAPPER = """\
@@ -75,88 +62,14 @@ return user_script(keys, argv)
 """
 _ALREADY_APPLIED = b"CRR-ALREADY-APPLIED"
 
-# Client defaults: redis-py waits forever without timeouts, and its own retries would
-# sleep inside the worker; Celery's countdown is the retry loop here.
-_CLIENT_DEFAULTS: dict[str, Any] = {
-    "socket_timeout": 5.0,
-    "socket_connect_timeout": 5.0,
-    "health_check_interval": 30,
-}
 
 
-def connect(url: str, **overrides: Any) -> Any:
-    """A redis-py client for a ``redis_retry_targets`` URL (plain, TLS, unix, Sentinel, Cluster).
-
-    Sentinel: ``redis+sentinel://host1:26379,host2:26379/<service>/<db>``.
-    Cluster: ``redis+cluster://host:port[,host:port...]`` (any nodes; the others are discovered).
-    Query parameters (``?socket_timeout=2``...) are passed to redis-py as usual;
-    ``overrides`` replace this module's client defaults (the circuit probe's short timeouts).
-    """
-    parts = urlsplit(url)
-    scheme = parts.scheme
-    try:
-        address = parse_target_url(url)  # the settings checked it already: this names what is wrong
-    except TargetURLError as exc:
-        raise PermanentReplayError(f"target URL {redacted(url)} {exc}", reason="configuration") from None
-    if address.kind == "cluster":
-        from redis.cluster import ClusterNode, RedisCluster
-
-        # redis-py's URL parser takes one node: the first; the others seed the discovery too.
-        userinfo = parts.netloc.rpartition("@")[0]
-        first = parts._replace(scheme=scheme.split("+")[0], netloc=(userinfo + "@" if userinfo else "")
-                               + parts.netloc.rpartition("@")[2].split(",")[0]).geturl()
-        others = [ClusterNode(host, port) for host, port in address.nodes[1:]]  # type: ignore[no-untyped-call]
-        return RedisCluster.from_url(
-            first, startup_nodes=others, **_defaults_for(parts.query, overrides), retry=Retry(NoBackoff(), 0)
-        )
-    if address.kind == "sentinel":
-        from redis.sentinel import Sentinel
-
-        # redis-py's own URL parser turns the query (?socket_timeout=2...) into typed options.
-        given = parse_url(f"redis://?{parts.query}") if parts.query else {}  # type: ignore[no-untyped-call]
-        options = {
-            **_defaults_for(parts.query, overrides), **given, "password": parts.password, "username": parts.username,
-        }
-        # redis-py 8.2 types Sentinel; earlier releases do not.
-        sentinel = Sentinel(list(address.nodes), sentinel_kwargs={"socket_timeout": 2.0}, **options)  # type: ignore[no-untyped-call,unused-ignore]
-        return sentinel.master_for(address.service, db=address.db, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call,unused-ignore]
-    return redis.Redis.from_url(url, **_defaults_for(parts.query, overrides), retry=Retry(NoBackoff(), 0))
 
 
-def is_cluster_url(url: str) -> bool:
-    """Whether a ``redis_retry_targets`` URL names a Redis Cluster."""
-    return urlsplit(url).scheme.endswith("+cluster")
 
 
-def _defaults_for(query: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    given = parse_qs(query)
-    return {k: v for k, v in {**_CLIENT_DEFAULTS, **(overrides or {})}.items() if k not in given}
 
 
-class TargetClients:
-    """One client (and connection pool) per target, created lazily in each process."""
-
-    def __init__(self, targets: dict[str, str] | Any) -> None:
-        self._targets = dict(targets)
-        self._clients: dict[str, Any] = {}
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-
-    def is_cluster(self, target: str) -> bool:
-        """Whether ``target`` is a Redis Cluster (its ops may span slots)."""
-        return is_cluster_url(self._targets[target])
-
-    def get(self, target: str) -> Any:
-        """The client for ``target``; a pool is never shared with a forked parent."""
-        if self._pid != os.getpid():
-            self._clients, self._pid, self._lock = {}, os.getpid(), threading.Lock()
-        client = self._clients.get(target)
-        if client is None:
-            with self._lock:
-                client = self._clients.get(target)
-                if client is None:
-                    client = self._clients[target] = connect(self._targets[target])
-        return client
 
 
 # -- outcomes ----------------------------------------------------------------------------
@@ -355,7 +268,7 @@ class Executor:
         retries = self.settings.max_retries if op.max_retries is None else op.max_retries
         ttl = self._marker_ttls.get(retries)
         if ttl is None:
-            ttl = self._marker_ttls[retries] = marker_ttl_ms(self.settings, retries)
+            ttl = self._marker_ttls[retries] = self.settings.marker_ttl_ms(retries)
         return ttl
 
     def _script(self, client: Any, call: _Call) -> Any:
@@ -365,12 +278,6 @@ class Executor:
         if script is None:
             script = self._scripts[key] = client.register_script(call.source)
         return script
-
-
-def marker_ttl_ms(settings: Settings, retries: int) -> int:
-    """How long a dedupe marker lives: the dedupe TTL, and never less than the retry window plus an hour."""
-    window = settings.backoff.total(retries) + 3600
-    return int(max(settings.dedupe_ttl, window) * 1000)
 
 
 def _needs_marker(op: RedisOp) -> bool:
@@ -450,43 +357,7 @@ def _wrap_user_script(source: str) -> str:
     return _SCRIPT_WRAPPER % source
 
 
-def absolute_expiries(command: Command) -> list[int]:
-    """The absolute expiry times (ms) a command carries: SET ... PXAT t, PEXPIREAT k t."""
-    name = command[0]
-    if name == "PEXPIREAT":
-        return [int(command[2])]
-    if name == "SET":
-        options = command[3:]
-        return [
-            int(options[i + 1])
-            for i, option in enumerate(options[:-1])
-            if isinstance(option, str) and option.upper() == "PXAT"
-        ]
-    return []
 
 
-def expired(op: RedisOp, now: float | None = None, *, max_age: float = 0) -> str | None:
-    """Why ``op`` must not be applied any more, or None.
-
-    Its deadline passed, an absolute expiry it sets (``PXAT``...) passed, or it is older
-    than ``max_age`` seconds (``redis_retry_max_age``; 0: no limit).
-    """
-    now = time.time() if now is None else now
-    if op.deadline is not None and now >= op.deadline:
-        return f"deadline passed {now - op.deadline:.3f} s ago"
-    if max_age and now >= op.created_at + max_age:
-        return f"older than redis_retry_max_age ({max_age:g} s) by {now - op.created_at - max_age:.3f} s"
-    now_ms = now * 1000
-    for command in op.commands:
-        for at in absolute_expiries(command):
-            if at <= now_ms:
-                return f"{command[0]!s} expiry passed {(now_ms - at) / 1000:.3f} s ago"
-    return None
 
 
-def ends_expired(op: RedisOp, max_age: float) -> bool:
-    """Whether ``op`` ends ``expired`` now (see :func:`expired`); logged with the reason when it does."""
-    why = expired(op, max_age=max_age)
-    if why is not None:
-        logger.info("op %s expired: %s", op.id, why)
-    return why is not None

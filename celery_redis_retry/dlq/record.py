@@ -34,11 +34,11 @@ from typing import Any
 
 import orjson
 
-from . import kafka
-from .config import Settings
-from .errors import DecodeError, PublishError, RedisRetryError
-from .message import Signer, decode, dumps, encode, message_key, op_document
-from .ops import RedisOp
+from celery_redis_retry import kafka
+from celery_redis_retry.config import Settings
+from celery_redis_retry.errors import DecodeError, PublishError, RedisRetryError
+from celery_redis_retry.message import Signer, decode, dumps, encode, message_key, op_document
+from celery_redis_retry.ops import RedisOp
 
 logger = logging.getLogger(__name__)
 

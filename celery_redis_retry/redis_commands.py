@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .errors import CommandNotAllowedError
+from celery_redis_retry.errors import CommandNotAllowedError
 
 
 class CommandSpec(NamedTuple):
@@ -152,3 +152,7 @@ def is_idempotent(command: tuple[object, ...]) -> bool:
         # Flags may be bytes, as redis-py sends them; a member named "incr" only costs a dedupe.
         return not any(isinstance(a, (str, bytes)) and a.upper() in ("INCR", b"INCR") for a in command[2:])
     return spec.idempotent
+
+
+#: Lua's unpack() stops near 8,000 values: larger commands cannot take the Lua path.
+LUA_MAX_ARGS = 7_900

@@ -1,0 +1,7 @@
+"""The one branch of the flow: ops that cannot be applied go to the dead-letter topic.
+
+- :mod:`~celery_redis_retry.dlq.record`: the DLQ record (its reasons, its JSON) and the
+  writer the bridge and the workers share;
+- :mod:`~celery_redis_retry.dlq.admin`: what ``redis-retry dlq list|show|replay|purge``
+  does with the topic, without ever deleting a record.
+"""

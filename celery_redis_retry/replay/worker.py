@@ -1,0 +1,148 @@
+"""Step 5's worker side: what ``install(app)`` adds to a Celery app besides the tasks.
+
+The replay queue (``redis_retry_queue``), ``worker_eta_task_limit`` for countdown
+retries, and two worker boot steps: one refuses to start with bad ``redis_retry_*``
+settings (one line, exit 3), the other serves Prometheus metrics before the pool forks.
+install() imports :mod:`celery_redis_retry.tasks`, which registers the tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import click
+from celery import bootsteps
+from celery.bin.base import CeleryCommandException
+from kombu.entity import Queue
+
+from celery_redis_retry.config import Settings, pending_settings, settings_for
+from celery_redis_retry.errors import (
+    ConfigurationError,
+)
+from celery_redis_retry.metrics import serve_worker_metrics
+from celery_redis_retry.names import EXIT_CONFIG
+
+logger = logging.getLogger(__name__)
+
+
+class SettingsRefusedError(CeleryCommandException, ConfigurationError):
+    """Bad settings at worker start: ``celery worker`` prints this one line and exits 3 (no traceback)."""
+
+    def __init__(self, error: ConfigurationError) -> None:
+        CeleryCommandException.__init__(self, f"celery_redis_retry: configuration error: {error}", EXIT_CONFIG)
+
+    def show(self, file: Any = None) -> None:
+        click.echo(self.message, file=file, err=True)
+
+
+class _ValidateSettings(bootsteps.Step):
+    """Worker boot step: refuse to start with bad ``redis_retry_*`` settings."""
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        with _refused_in_one_line():
+            settings_for(worker.app)
+        super().__init__(worker, **kwargs)
+
+
+@contextlib.contextmanager
+def _refused_in_one_line() -> Iterator[None]:
+    """Turn a :class:`ConfigurationError` of a boot step into :class:`SettingsRefusedError`:
+    Celery's command line shows a ClickException as its message, without a traceback."""
+    try:
+        yield
+    except SettingsRefusedError:
+        raise
+    except ConfigurationError as exc:
+        raise SettingsRefusedError(exc) from exc
+
+
+class _ServeMetrics(bootsteps.Step):
+    """Worker boot step: serve replay outcomes on ``redis_retry_worker_metrics_port``.
+
+    It runs in the main process before the pool forks, so every child counts into the
+    shared memory it creates. A port in use stops the worker, in one line.
+    """
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        with _refused_in_one_line():
+            port = settings_for(worker.app).worker_metrics_port
+            if port is not None:
+                serve_worker_metrics(port)
+                logger.info("serving Prometheus metrics on :%d/metrics", port)
+        super().__init__(worker, **kwargs)
+
+
+def attach(app: Any) -> None:
+    """Add the queue and start-up validation to ``app`` (see ``install``).
+
+    The tasks themselves are shared tasks: importing this module registered them on
+    every Celery app, finalized or not. The settings are read and checked at once (bad
+    ones raise :class:`ConfigurationError`), except inside the ``celery`` command line,
+    where the command reports them (see :func:`_celery_command`).
+    """
+    for step in (_ValidateSettings, _ServeMetrics):
+        if step not in app.steps["worker"]:
+            app.steps["worker"].add(step)
+    command = _celery_command()
+    if app.configured:
+        try:
+            _add_queue(app, settings_for(app))
+        except ConfigurationError:
+            if not command:
+                raise
+        return
+
+    def on_configured(**_: Any) -> None:
+        try:
+            settings = settings_for(app)
+        except ConfigurationError:
+            return  # raised to whoever reads the settings: install(), a boot step, the bridge, a capture
+        _add_queue(app, settings)
+
+    # What the app sets after install() (task_queues...) still counts: the queue is added
+    # when Celery loads the configuration.
+    app.on_after_configure.connect(on_configured, weak=False)
+    if not command:
+        _check_given_settings(app)
+
+
+def _add_queue(app: Any, settings: Settings) -> None:
+    if app.conf.worker_eta_task_limit is None:
+        # Countdown tasks are held by the worker, unacknowledged, until due; without a
+        # limit a burst of retries raises the prefetch count without bound (celery #9849).
+        app.conf.worker_eta_task_limit = settings.max_countdown_tasks
+    queues = app.conf.task_queues
+    # Without an explicit task_queues, Celery creates queues on demand (-Q redis-retry).
+    if queues is not None and settings.queue not in {q.name for q in queues}:
+        app.conf.task_queues = [*queues, Queue(settings.queue, routing_key=settings.queue)]  # type: ignore[no-untyped-call]
+
+
+def _check_given_settings(app: Any) -> None:
+    """Check the settings of an app not configured yet, as far as they are given.
+
+    A configuration source given before ``install()`` (``config_from_object``) is loaded
+    now. Keys set with ``app.conf.update(...)`` are checked without loading the
+    configuration, so that what the app sets after ``install()`` still counts. Before
+    either there is nothing to check; Celery's configuration hook cannot raise (Celery
+    logs what a hook raises), so then the first use of the settings raises.
+    """
+    if getattr(app, "_config_source", None) is not None:
+        settings_for(app)
+    elif (given := pending_settings(app)) is not None:
+        Settings.from_mapping(given)
+
+
+def _celery_command() -> bool:
+    """Whether the ``celery`` command line is loading the app (``celery -A app worker``...).
+
+    An error raised while it imports the app module is printed with a traceback, so
+    there the settings are reported by the command itself (the worker's boot step, the
+    ``redis-retry`` commands), in one line.
+    """
+    context = click.get_current_context(silent=True)
+    cli = sys.modules.get("celery.bin.celery")  # imported already when the command line runs
+    return context is not None and cli is not None and context.find_root().command is getattr(cli, "celery", None)
