@@ -8,6 +8,9 @@ runs minutes later never extends a key's life.
 
 Ops are cheap to build (~1 us) because :func:`celery_redis_retry.on_failure` builds one
 for every guarded write, failed or not.
+
+Kept whole: this is the module users read (``from celery_redis_retry import ops``): the
+op type and every builder, each checking its arguments the same way, in one place.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 import click
 import pytest
 
-from celery_redis_retry.cli import commands as cli
+from celery_redis_retry import cli, names
 from celery_redis_retry.config import DEFAULTS, KEYS, Settings
 
 ROOT = Path(__file__).parent.parent
@@ -155,14 +155,21 @@ def test_each_default_in_the_configuration_table_is_the_code_s() -> None:
 def test_the_exit_codes_the_docs_list_are_the_cli_s() -> None:
     rows = re.findall(r"^\| (\d+) \| `(EXIT_\w+)` \|", (ROOT / "docs" / "operations.md").read_text(), re.MULTILINE)
     assert len(rows) >= 5
-    assert {name: int(code) for code, name in rows} == {name: getattr(cli, name) for _, name in rows}
-    assert {name for _, name in rows} == {name for name in vars(cli) if name.startswith("EXIT_")}
+    assert {name: int(code) for code, name in rows} == {name: getattr(names, name) for _, name in rows}
+    assert {name for _, name in rows} == {name for name in vars(names) if name.startswith("EXIT_")}
 
 
 def test_the_architecture_table_names_every_module() -> None:
     table = (ROOT / "docs" / "architecture.md").read_text()
-    modules = sorted(p.name for p in (ROOT / "celery_redis_retry").glob("*.py") if not p.name.startswith("__"))
-    assert [name for name in modules if f"`{name}`" not in table] == []
+    package = ROOT / "celery_redis_retry"
+    modules = sorted(
+        f"{p.parent.name}/" if p.parent.name in ("testing", "demo") else p.relative_to(package).as_posix()
+        for p in package.rglob("*.py")
+        if p.name != "__main__.py" and (p.name != "__init__.py" or p.parent == package)
+    )
+    modules += [p.relative_to(package).as_posix() for p in package.rglob("*.lua")]
+    assert len(modules) > 40
+    assert [name for name in sorted(set(modules)) if f"`{name}`" not in table] == []
 
 
 #: A row of the reasons table in docs/operations.md: outcome, then the reason.

@@ -24,7 +24,7 @@ from loop_stack import LoopStack
 
 from celery_redis_retry import errors, kafka, ops, policy
 from celery_redis_retry.capture.spool import Spool
-from celery_redis_retry.cli.commands import main, redis_retry
+from celery_redis_retry.cli import main, redis_retry
 from celery_redis_retry.dlq import record as dlq
 from celery_redis_retry.dlq.admin import Cursor, DeadLetterQueue, StoredLetter
 from celery_redis_retry.kafka import MAX_METADATA, format_offsets, parse_offsets

@@ -388,7 +388,7 @@ def test_an_outage_of_a_target_is_one_warning_then_one_info_with_op_ids_at_debug
     assert len(ids) == 8
 
     def said(level: int) -> list[str]:
-        return [rec.getMessage() for rec in caplog.records if rec.name == "celery_redis_retry.capture.wrap"
+        return [rec.getMessage() for rec in caplog.records if rec.name == "celery_redis_retry.capture.capturing"
                 and rec.levelno == level]
 
     warned = said(logging.WARNING)
@@ -404,5 +404,5 @@ def test_an_outage_of_a_target_is_one_warning_then_one_info_with_op_ids_at_debug
     assert len(said(logging.INFO)) == 1
     assert said(logging.INFO)[0].startswith("target 'sessions' takes writes again: 8 failed writes in ")
     assert r.set("again", "1") is True
-    assert len([rec for rec in caplog.records if rec.name == "celery_redis_retry.capture.wrap"
+    assert len([rec for rec in caplog.records if rec.name == "celery_redis_retry.capture.capturing"
                 and rec.levelno >= logging.INFO]) == 2

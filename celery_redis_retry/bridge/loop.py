@@ -28,6 +28,12 @@ stops the bridge with :class:`~celery_redis_retry.kafka.TopicMissingError` namin
 instead of a bridge that waits forever for ops or stalls at its first dead letter. On
 a broker that creates topics on use (the development broker) looking them up creates
 them, as subscribing did before.
+
+Kept whole: the bridge loop is one state machine over one consumer (poll, decide per
+op, hand over, park, commit, rebalance, stop); split, its invariants (nothing committed
+before it ended; nothing handed over twice within a redelivery timeout) would have to be
+read across files. The pieces that stand alone live beside it: grouping and offsets in
+:mod:`~celery_redis_retry.bridge.dispatch`, circuits, waiting topics, ends.
 """
 
 from __future__ import annotations
@@ -147,7 +153,7 @@ class Bridge:
         self._overrides = dict(kafka_overrides or {})
         self._stopping = False
         self._batcher = Batcher(self.batch_size, linger / 1000)
-        #: Commit after end: Kafka keeps each op until a worker reports it ended (see ends.py).
+        #: Commit after end: Kafka keeps each op until a worker reports it ended (see bridge/ends.py).
         self.holds_until_end = self.settings.commit_after == "end"
         self._offsets = OffsetTracker(hold_until_end=self.holds_until_end,
                                       redelivery_timeout=self.settings.redelivery_timeout)
@@ -691,7 +697,7 @@ class Bridge:
     def _consumed_again(self, record: InFlight) -> Consumed:
         """An op in flight as it was read, to hand over again.
 
-        The tracker keeps only the message, not the decoded op (see dispatch.py). The
+        The tracker keeps only the message, not the decoded op (see bridge/dispatch.py). The
         message passed these very checks when it was read, with the same settings.
         """
         op = decode(record.message.encode(), max_bytes=self.settings.max_message_bytes, signer=self._signer)

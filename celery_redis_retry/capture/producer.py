@@ -31,6 +31,11 @@ command that creates it, once a minute, and reports it in :attr:`RetryProducer.t
 and :meth:`RetryProducer.health`. The background thread looks the topic up when it
 starts, so ops do not wait in librdkafka's memory for the 30 s it takes to give up on
 an unknown topic (``topic.metadata.propagation.max.ms``); ``publish`` never waits for it.
+
+Kept whole: the producer's state machine (created lazily per process, re-created after
+``fork()``, sending, spooling, draining the spool, shutting down at exit and on SIGTERM)
+is one set of locks and one set of states; every transition is read in this module. The
+spool itself, which stands alone, is :mod:`celery_redis_retry.capture.spool`.
 """
 
 from __future__ import annotations

@@ -5,3 +5,9 @@
 - :mod:`~celery_redis_retry.dlq.admin`: what ``redis-retry dlq list|show|replay|purge``
   does with the topic, without ever deleting a record.
 """
+
+from __future__ import annotations
+
+from celery_redis_retry.dlq.record import DeadLetter, decode_record
+
+__all__ = ["DeadLetter", "decode_record"]

@@ -16,6 +16,9 @@ including the internal offsets and transaction topics::
         leader.kill()
         ...
         leader.start()
+
+Kept whole: one class per process kind (a node, a cluster) whose start, stop, kill and
+restart share the on-disk layout and the port bookkeeping written here.
 """
 
 from __future__ import annotations
