@@ -69,6 +69,37 @@ def test_minimal_mapping_gives_the_documented_defaults(state_home: str) -> None:
                          scripts=s.scripts, signing_keys=s.signing_keys)
 
 
+def test_each_default_is_given_in_one_place() -> None:
+    from celery_redis_retry.config import DEFAULTS, KEYS, WITHOUT_DEFAULT, backoff_keys
+
+    defaults = {spec.name: spec.default_factory() if spec.default_factory is not dataclasses.MISSING
+                else spec.default for spec in dataclasses.fields(Settings)}
+    # The backoff keys say what Backoff's own defaults are: Backoff() is the Settings default.
+    assert defaults["backoff"] == Backoff()
+    assert {k: DEFAULTS[k] for k in backoff_keys(Backoff())} == backoff_keys(Backoff())
+    assert backoff_keys(Backoff()) == {"redis_retry_backoff": True, "redis_retry_backoff_max": 600,
+                                       "redis_retry_jitter": True}
+    # Every other key's default is its field's default (None where the field holds what None means).
+    derived = {"redis_retry_allowed_commands": DEFAULT_ALLOWED, "redis_retry_spool_path": ""}
+    for key, value in DEFAULTS.items():
+        if key not in backoff_keys(Backoff()):
+            field_default = defaults[key.removeprefix("redis_retry_")]
+            assert field_default == derived.get(key, value), key
+    assert set(DEFAULTS) | set(WITHOUT_DEFAULT) == KEYS
+    assert {f"redis_retry_{name}" for name in defaults} - {"redis_retry_backoff"} <= KEYS
+    # And the default names (topic, group, queue) are written once in the code that reads the settings.
+    from pathlib import Path
+
+    from celery_redis_retry import config, policy
+
+    source = Path(config.__file__).read_text() + Path(policy.__file__).read_text()
+    names = [value for value in DEFAULTS.values() if isinstance(value, str) and "-" in value]
+    assert {name: source.count(f'"{name}"') for name in names} == dict.fromkeys(names, 1)
+    # A Settings built by hand derives its topics as the reader does.
+    built = Settings(kafka={}, targets={}, topic="orders")
+    assert (built.dlq_topic, built.ends_topic) == ("orders.dlq", "orders.ends")
+
+
 def test_dlq_topic_and_spool_follow_the_topic(state_home: str) -> None:
     s = settings(topic="orders-retry")
     assert s.dlq_topic == "orders-retry.dlq"
