@@ -28,16 +28,17 @@ from celery_redis_retry.redis_commands import COMMANDS, DEFAULT_ALLOWED
 from celery_redis_retry.slots import check_single_slot
 from celery_redis_retry.targets import TargetURLError, normal_host, parse_target_url, redacted
 
-# Celery brokers that redeliver an unacknowledged message after a visibility timeout.
 logger = logging.getLogger(__name__)
 
+# Celery brokers that redeliver an unacknowledged message after a visibility timeout.
 _VISIBILITY_TIMEOUT_BROKERS = frozenset(("redis", "rediss", "sentinel", "sqs", "redis+socket"))
 _DEFAULT_VISIBILITY_TIMEOUT = 3600  # kombu's default for Redis and SQS
+# Celery brokers (RabbitMQ) whose publishes are confirmed only when asked to.
+_CONFIRMING_BROKERS = frozenset(("amqp", "amqps", "pyamqp"))
 _PREFIX = "redis_retry_"
 #: Field metadata: the key's default, as written in the app's config, is None (and the
 #: field's default is what None means: the built-in command list, a path from the topic).
 _NONE_IN_CONFIG: Mapping[str, Any] = MappingProxyType({"key_default": None})
-
 
 
 def waiting_topic_name(topic: str, target: str) -> str:
@@ -444,6 +445,35 @@ def _port(reader: _Reader, key: str) -> int | None:
     return port
 
 
+def celery_broker_url(conf: Mapping[str, Any]) -> str:
+    """The Celery broker URL as the worker reads it (``CELERY_BROKER_URL`` overrides ``broker_url``);
+    failover URLs are separated by ``;``."""
+    # Celery's own property on an app's conf; a plain mapping has only the key.
+    return str(getattr(conf, "broker_url", None) or conf.get("broker_url") or "")
+
+
+def shown_broker_url(conf: Mapping[str, Any]) -> str:
+    """The Celery broker URL(s) for a message: each password shown as ``***``."""
+    return ";".join(redacted(url) for url in celery_broker_url(conf).split(";"))
+
+
+def _broker_scheme(conf: Mapping[str, Any]) -> str:
+    return urlsplit(celery_broker_url(conf).split(";")[0]).scheme
+
+
+def confirm_task_publishing(app: Any) -> None:
+    """On a RabbitMQ Celery broker, turn publisher confirms on for the app's task messages
+    (``broker_transport_options['confirm_publish']``) unless the app says otherwise.
+
+    Without them ``basic_publish`` returns before the broker has the message; with them,
+    "Celery accepted the task" (when the bridge counts an op handed over) is really true.
+    """
+    if _broker_scheme(app.conf) in _CONFIRMING_BROKERS:
+        options = dict(app.conf.broker_transport_options or {})
+        options.setdefault("confirm_publish", True)
+        app.conf.broker_transport_options = options
+
+
 def check_broker_visibility(settings: Settings, conf: Mapping[str, Any]) -> None:
     """Refuse a backoff cap the Celery broker's visibility timeout would turn into duplicates.
 
@@ -452,10 +482,7 @@ def check_broker_visibility(settings: Settings, conf: Mapping[str, Any]) -> None
     held unacknowledged by the worker until then, so a cap at or above the timeout
     makes every long retry run twice.
     """
-    # Celery's own property, as the worker reads it: CELERY_BROKER_URL overrides broker_url.
-    broker_url = getattr(conf, "broker_url", None) or conf.get("broker_url") or ""
-    scheme = urlsplit(str(broker_url).split(";")[0]).scheme
-    if scheme not in _VISIBILITY_TIMEOUT_BROKERS:
+    if _broker_scheme(conf) not in _VISIBILITY_TIMEOUT_BROKERS:
         return
     options = conf.get("broker_transport_options") or {}
     timeout = options.get("visibility_timeout", _DEFAULT_VISIBILITY_TIMEOUT)
@@ -481,8 +508,7 @@ def _server(url: str) -> tuple[str, int] | None:
 
 def broker_shared_with_targets(settings: Settings, conf: Mapping[str, Any]) -> list[str]:
     """The targets whose Redis server is also the Celery broker (by host and port)."""
-    broker_url = getattr(conf, "broker_url", None) or conf.get("broker_url") or ""
-    brokers = {_server(url) for url in str(broker_url).split(";")} - {None}
+    brokers = {_server(url) for url in celery_broker_url(conf).split(";")} - {None}
     return [name for name, url in settings.targets.items() if _server(url) in brokers]
 
 

@@ -294,6 +294,37 @@ def test_settings_for_checks_the_apps_broker(monkeypatch: pytest.MonkeyPatch) ->
 # -- check_op ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("conf", "options"),
+    [
+        ({"broker_url": "amqp://guest@rabbit//"}, {"confirm_publish": True}),
+        ({"broker_url": "pyamqp://guest@rabbit//", "broker_transport_options": {"max_retries": 2}},
+         {"max_retries": 2, "confirm_publish": True}),
+        ({"broker_url": "amqps://rabbit//", "broker_transport_options": {"confirm_publish": False}},
+         {"confirm_publish": False}),  # the app's own choice stands
+        ({"broker_url": "redis://127.0.0.1:6379/1"}, {}),
+        ({"broker_url": "memory://"}, {}),
+    ],
+)
+def test_the_bridge_asks_a_rabbitmq_broker_to_confirm_its_task_messages(
+    conf: dict[str, Any], options: dict[str, Any]
+) -> None:
+    from celery_redis_retry.config import confirm_task_publishing
+
+    app = make_app(**conf)
+    confirm_task_publishing(app)
+    assert dict(app.conf.broker_transport_options or {}) == options
+
+
+def test_the_broker_url_in_a_message_hides_its_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery_redis_retry.config import shown_broker_url
+
+    app = make_app(broker_url="amqp://u:s3cret@r1//;amqp://u:s3cret@r2//")
+    assert shown_broker_url(app.conf) == "amqp://u:***@r1//;amqp://u:***@r2//"
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://:pw@cache:6379/1")  # as the worker reads it
+    assert shown_broker_url(make_app(broker_url="memory://").conf) == "redis://:***@cache:6379/1"
+
+
 def test_check_op_refuses_unknown_targets() -> None:
     s = settings(targets={"default": "redis://a", "sessions": "redis://b"})
     s.check_op(ops.delete("k"))
