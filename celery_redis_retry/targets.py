@@ -11,7 +11,9 @@ host); no DNS name is resolved.
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +21,7 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
-from redis.connection import parse_url
+from redis.connection import Connection, ConnectionPool, SSLConnection, parse_url
 from redis.retry import Retry
 
 from celery_redis_retry.errors import PermanentReplayError
@@ -93,21 +95,24 @@ def parse_target_url(url: str) -> TargetAddress:
     """
     if not isinstance(url, str):
         raise TargetURLError(f"must be a URL string, got {type(url).__name__}")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unclosed [IPv6 address
+        raise TargetURLError(f"is not a URL: {exc}") from None
     if parts.scheme not in TARGET_SCHEMES:
         raise TargetURLError(f"must be a Redis URL ({', '.join(sorted(TARGET_SCHEMES))}://...)")
     if not url[len(parts.scheme):].startswith("://"):
         raise TargetURLError(f"must start with {parts.scheme}:// (two slashes)")
+    if parts.fragment:
+        raise TargetURLError(f"has a fragment '#{parts.fragment}', which no Redis URL has")
     if parts.scheme.endswith("+sentinel"):
         return _sentinel(parts)
     if parts.scheme.endswith("+cluster"):
         return _cluster(parts)
-    try:
-        # redis-py's own parser: what it accepts here is what the clients will get.
-        options = parse_url(url)  # type: ignore[no-untyped-call]
-    except ValueError as exc:
-        raise TargetURLError(str(exc)) from None
+    options = _query_options(url)
     if parts.scheme == "unix":
+        if parts.hostname:  # redis-py would drop it and use the rest as the path
+            raise TargetURLError(f"names host {parts.hostname!r} (write unix:///path/to/redis.sock, three slashes)")
         if not options.get("path"):
             raise TargetURLError("has no socket path (write unix:///path/to/redis.sock)")
         return TargetAddress("unix", db=_db("", options), path=options["path"])
@@ -125,6 +130,10 @@ def _db(path: str, options: dict[str, Any]) -> int:
     return int(options.get("db", db or 0))
 
 
+# A host name (letters, digits, '.', '-', '_' as container names have), or an IPv6 address with its zone.
+_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[A-Za-z0-9._-]+)?")
+
+
 def _nodes(parts: SplitResult, *, default_port: int | None, what: str) -> tuple[tuple[str, int], ...]:
     """The ``HOST[:PORT]`` list of a URL's netloc (after any ``user:password@``)."""
     form = "HOST:PORT" if default_port is None else "HOST[:PORT]"
@@ -135,6 +144,8 @@ def _nodes(parts: SplitResult, *, default_port: int | None, what: str) -> tuple[
             host, port = node, ""
         if not host or not (port or default_port) or (port and not (port.isdigit() and 0 < int(port) < 65536)):
             raise TargetURLError(f"{what} {node!r} must be {form} with PORT a number from 1 to 65535")
+        if not _HOST.fullmatch(host.strip("[]")):
+            raise TargetURLError(f"{what} {node!r} has a host that is neither a name nor an IP address")
         nodes.append((host.strip("[]").lower(), int(port or default_port or 0)))
     return tuple(nodes)
 
@@ -143,7 +154,7 @@ def _cluster(parts: SplitResult) -> TargetAddress:
     if not parts.netloc.rpartition("@")[2]:
         raise TargetURLError(f"names no node (write {parts.scheme}://HOST:PORT[,HOST:PORT...])")
     nodes = _nodes(parts, default_port=6379, what="cluster node")
-    db = _db(parts.path, {})
+    db = _db(parts.path, _query_options(_query_url(parts)))
     if db != 0:
         raise TargetURLError(f"names database {db}: a Redis Cluster has only database 0")
     return TargetAddress("cluster", nodes)
@@ -158,16 +169,74 @@ def _sentinel(parts: SplitResult) -> TargetAddress:
         raise TargetURLError(f"names no service (write {parts.scheme}://HOST:PORT/SERVICE/DB)")
     if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise TargetURLError(f"path {parts.path!r} must be /SERVICE or /SERVICE/DB with DB a number")
+    if "db" in _query_options(_query_url(parts)):  # the replay connects with the path's (see connect)
+        raise TargetURLError("names its database in the query: write it as the path, /SERVICE/DB")
     return TargetAddress("sentinel", nodes, db=int(path[1]) if len(path) == 2 else 0, service=path[0])
 
 
+def _query_url(parts: SplitResult) -> str:
+    """The plain ``redis://`` (``rediss://``) URL of a Sentinel or cluster URL's query, as redis-py reads one."""
+    return f"{parts.scheme.split('+')[0]}://localhost?{parts.query}"
+
+
+def _query_options(url: str) -> dict[str, Any]:
+    """The options redis-py makes of a plain URL, checked as a connection would take them."""
+    try:
+        # redis-py's own parser: what it accepts here is what the clients will get.
+        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise TargetURLError(str(exc).rstrip(".")) from None  # the settings add ", got <URL>"
+    _check_connection_options(options)
+    return options
+
+
+# What a connection pool takes for itself rather than passing to each connection.
+_POOL_OPTIONS = frozenset(
+    name for name in inspect.signature(ConnectionPool.__init__).parameters if name not in ("self", "connection_kwargs")
+)
+
+
+def _accepted_options(connection_class: type) -> frozenset[str]:
+    """The keyword arguments a redis-py connection class takes, its base classes' included."""
+    names = set()
+    for cls in connection_class.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            names |= {p.name for p in inspect.signature(init).parameters.values() if p.kind in kinds}
+    return frozenset(names - {"self"})
+
+
+def _check_connection_options(options: dict[str, Any]) -> None:
+    """Refuse what redis-py would refuse only when it first connects: an option its connection
+    class does not take (``?socket_timout=2``), a value it rejects (``?ssl_cert_reqs=sometimes``)."""
+    connection_class = options.get("connection_class", Connection)
+    given = {name: value for name, value in options.items() if name not in _POOL_OPTIONS}
+    unknown = sorted(set(given) - _accepted_options(connection_class))
+    if unknown:
+        tls = "; a TLS option needs rediss://" if set(unknown) <= _accepted_options(SSLConnection) else ""
+        raise TargetURLError(
+            f"has the unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+            f"(redis-py's {connection_class.__name__} takes no such argument{tls})"
+        )
+    try:
+        connection_class(**given)  # built, not connected: it checks its arguments
+    except (TypeError, ValueError, redis.RedisError) as exc:
+        raise TargetURLError(f"has an option redis-py refuses: {exc}") from None
+
+
+# ``user:PASSWORD@`` (up to the last ``@`` before the path) and ``password=`` in the query.
+_PASSWORDS = re.compile(r"(?P<keep>://[^:/?#@]*:)[^/?#]*(?=@)|(?P<key>[?&]password=)[^&#]*")
+
+
 def redacted(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for messages."""
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if parts is None or not parts.password:
+    """``url`` with its passwords (``user:PASSWORD@``, ``?password=``) replaced by ``***``, for messages.
+
+    Any string is shown so, a URL that does not parse too.
+    """
+    if not isinstance(url, str):
         return str(url)
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    return _PASSWORDS.sub(lambda m: f"{m.group('keep') or m.group('key')}***", url)
 
 
 def client_address(client: Any) -> TargetAddress | None:

@@ -473,6 +473,23 @@ def test_the_known_keys_are_the_documented_ones() -> None:
         ("redis+cluster://", "names no node"),
         ("redis+cluster://node-1:7000/2", "a Redis Cluster has only database 0"),
         ("redis://a:1,b:2/0", "Port could not be cast"),
+        ("redis://[::1:6379/0", "is not a URL: Invalid IPv6 URL"),
+        ("redis://cache host:6379/0", "the server 'cache host:6379' has a host that is neither a name nor an IP"),
+        ("redis://cache:6379/0#replica", "has a fragment '#replica'"),
+        ("redis://cache:6379/0?socket_timout=2", "has the unknown option socket_timout (redis-py's Connection"),
+        ("redis://cache:6379/0?ssl_cert_reqs=none", "ssl_cert_reqs (redis-py's Connection takes no such argument; "
+                                                    "a TLS option needs rediss://)"),
+        ("rediss://cache:6379/0?ssl_cert_reqs=sometimes",
+         "has an option redis-py refuses: Invalid SSL Certificate Requirements Flag: sometimes"),
+        ("unix://var/run/redis.sock", "names host 'var' (write unix:///path/to/redis.sock, three slashes)"),
+        ("unix:///run/redis.sock?db=x", "Invalid value for 'db'"),
+        ("redis+sentinel://s1:26379/mymaster?socket_timeout=abc", "Invalid value for 'socket_timeout'"),
+        ("rediss+sentinel://s1:26379/mymaster?ssl_cert_reqs=sometimes", "Invalid SSL Certificate Requirements"),
+        ("redis+sentinel://s1:26379/mymaster?retries=3", "has the unknown option retries"),
+        ("redis+sentinel://s1:26379/mymaster?db=2", "names its database in the query: write it as the path"),
+        ("redis+cluster://node-1:7000?socket_connect_timeout=soon", "Invalid value for 'socket_connect_timeout'"),
+        ("redis+cluster://node-1:7000?db=2", "names database 2: a Redis Cluster has only database 0"),
+        ("redis+cluster://node-1:7000?read_from_replicas=yes", "has the unknown option read_from_replicas"),
     ],
 )
 def test_a_target_url_no_client_could_use_is_refused_naming_the_target(url: str, problem: str) -> None:
@@ -485,6 +502,21 @@ def test_a_refused_target_url_does_not_show_its_password() -> None:
     message = refused(targets={"default": "redis://:s3cret@cache:6379/zero"})
     assert "s3cret" not in message
     assert "redis://:***@cache:6379/zero" in message
+    message = refused(targets={"default": "redis+sentinel://u:p@ss@s1:1,s2:2/m?password=s3cret&db=x"})
+    assert "ss@" not in message
+    assert "s3cret" not in message
+    assert "'redis+sentinel://u:***@s1:1,s2:2/m?password=***&db=x'" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://cache:6379/0?socket_timeout=2&client_name=billing&max_connections=50&health_check_interval=10",
+     "rediss://cache:6380/0?ssl_cert_reqs=none&ssl_check_hostname=false", "unix:///run/redis.sock?db=2&socket_timeout=1",
+     "redis+sentinel://s1:26379/mymaster/1?socket_timeout=2", "rediss+cluster://n1:7000?ssl_cert_reqs=required",
+     "redis://[::1]:6379/0", "redis://[fe80::1%eth0]:6379/0", "redis://redis_cache.internal:6379"],
+)
+def test_target_urls_with_options_redis_py_takes_are_accepted(url: str) -> None:
+    assert settings(targets={"default": url}).targets["default"] == url
 
 
 def test_the_replay_connection_parses_target_urls_as_the_settings_do() -> None:
@@ -681,3 +713,66 @@ def test_the_other_commands_refuse_in_one_line() -> None:
     assert done.returncode == 3
     assert done.stderr.strip().splitlines()[-1] == f"configuration error: {message}"
     assert "Traceback" not in done.stderr
+
+
+#: A bad target URL of each kind: (URL, what the refusal says of it).
+BAD_TARGET_URLS = {
+    "redis": ("redis://cache:6379/zero", "database 'zero' must be a number (the path is /DB)"),
+    "rediss": ("rediss://:s3cret@cache:99999/0", "Port out of range 0-65535"),
+    "unix": ("unix://var/run/redis.sock", "names host 'var' (write unix:///path/to/redis.sock, three slashes)"),
+    "sentinel": ("redis+sentinel://127.0.0.1:26379", "names no service (write redis+sentinel://HOST:PORT/SERVICE/DB)"),
+    "cluster": ("redis+cluster://127.0.0.1:7000/2", "names database 2: a Redis Cluster has only database 0"),
+    "bad query parameter": ("redis+sentinel://127.0.0.1:26379/mymaster?socket_timeout=abc",
+                            "Invalid value for 'socket_timeout' in connection URL"),
+}
+#: Seconds a `celery` process takes to import the app and refuse it (about 2 on an idle machine).
+REFUSED_WITHIN_S = 30
+
+
+def _worker_and_bridge_refuse(conf: dict[str, Any], line: str) -> None:
+    """Start ``celery worker`` and ``redis-retry bridge`` with ``conf`` and check that each
+    exits 3 at startup with ``line``, having connected to neither Kafka nor the Celery broker."""
+    import select
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as kafka, socket.create_server(("127.0.0.1", 0)) as broker:
+        env = {**os.environ, **_settings_env({
+            "redis_retry_kafka": {"bootstrap.servers": f"127.0.0.1:{kafka.getsockname()[1]}"},
+            "broker_url": f"redis://127.0.0.1:{broker.getsockname()[1]}/0", **conf})}
+        commands = {
+            "worker": (["worker", "-Q", "redis-retry", "-P", "solo", "-l", "INFO"], "celery_redis_retry: "),
+            "bridge": (["redis-retry", "bridge"], ""),
+        }
+        started = time.monotonic()
+        running = {name: subprocess.Popen([sys.executable, "-m", "celery", "-A", "settings_app", *argv], cwd=APPS,
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                   for name, (argv, _) in commands.items()}
+        for name, process in running.items():
+            output, _ = process.communicate(timeout=REFUSED_WITHIN_S)
+            took = time.monotonic() - started
+            assert process.returncode == 3, f"{name} exited {process.returncode}:\n{output}"
+            assert took < REFUSED_WITHIN_S
+            expected = f"{commands[name][1]}configuration error: {line}"
+            assert [text for text in output.splitlines() if "configuration error" in text] == [expected], output
+            assert "Traceback" not in output
+            assert "s3cret" not in output
+        readable, _, _ = select.select([kafka, broker], [], [], 0)
+        assert not readable, "a refused process connected to Kafka or to the Celery broker"
+
+
+@pytest.mark.parametrize("kind", list(BAD_TARGET_URLS))
+def test_worker_and_bridge_refuse_a_bad_target_url_at_startup(kind: str) -> None:
+    from celery_redis_retry.targets import redacted
+
+    url, problem = BAD_TARGET_URLS[kind]
+    targets = {"default": "redis://127.0.0.1:1/0", "sessions": url}
+    _worker_and_bridge_refuse({"redis_retry_targets": targets},
+                              f"redis_retry_targets['sessions'] {problem}, got {redacted(url)!r}")
+
+
+def test_worker_and_bridge_refuse_an_unknown_key_at_startup() -> None:
+    _worker_and_bridge_refuse({"redis_retry_max_retry": 5}, "redis_retry_max_retry is not a celery_redis_retry "
+                                                            "setting: did you mean redis_retry_max_retries?")
