@@ -298,11 +298,16 @@ def connect(url: str, **overrides: Any) -> Any:
 
         # redis-py's own URL parser turns the query (?socket_timeout=2...) into typed options.
         given = parse_url(f"redis://?{parts.query}") if parts.query else {}  # type: ignore[no-untyped-call]
+        # rediss+sentinel: TLS to the Sentinels and to the master, with the query's ssl_* options.
+        tls: dict[str, Any] = {}
+        if scheme == "rediss+sentinel":
+            tls = {"ssl": True, **{k: v for k, v in given.items() if k.startswith("ssl_")}}
         options = {
-            **_defaults_for(parts.query, overrides), **given, "password": parts.password, "username": parts.username,
+            **_defaults_for(parts.query, overrides), **given, **tls,
+            "password": parts.password, "username": parts.username,
         }
         # redis-py 8.2 types Sentinel; earlier releases do not.
-        sentinel = Sentinel(list(address.nodes), sentinel_kwargs={"socket_timeout": 2.0}, **options)  # type: ignore[no-untyped-call,unused-ignore]
+        sentinel = Sentinel(list(address.nodes), sentinel_kwargs={"socket_timeout": 2.0, **tls}, **options)  # type: ignore[no-untyped-call,unused-ignore]
         return sentinel.master_for(address.service, db=address.db, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call,unused-ignore]
     return redis.Redis.from_url(url, **_defaults_for(parts.query, overrides), retry=Retry(NoBackoff(), 0))
 

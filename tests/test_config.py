@@ -529,6 +529,26 @@ def test_the_replay_connection_parses_target_urls_as_the_settings_do() -> None:
     assert (sessions.connection_pool.service_name, sessions.connection_pool.connection_kwargs["db"]) == ("sessions", 3)
 
 
+def test_a_rediss_sentinel_url_speaks_tls_to_the_sentinels_and_the_master() -> None:
+    from redis.connection import SSLConnection
+    from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
+
+    from celery_redis_retry.targets import connect
+
+    def connection_classes(url: str) -> tuple[type, type]:
+        pool = connect(url).connection_pool
+        return pool.connection_class, pool.sentinel_manager.sentinels[0].connection_pool.connection_class
+
+    tls = connect("rediss+sentinel://127.0.0.1:1/m/2?ssl_cert_reqs=none").connection_pool
+    assert connection_classes("rediss+sentinel://127.0.0.1:1/m/2?ssl_cert_reqs=none") == (
+        SentinelManagedSSLConnection, SSLConnection)
+    assert tls.connection_kwargs["ssl_cert_reqs"] == "none"
+    assert tls.sentinel_manager.sentinels[0].connection_pool.connection_kwargs["ssl_cert_reqs"] == "none"
+    plain, sentinels = connection_classes("redis+sentinel://127.0.0.1:1/m/2")
+    assert plain is SentinelManagedConnection
+    assert not issubclass(sentinels, SSLConnection)
+
+
 # -- librdkafka properties, checked without connecting --------------------------------------------
 
 
