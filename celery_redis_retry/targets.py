@@ -15,13 +15,21 @@ import inspect
 import os
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
-from redis.connection import Connection, ConnectionPool, SSLConnection, parse_url
+from redis.connection import (
+    URL_QUERY_ARGUMENT_PARSERS,
+    Connection,
+    ConnectionPool,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
 from redis.retry import Retry
 
 from celery_redis_retry.errors import PermanentReplayError
@@ -186,6 +194,7 @@ def _query_options(url: str) -> dict[str, Any]:
         options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
     except ValueError as exc:
         raise TargetURLError(str(exc).rstrip(".")) from None  # the settings add ", got <URL>"
+    _check_query_names(parse_qs(urlsplit(url).query))
     _check_connection_options(options)
     return options
 
@@ -205,6 +214,25 @@ def _accepted_options(connection_class: type) -> frozenset[str]:
             kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
             names |= {p.name for p in inspect.signature(init).parameters.values() if p.kind in kinds}
     return frozenset(names - {"self"})
+
+
+# Options a URL's query gives as text that redis-py uses as text; redis-py types the others
+# it knows (URL_QUERY_ARGUMENT_PARSERS). Any other connection argument (``retry``,
+# ``decode_responses``: "false" is true) would get a string it cannot use.
+_TEXT_OPTIONS = frozenset((
+    "client_name", "lib_name", "lib_version", "username", "password", "encoding", "encoding_errors",
+    "ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_ca_data", "ssl_ciphers",
+    "ssl_password", "ssl_ocsp_expected_cert",
+))
+
+
+def _check_query_names(query: Mapping[str, Any]) -> None:
+    """Refuse a query option redis-py would pass to the connection as text it cannot use."""
+    untyped = sorted(set(query) - _TEXT_OPTIONS - set(URL_QUERY_ARGUMENT_PARSERS))
+    usable = _accepted_options(SSLConnection) | _accepted_options(UnixDomainSocketConnection)
+    if set(untyped) & usable:  # the unknown ones are named by _check_connection_options
+        names = ", ".join(name for name in untyped if name in usable)
+        raise TargetURLError(f"sets {names} in its query, which redis-py would pass on as text it cannot use")
 
 
 def _check_connection_options(options: dict[str, Any]) -> None:

@@ -481,6 +481,9 @@ def test_the_known_keys_are_the_documented_ones() -> None:
                                                     "a TLS option needs rediss://)"),
         ("rediss://cache:6379/0?ssl_cert_reqs=sometimes",
          "has an option redis-py refuses: Invalid SSL Certificate Requirements Flag: sometimes"),
+        ("redis://cache:6379/0?decode_responses=false", "sets decode_responses in its query, which redis-py would "
+                                                        "pass on as text it cannot use"),
+        ("rediss://cache:6379/0?retry=3&socket_type=x", "sets retry, socket_type in its query"),
         ("unix://var/run/redis.sock", "names host 'var' (write unix:///path/to/redis.sock, three slashes)"),
         ("unix:///run/redis.sock?db=x", "Invalid value for 'db'"),
         ("redis+sentinel://s1:26379/mymaster?socket_timeout=abc", "Invalid value for 'socket_timeout'"),
