@@ -15,7 +15,7 @@ import os
 import re
 import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,48 +28,17 @@ from celery_redis_retry.redis_commands import COMMANDS, DEFAULT_ALLOWED
 from celery_redis_retry.slots import check_single_slot
 from celery_redis_retry.targets import TargetURLError, normal_host, parse_target_url, redacted
 
-# Celery brokers that redeliver an unacknowledged message after a visibility timeout.
 logger = logging.getLogger(__name__)
 
+# Celery brokers that redeliver an unacknowledged message after a visibility timeout.
 _VISIBILITY_TIMEOUT_BROKERS = frozenset(("redis", "rediss", "sentinel", "sqs", "redis+socket"))
 _DEFAULT_VISIBILITY_TIMEOUT = 3600  # kombu's default for Redis and SQS
-
-DEFAULTS: Mapping[str, Any] = MappingProxyType(
-    {
-        "redis_retry_topic": "redis-retry-queue",
-        "redis_retry_consumer_group": "redis-retry-consumer-group",
-        "redis_retry_queue": "redis-retry",
-        "redis_retry_max_retries": 3,
-        "redis_retry_backoff": True,
-        "redis_retry_backoff_max": 600,
-        "redis_retry_jitter": True,
-        "redis_retry_scripts": {},
-        "redis_retry_signing_keys": {},
-        "redis_retry_allowed_commands": None,
-        "redis_retry_spool_path": None,
-        "redis_retry_spool_max_bytes": 1 << 30,
-        "redis_retry_durable_publish": False,
-        "redis_retry_max_message_bytes": 1_000_000,
-        "redis_retry_dedupe_ttl": 7 * 24 * 3600,
-        "redis_retry_write_stamps": True,
-        "redis_retry_batch_size": 1000,
-        "redis_retry_batch_linger_ms": 5,
-        "redis_retry_queue_high_water": 500,
-        "redis_retry_max_age": 24 * 3600,
-        "redis_retry_max_countdown_tasks": 1000,
-        "redis_retry_recovery_rate": 2000,
-        "redis_retry_commit_after": "end",
-        "redis_retry_redelivery_timeout": 300,
-        "redis_retry_max_in_flight": 100_000,
-        "redis_retry_bridge_metrics_port": None,
-        "redis_retry_worker_metrics_port": None,
-    }
-)
-#: The keys without a default of their own: required, or derived from ``redis_retry_topic``.
-WITHOUT_DEFAULT = ("redis_retry_kafka", "redis_retry_targets", "redis_retry_dlq_topic", "redis_retry_ends_topic")
-#: Every key read here; any other ``redis_retry_*`` key is a mistake and refused.
-KEYS = frozenset(DEFAULTS) | frozenset(WITHOUT_DEFAULT)
+# Celery brokers (RabbitMQ) whose publishes are confirmed only when asked to.
+_CONFIRMING_BROKERS = frozenset(("amqp", "amqps", "pyamqp"))
 _PREFIX = "redis_retry_"
+#: Field metadata: the key's default, as written in the app's config, is None (and the
+#: field's default is what None means: the built-in command list, a path from the topic).
+_NONE_IN_CONFIG: Mapping[str, Any] = MappingProxyType({"key_default": None})
 
 
 def waiting_topic_name(topic: str, target: str) -> str:
@@ -84,22 +53,31 @@ def waiting_group(group: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """Every ``redis_retry_*`` setting, validated. Build with :meth:`from_mapping` or :func:`settings_for`."""
+    """Every ``redis_retry_*`` setting, validated. Build with :meth:`from_mapping` or :func:`settings_for`.
+
+    The field defaults are the settings' defaults: :data:`DEFAULTS` (the keys' defaults,
+    as written in an app's config) is derived from them, and the backoff's from
+    :class:`~celery_redis_retry.policy.Backoff`'s.
+    """
 
     kafka: Mapping[str, Any]
     targets: Mapping[str, str]
     topic: str = "redis-retry-queue"
-    dlq_topic: str = "redis-retry-queue.dlq"
+    #: "" (not given): ``<topic>.dlq``.
+    dlq_topic: str = ""
     #: Where workers report the ops they ended, for the bridges (see :mod:`celery_redis_retry.bridge.ends`).
-    ends_topic: str = "redis-retry-queue.ends"
+    #: "" (not given): ``<topic>.ends``.
+    ends_topic: str = ""
     consumer_group: str = "redis-retry-consumer-group"
     queue: str = "redis-retry"
     max_retries: int = 3
     backoff: Backoff = field(default_factory=Backoff)
     scripts: Mapping[str, str] = field(default_factory=dict)
     signing_keys: Mapping[str, bytes] = field(default_factory=dict)
-    allowed_commands: frozenset[str] = DEFAULT_ALLOWED
-    spool_path: str = ""
+    allowed_commands: frozenset[str] = field(default=DEFAULT_ALLOWED, metadata=_NONE_IN_CONFIG)
+    #: "" in a Settings built by hand: no spool path of its own; :meth:`from_mapping` puts
+    #: the default one (:func:`default_spool_path`) when the key is not set.
+    spool_path: str = field(default="", metadata=_NONE_IN_CONFIG)
     spool_max_bytes: int = 1 << 30
     durable_publish: bool = False
     max_message_bytes: int = 1_000_000
@@ -129,6 +107,13 @@ class Settings:
     #: Ports on which the bridge and the worker serve Prometheus metrics (None: off).
     bridge_metrics_port: int | None = None
     worker_metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        # The topics derived from ``topic`` unless given (frozen: set once, here).
+        if not self.dlq_topic:
+            object.__setattr__(self, "dlq_topic", f"{self.topic}.dlq")
+        if not self.ends_topic:
+            object.__setattr__(self, "ends_topic", f"{self.topic}.ends")
 
     def check_op(self, op: RedisOp) -> None:
         """Refuse an op these settings would never replay: unknown target, command not allowed."""
@@ -187,6 +172,44 @@ class Settings:
         """
         check_key_names(conf)
         return _read(_Reader(conf))
+
+
+def _field_default(spec: Field[Any]) -> Any:
+    return spec.default_factory() if spec.default_factory is not MISSING else spec.default
+
+
+def backoff_keys(backoff: Backoff) -> dict[str, Any]:
+    """The ``redis_retry_backoff``/``_backoff_max``/``_jitter`` values that give ``backoff``."""
+    factor: float | bool = backoff.factor if backoff.factor is not None else False
+    if factor == _BACKOFF_TRUE_FACTOR:
+        factor = True
+    return {"redis_retry_backoff": factor, "redis_retry_backoff_max": backoff.maximum,
+            "redis_retry_jitter": backoff.jitter}
+
+
+def _key_defaults() -> dict[str, Any]:
+    """Each key's default as written in an app's config, from the :class:`Settings` field defaults."""
+    defaults: dict[str, Any] = {}
+    for spec in fields(Settings):
+        key = _PREFIX + spec.name
+        if key in WITHOUT_DEFAULT:
+            continue
+        default = _field_default(spec)
+        if isinstance(default, Backoff):
+            defaults.update(backoff_keys(default))
+        else:
+            defaults[key] = spec.metadata.get("key_default", default)
+    return defaults
+
+
+#: ``redis_retry_backoff = True`` means this factor, as Celery's ``retry_backoff = True`` does.
+_BACKOFF_TRUE_FACTOR = 1.0
+#: The keys without a default of their own: required, or derived from ``redis_retry_topic``.
+WITHOUT_DEFAULT = ("redis_retry_kafka", "redis_retry_targets", "redis_retry_dlq_topic", "redis_retry_ends_topic")
+#: Each key's default, as written in an app's config (None: derived, see the table in docs/configuration.md).
+DEFAULTS: Mapping[str, Any] = MappingProxyType(_key_defaults())
+#: Every key read here; any other ``redis_retry_*`` key is a mistake and refused.
+KEYS = frozenset(DEFAULTS) | frozenset(WITHOUT_DEFAULT)
 
 
 def check_key_names(conf: Mapping[str, Any]) -> None:
@@ -306,7 +329,7 @@ def _targets(reader: _Reader) -> dict[str, str]:
 def _backoff(reader: _Reader) -> Backoff:
     factor = reader.get("redis_retry_backoff")
     if factor is True:
-        factor = 1.0
+        factor = _BACKOFF_TRUE_FACTOR
     elif factor is False:
         factor = None
     elif isinstance(factor, (int, float)) and factor > 0:
@@ -372,8 +395,8 @@ def _read(reader: _Reader) -> Settings:
         kafka=MappingProxyType(_kafka(reader)),
         targets=MappingProxyType(_targets(reader)),
         topic=topic,
-        dlq_topic=reader.string("redis_retry_dlq_topic", default=f"{topic}.dlq"),
-        ends_topic=reader.string("redis_retry_ends_topic", default=f"{topic}.ends"),
+        dlq_topic=_derived_string(reader, "redis_retry_dlq_topic"),
+        ends_topic=_derived_string(reader, "redis_retry_ends_topic"),
         consumer_group=reader.string("redis_retry_consumer_group"),
         queue=reader.string("redis_retry_queue"),
         max_retries=reader.integer("redis_retry_max_retries", 0),
@@ -401,6 +424,11 @@ def _read(reader: _Reader) -> Settings:
     )
 
 
+def _derived_string(reader: _Reader, key: str) -> str:
+    """A name given as a non-empty string, or "" when not set (Settings derives it from the topic)."""
+    return "" if reader.get(key) is None else reader.string(key)
+
+
 def _commit_after(reader: _Reader) -> str:
     value = reader.get("redis_retry_commit_after")
     if value not in ("end", "handover"):
@@ -417,6 +445,35 @@ def _port(reader: _Reader, key: str) -> int | None:
     return port
 
 
+def celery_broker_url(conf: Mapping[str, Any]) -> str:
+    """The Celery broker URL as the worker reads it (``CELERY_BROKER_URL`` overrides ``broker_url``);
+    failover URLs are separated by ``;``."""
+    # Celery's own property on an app's conf; a plain mapping has only the key.
+    return str(getattr(conf, "broker_url", None) or conf.get("broker_url") or "")
+
+
+def shown_broker_url(conf: Mapping[str, Any]) -> str:
+    """The Celery broker URL(s) for a message: each password shown as ``***``."""
+    return ";".join(redacted(url) for url in celery_broker_url(conf).split(";"))
+
+
+def _broker_scheme(conf: Mapping[str, Any]) -> str:
+    return urlsplit(celery_broker_url(conf).split(";")[0]).scheme
+
+
+def confirm_task_publishing(app: Any) -> None:
+    """On a RabbitMQ Celery broker, turn publisher confirms on for the app's task messages
+    (``broker_transport_options['confirm_publish']``) unless the app says otherwise.
+
+    Without them ``basic_publish`` returns before the broker has the message; with them,
+    "Celery accepted the task" (when the bridge counts an op handed over) is really true.
+    """
+    if _broker_scheme(app.conf) in _CONFIRMING_BROKERS:
+        options = dict(app.conf.broker_transport_options or {})
+        options.setdefault("confirm_publish", True)
+        app.conf.broker_transport_options = options
+
+
 def check_broker_visibility(settings: Settings, conf: Mapping[str, Any]) -> None:
     """Refuse a backoff cap the Celery broker's visibility timeout would turn into duplicates.
 
@@ -425,10 +482,7 @@ def check_broker_visibility(settings: Settings, conf: Mapping[str, Any]) -> None
     held unacknowledged by the worker until then, so a cap at or above the timeout
     makes every long retry run twice.
     """
-    # Celery's own property, as the worker reads it: CELERY_BROKER_URL overrides broker_url.
-    broker_url = getattr(conf, "broker_url", None) or conf.get("broker_url") or ""
-    scheme = urlsplit(str(broker_url).split(";")[0]).scheme
-    if scheme not in _VISIBILITY_TIMEOUT_BROKERS:
+    if _broker_scheme(conf) not in _VISIBILITY_TIMEOUT_BROKERS:
         return
     options = conf.get("broker_transport_options") or {}
     timeout = options.get("visibility_timeout", _DEFAULT_VISIBILITY_TIMEOUT)
@@ -454,8 +508,7 @@ def _server(url: str) -> tuple[str, int] | None:
 
 def broker_shared_with_targets(settings: Settings, conf: Mapping[str, Any]) -> list[str]:
     """The targets whose Redis server is also the Celery broker (by host and port)."""
-    broker_url = getattr(conf, "broker_url", None) or conf.get("broker_url") or ""
-    brokers = {_server(url) for url in str(broker_url).split(";")} - {None}
+    brokers = {_server(url) for url in celery_broker_url(conf).split(";")} - {None}
     return [name for name, url in settings.targets.items() if _server(url) in brokers]
 
 

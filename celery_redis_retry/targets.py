@@ -11,15 +11,25 @@ host); no DNS name is resolved.
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
-from redis.connection import parse_url
+from redis.connection import (
+    URL_QUERY_ARGUMENT_PARSERS,
+    Connection,
+    ConnectionPool,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
 from redis.retry import Retry
 
 from celery_redis_retry.errors import PermanentReplayError
@@ -93,21 +103,24 @@ def parse_target_url(url: str) -> TargetAddress:
     """
     if not isinstance(url, str):
         raise TargetURLError(f"must be a URL string, got {type(url).__name__}")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unclosed [IPv6 address
+        raise TargetURLError(f"is not a URL: {exc}") from None
     if parts.scheme not in TARGET_SCHEMES:
         raise TargetURLError(f"must be a Redis URL ({', '.join(sorted(TARGET_SCHEMES))}://...)")
     if not url[len(parts.scheme):].startswith("://"):
         raise TargetURLError(f"must start with {parts.scheme}:// (two slashes)")
+    if parts.fragment:
+        raise TargetURLError(f"has a fragment '#{parts.fragment}', which no Redis URL has")
     if parts.scheme.endswith("+sentinel"):
         return _sentinel(parts)
     if parts.scheme.endswith("+cluster"):
         return _cluster(parts)
-    try:
-        # redis-py's own parser: what it accepts here is what the clients will get.
-        options = parse_url(url)  # type: ignore[no-untyped-call]
-    except ValueError as exc:
-        raise TargetURLError(str(exc)) from None
+    options = _query_options(url)
     if parts.scheme == "unix":
+        if parts.hostname:  # redis-py would drop it and use the rest as the path
+            raise TargetURLError(f"names host {parts.hostname!r} (write unix:///path/to/redis.sock, three slashes)")
         if not options.get("path"):
             raise TargetURLError("has no socket path (write unix:///path/to/redis.sock)")
         return TargetAddress("unix", db=_db("", options), path=options["path"])
@@ -125,6 +138,10 @@ def _db(path: str, options: dict[str, Any]) -> int:
     return int(options.get("db", db or 0))
 
 
+# A host name (letters, digits, '.', '-', '_' as container names have), or an IPv6 address with its zone.
+_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[A-Za-z0-9._-]+)?")
+
+
 def _nodes(parts: SplitResult, *, default_port: int | None, what: str) -> tuple[tuple[str, int], ...]:
     """The ``HOST[:PORT]`` list of a URL's netloc (after any ``user:password@``)."""
     form = "HOST:PORT" if default_port is None else "HOST[:PORT]"
@@ -135,6 +152,8 @@ def _nodes(parts: SplitResult, *, default_port: int | None, what: str) -> tuple[
             host, port = node, ""
         if not host or not (port or default_port) or (port and not (port.isdigit() and 0 < int(port) < 65536)):
             raise TargetURLError(f"{what} {node!r} must be {form} with PORT a number from 1 to 65535")
+        if not _HOST.fullmatch(host.strip("[]")):
+            raise TargetURLError(f"{what} {node!r} has a host that is neither a name nor an IP address")
         nodes.append((host.strip("[]").lower(), int(port or default_port or 0)))
     return tuple(nodes)
 
@@ -143,7 +162,7 @@ def _cluster(parts: SplitResult) -> TargetAddress:
     if not parts.netloc.rpartition("@")[2]:
         raise TargetURLError(f"names no node (write {parts.scheme}://HOST:PORT[,HOST:PORT...])")
     nodes = _nodes(parts, default_port=6379, what="cluster node")
-    db = _db(parts.path, {})
+    db = _db(parts.path, _query_options(_query_url(parts)))
     if db != 0:
         raise TargetURLError(f"names database {db}: a Redis Cluster has only database 0")
     return TargetAddress("cluster", nodes)
@@ -158,16 +177,94 @@ def _sentinel(parts: SplitResult) -> TargetAddress:
         raise TargetURLError(f"names no service (write {parts.scheme}://HOST:PORT/SERVICE/DB)")
     if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise TargetURLError(f"path {parts.path!r} must be /SERVICE or /SERVICE/DB with DB a number")
+    if "db" in _query_options(_query_url(parts)):  # the replay connects with the path's (see connect)
+        raise TargetURLError("names its database in the query: write it as the path, /SERVICE/DB")
     return TargetAddress("sentinel", nodes, db=int(path[1]) if len(path) == 2 else 0, service=path[0])
 
 
+def _query_url(parts: SplitResult) -> str:
+    """The plain ``redis://`` (``rediss://``) URL of a Sentinel or cluster URL's query, as redis-py reads one."""
+    return f"{parts.scheme.split('+')[0]}://localhost?{parts.query}"
+
+
+def _query_options(url: str) -> dict[str, Any]:
+    """The options redis-py makes of a plain URL, checked as a connection would take them."""
+    try:
+        # redis-py's own parser: what it accepts here is what the clients will get.
+        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise TargetURLError(str(exc).rstrip(".")) from None  # the settings add ", got <URL>"
+    _check_query_names(parse_qs(urlsplit(url).query))
+    _check_connection_options(options)
+    return options
+
+
+# What a connection pool takes for itself rather than passing to each connection.
+_POOL_OPTIONS = frozenset(
+    name for name in inspect.signature(ConnectionPool.__init__).parameters if name not in ("self", "connection_kwargs")
+)
+
+
+def _accepted_options(connection_class: type) -> frozenset[str]:
+    """The keyword arguments a redis-py connection class takes, its base classes' included."""
+    names = set()
+    for cls in connection_class.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            names |= {p.name for p in inspect.signature(init).parameters.values() if p.kind in kinds}
+    return frozenset(names - {"self"})
+
+
+# Options a URL's query gives as text that redis-py uses as text; redis-py types the others
+# it knows (URL_QUERY_ARGUMENT_PARSERS). Any other connection argument (``retry``,
+# ``decode_responses``: "false" is true) would get a string it cannot use.
+_TEXT_OPTIONS = frozenset((
+    "client_name", "lib_name", "lib_version", "username", "password", "encoding", "encoding_errors",
+    "ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_ca_data", "ssl_ciphers",
+    "ssl_password", "ssl_ocsp_expected_cert",
+))
+
+
+def _check_query_names(query: Mapping[str, Any]) -> None:
+    """Refuse a query option redis-py would pass to the connection as text it cannot use."""
+    untyped = sorted(set(query) - _TEXT_OPTIONS - set(URL_QUERY_ARGUMENT_PARSERS))
+    usable = _accepted_options(SSLConnection) | _accepted_options(UnixDomainSocketConnection)
+    if set(untyped) & usable:  # the unknown ones are named by _check_connection_options
+        names = ", ".join(name for name in untyped if name in usable)
+        raise TargetURLError(f"sets {names} in its query, which redis-py would pass on as text it cannot use")
+
+
+def _check_connection_options(options: dict[str, Any]) -> None:
+    """Refuse what redis-py would refuse only when it first connects: an option its connection
+    class does not take (``?socket_timout=2``), a value it rejects (``?ssl_cert_reqs=sometimes``)."""
+    connection_class = options.get("connection_class", Connection)
+    given = {name: value for name, value in options.items() if name not in _POOL_OPTIONS}
+    unknown = sorted(set(given) - _accepted_options(connection_class))
+    if unknown:
+        tls = "; a TLS option needs rediss://" if set(unknown) <= _accepted_options(SSLConnection) else ""
+        raise TargetURLError(
+            f"has the unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+            f"(redis-py's {connection_class.__name__} takes no such argument{tls})"
+        )
+    try:
+        connection_class(**given)  # built, not connected: it checks its arguments
+    except (TypeError, ValueError, redis.RedisError) as exc:
+        raise TargetURLError(f"has an option redis-py refuses: {exc}") from None
+
+
+# ``user:PASSWORD@`` (up to the last ``@`` before the path) and ``password=`` in the query.
+_PASSWORDS = re.compile(r"(?P<keep>://[^:/?#@]*:)[^/?#]*(?=@)|(?P<key>[?&]password=)[^&#]*")
+
+
 def redacted(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for messages."""
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if parts is None or not parts.password:
+    """``url`` with its passwords (``user:PASSWORD@``, ``?password=``) replaced by ``***``, for messages.
+
+    Any string is shown so, a URL that does not parse too.
+    """
+    if not isinstance(url, str):
         return str(url)
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    return _PASSWORDS.sub(lambda m: f"{m.group('keep') or m.group('key')}***", url)
 
 
 def client_address(client: Any) -> TargetAddress | None:
@@ -229,11 +326,16 @@ def connect(url: str, **overrides: Any) -> Any:
 
         # redis-py's own URL parser turns the query (?socket_timeout=2...) into typed options.
         given = parse_url(f"redis://?{parts.query}") if parts.query else {}  # type: ignore[no-untyped-call]
+        # rediss+sentinel: TLS to the Sentinels and to the master, with the query's ssl_* options.
+        tls: dict[str, Any] = {}
+        if scheme == "rediss+sentinel":
+            tls = {"ssl": True, **{k: v for k, v in given.items() if k.startswith("ssl_")}}
         options = {
-            **_defaults_for(parts.query, overrides), **given, "password": parts.password, "username": parts.username,
+            **_defaults_for(parts.query, overrides), **given, **tls,
+            "password": parts.password, "username": parts.username,
         }
         # redis-py 8.2 types Sentinel; earlier releases do not.
-        sentinel = Sentinel(list(address.nodes), sentinel_kwargs={"socket_timeout": 2.0}, **options)  # type: ignore[no-untyped-call,unused-ignore]
+        sentinel = Sentinel(list(address.nodes), sentinel_kwargs={"socket_timeout": 2.0, **tls}, **options)  # type: ignore[no-untyped-call,unused-ignore]
         return sentinel.master_for(address.service, db=address.db, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call,unused-ignore]
     return redis.Redis.from_url(url, **_defaults_for(parts.query, overrides), retry=Retry(NoBackoff(), 0))
 

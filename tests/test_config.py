@@ -69,6 +69,37 @@ def test_minimal_mapping_gives_the_documented_defaults(state_home: str) -> None:
                          scripts=s.scripts, signing_keys=s.signing_keys)
 
 
+def test_each_default_is_given_in_one_place() -> None:
+    from celery_redis_retry.config import DEFAULTS, KEYS, WITHOUT_DEFAULT, backoff_keys
+
+    defaults = {spec.name: spec.default_factory() if spec.default_factory is not dataclasses.MISSING
+                else spec.default for spec in dataclasses.fields(Settings)}
+    # The backoff keys say what Backoff's own defaults are: Backoff() is the Settings default.
+    assert defaults["backoff"] == Backoff()
+    assert {k: DEFAULTS[k] for k in backoff_keys(Backoff())} == backoff_keys(Backoff())
+    assert backoff_keys(Backoff()) == {"redis_retry_backoff": True, "redis_retry_backoff_max": 600,
+                                       "redis_retry_jitter": True}
+    # Every other key's default is its field's default (None where the field holds what None means).
+    derived = {"redis_retry_allowed_commands": DEFAULT_ALLOWED, "redis_retry_spool_path": ""}
+    for key, value in DEFAULTS.items():
+        if key not in backoff_keys(Backoff()):
+            field_default = defaults[key.removeprefix("redis_retry_")]
+            assert field_default == derived.get(key, value), key
+    assert set(DEFAULTS) | set(WITHOUT_DEFAULT) == KEYS
+    assert {f"redis_retry_{name}" for name in defaults} - {"redis_retry_backoff"} <= KEYS
+    # And the default names (topic, group, queue) are written once in the code that reads the settings.
+    from pathlib import Path
+
+    from celery_redis_retry import config, policy
+
+    source = Path(config.__file__).read_text() + Path(policy.__file__).read_text()
+    names = [value for value in DEFAULTS.values() if isinstance(value, str) and "-" in value]
+    assert {name: source.count(f'"{name}"') for name in names} == dict.fromkeys(names, 1)
+    # A Settings built by hand derives its topics as the reader does.
+    built = Settings(kafka={}, targets={}, topic="orders")
+    assert (built.dlq_topic, built.ends_topic) == ("orders.dlq", "orders.ends")
+
+
 def test_dlq_topic_and_spool_follow_the_topic(state_home: str) -> None:
     s = settings(topic="orders-retry")
     assert s.dlq_topic == "orders-retry.dlq"
@@ -263,6 +294,37 @@ def test_settings_for_checks_the_apps_broker(monkeypatch: pytest.MonkeyPatch) ->
 # -- check_op ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("conf", "options"),
+    [
+        ({"broker_url": "amqp://guest@rabbit//"}, {"confirm_publish": True}),
+        ({"broker_url": "pyamqp://guest@rabbit//", "broker_transport_options": {"max_retries": 2}},
+         {"max_retries": 2, "confirm_publish": True}),
+        ({"broker_url": "amqps://rabbit//", "broker_transport_options": {"confirm_publish": False}},
+         {"confirm_publish": False}),  # the app's own choice stands
+        ({"broker_url": "redis://127.0.0.1:6379/1"}, {}),
+        ({"broker_url": "memory://"}, {}),
+    ],
+)
+def test_the_bridge_asks_a_rabbitmq_broker_to_confirm_its_task_messages(
+    conf: dict[str, Any], options: dict[str, Any]
+) -> None:
+    from celery_redis_retry.config import confirm_task_publishing
+
+    app = make_app(**conf)
+    confirm_task_publishing(app)
+    assert dict(app.conf.broker_transport_options or {}) == options
+
+
+def test_the_broker_url_in_a_message_hides_its_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery_redis_retry.config import shown_broker_url
+
+    app = make_app(broker_url="amqp://u:s3cret@r1//;amqp://u:s3cret@r2//")
+    assert shown_broker_url(app.conf) == "amqp://u:***@r1//;amqp://u:***@r2//"
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://:pw@cache:6379/1")  # as the worker reads it
+    assert shown_broker_url(make_app(broker_url="memory://").conf) == "redis://:***@cache:6379/1"
+
+
 def test_check_op_refuses_unknown_targets() -> None:
     s = settings(targets={"default": "redis://a", "sessions": "redis://b"})
     s.check_op(ops.delete("k"))
@@ -411,6 +473,26 @@ def test_the_known_keys_are_the_documented_ones() -> None:
         ("redis+cluster://", "names no node"),
         ("redis+cluster://node-1:7000/2", "a Redis Cluster has only database 0"),
         ("redis://a:1,b:2/0", "Port could not be cast"),
+        ("redis://[::1:6379/0", "is not a URL: Invalid IPv6 URL"),
+        ("redis://cache host:6379/0", "the server 'cache host:6379' has a host that is neither a name nor an IP"),
+        ("redis://cache:6379/0#replica", "has a fragment '#replica'"),
+        ("redis://cache:6379/0?socket_timout=2", "has the unknown option socket_timout (redis-py's Connection"),
+        ("redis://cache:6379/0?ssl_cert_reqs=none", "ssl_cert_reqs (redis-py's Connection takes no such argument; "
+                                                    "a TLS option needs rediss://)"),
+        ("rediss://cache:6379/0?ssl_cert_reqs=sometimes",
+         "has an option redis-py refuses: Invalid SSL Certificate Requirements Flag: sometimes"),
+        ("redis://cache:6379/0?decode_responses=false", "sets decode_responses in its query, which redis-py would "
+                                                        "pass on as text it cannot use"),
+        ("rediss://cache:6379/0?retry=3&socket_type=x", "sets retry, socket_type in its query"),
+        ("unix://var/run/redis.sock", "names host 'var' (write unix:///path/to/redis.sock, three slashes)"),
+        ("unix:///run/redis.sock?db=x", "Invalid value for 'db'"),
+        ("redis+sentinel://s1:26379/mymaster?socket_timeout=abc", "Invalid value for 'socket_timeout'"),
+        ("rediss+sentinel://s1:26379/mymaster?ssl_cert_reqs=sometimes", "Invalid SSL Certificate Requirements"),
+        ("redis+sentinel://s1:26379/mymaster?retries=3", "has the unknown option retries"),
+        ("redis+sentinel://s1:26379/mymaster?db=2", "names its database in the query: write it as the path"),
+        ("redis+cluster://node-1:7000?socket_connect_timeout=soon", "Invalid value for 'socket_connect_timeout'"),
+        ("redis+cluster://node-1:7000?db=2", "names database 2: a Redis Cluster has only database 0"),
+        ("redis+cluster://node-1:7000?read_from_replicas=yes", "has the unknown option read_from_replicas"),
     ],
 )
 def test_a_target_url_no_client_could_use_is_refused_naming_the_target(url: str, problem: str) -> None:
@@ -423,6 +505,21 @@ def test_a_refused_target_url_does_not_show_its_password() -> None:
     message = refused(targets={"default": "redis://:s3cret@cache:6379/zero"})
     assert "s3cret" not in message
     assert "redis://:***@cache:6379/zero" in message
+    message = refused(targets={"default": "redis+sentinel://u:p@ss@s1:1,s2:2/m?password=s3cret&db=x"})
+    assert "ss@" not in message
+    assert "s3cret" not in message
+    assert "'redis+sentinel://u:***@s1:1,s2:2/m?password=***&db=x'" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://cache:6379/0?socket_timeout=2&client_name=billing&max_connections=50&health_check_interval=10",
+     "rediss://cache:6380/0?ssl_cert_reqs=none&ssl_check_hostname=false", "unix:///run/redis.sock?db=2&socket_timeout=1",
+     "redis+sentinel://s1:26379/mymaster/1?socket_timeout=2", "rediss+cluster://n1:7000?ssl_cert_reqs=required",
+     "redis://[::1]:6379/0", "redis://[fe80::1%eth0]:6379/0", "redis://redis_cache.internal:6379"],
+)
+def test_target_urls_with_options_redis_py_takes_are_accepted(url: str) -> None:
+    assert settings(targets={"default": url}).targets["default"] == url
 
 
 def test_the_replay_connection_parses_target_urls_as_the_settings_do() -> None:
@@ -433,6 +530,26 @@ def test_the_replay_connection_parses_target_urls_as_the_settings_do() -> None:
         connect("redis+sentinel://127.0.0.1:26379")
     sessions = connect("redis+sentinel://127.0.0.1:1,127.0.0.1:2/sessions/3")
     assert (sessions.connection_pool.service_name, sessions.connection_pool.connection_kwargs["db"]) == ("sessions", 3)
+
+
+def test_a_rediss_sentinel_url_speaks_tls_to_the_sentinels_and_the_master() -> None:
+    from redis.connection import SSLConnection
+    from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
+
+    from celery_redis_retry.targets import connect
+
+    def connection_classes(url: str) -> tuple[type, type]:
+        pool = connect(url).connection_pool
+        return pool.connection_class, pool.sentinel_manager.sentinels[0].connection_pool.connection_class
+
+    tls = connect("rediss+sentinel://127.0.0.1:1/m/2?ssl_cert_reqs=none").connection_pool
+    assert connection_classes("rediss+sentinel://127.0.0.1:1/m/2?ssl_cert_reqs=none") == (
+        SentinelManagedSSLConnection, SSLConnection)
+    assert tls.connection_kwargs["ssl_cert_reqs"] == "none"
+    assert tls.sentinel_manager.sentinels[0].connection_pool.connection_kwargs["ssl_cert_reqs"] == "none"
+    plain, sentinels = connection_classes("redis+sentinel://127.0.0.1:1/m/2")
+    assert plain is SentinelManagedConnection
+    assert not issubclass(sentinels, SSLConnection)
 
 
 # -- librdkafka properties, checked without connecting --------------------------------------------
@@ -619,3 +736,66 @@ def test_the_other_commands_refuse_in_one_line() -> None:
     assert done.returncode == 3
     assert done.stderr.strip().splitlines()[-1] == f"configuration error: {message}"
     assert "Traceback" not in done.stderr
+
+
+#: A bad target URL of each kind: (URL, what the refusal says of it).
+BAD_TARGET_URLS = {
+    "redis": ("redis://cache:6379/zero", "database 'zero' must be a number (the path is /DB)"),
+    "rediss": ("rediss://:s3cret@cache:99999/0", "Port out of range 0-65535"),
+    "unix": ("unix://var/run/redis.sock", "names host 'var' (write unix:///path/to/redis.sock, three slashes)"),
+    "sentinel": ("redis+sentinel://127.0.0.1:26379", "names no service (write redis+sentinel://HOST:PORT/SERVICE/DB)"),
+    "cluster": ("redis+cluster://127.0.0.1:7000/2", "names database 2: a Redis Cluster has only database 0"),
+    "bad query parameter": ("redis+sentinel://127.0.0.1:26379/mymaster?socket_timeout=abc",
+                            "Invalid value for 'socket_timeout' in connection URL"),
+}
+#: Seconds a `celery` process takes to import the app and refuse it (about 2 on an idle machine).
+REFUSED_WITHIN_S = 30
+
+
+def _worker_and_bridge_refuse(conf: dict[str, Any], line: str) -> None:
+    """Start ``celery worker`` and ``redis-retry bridge`` with ``conf`` and check that each
+    exits 3 at startup with ``line``, having connected to neither Kafka nor the Celery broker."""
+    import select
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as kafka, socket.create_server(("127.0.0.1", 0)) as broker:
+        env = {**os.environ, **_settings_env({
+            "redis_retry_kafka": {"bootstrap.servers": f"127.0.0.1:{kafka.getsockname()[1]}"},
+            "broker_url": f"redis://127.0.0.1:{broker.getsockname()[1]}/0", **conf})}
+        commands = {
+            "worker": (["worker", "-Q", "redis-retry", "-P", "solo", "-l", "INFO"], "celery_redis_retry: "),
+            "bridge": (["redis-retry", "bridge"], ""),
+        }
+        started = time.monotonic()
+        running = {name: subprocess.Popen([sys.executable, "-m", "celery", "-A", "settings_app", *argv], cwd=APPS,
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                   for name, (argv, _) in commands.items()}
+        for name, process in running.items():
+            output, _ = process.communicate(timeout=REFUSED_WITHIN_S)
+            took = time.monotonic() - started
+            assert process.returncode == 3, f"{name} exited {process.returncode}:\n{output}"
+            assert took < REFUSED_WITHIN_S
+            expected = f"{commands[name][1]}configuration error: {line}"
+            assert [text for text in output.splitlines() if "configuration error" in text] == [expected], output
+            assert "Traceback" not in output
+            assert "s3cret" not in output
+        readable, _, _ = select.select([kafka, broker], [], [], 0)
+        assert not readable, "a refused process connected to Kafka or to the Celery broker"
+
+
+@pytest.mark.parametrize("kind", list(BAD_TARGET_URLS))
+def test_worker_and_bridge_refuse_a_bad_target_url_at_startup(kind: str) -> None:
+    from celery_redis_retry.targets import redacted
+
+    url, problem = BAD_TARGET_URLS[kind]
+    targets = {"default": "redis://127.0.0.1:1/0", "sessions": url}
+    _worker_and_bridge_refuse({"redis_retry_targets": targets},
+                              f"redis_retry_targets['sessions'] {problem}, got {redacted(url)!r}")
+
+
+def test_worker_and_bridge_refuse_an_unknown_key_at_startup() -> None:
+    _worker_and_bridge_refuse({"redis_retry_max_retry": 5}, "redis_retry_max_retry is not a celery_redis_retry "
+                                                            "setting: did you mean redis_retry_max_retries?")

@@ -44,7 +44,6 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from celery_redis_retry import kafka
 from celery_redis_retry.bridge.circuits import OPEN, RECOVERING, Circuits, CircuitState, TargetProbe
@@ -59,7 +58,7 @@ from celery_redis_retry.bridge.dispatch import (
 )
 from celery_redis_retry.bridge.ends import EndsReader
 from celery_redis_retry.bridge.waiting import Parked, ParkedHeaders, WaitingWriter
-from celery_redis_retry.config import settings_for, waiting_group
+from celery_redis_retry.config import confirm_task_publishing, settings_for, shown_broker_url, waiting_group
 from celery_redis_retry.dlq.record import DeadLetter, DeadLetterWriter, Origin
 from celery_redis_retry.errors import DecodeError, PublishError, RedisRetryError, UnknownTargetError
 from celery_redis_retry.expiry import ends_expired
@@ -228,22 +227,13 @@ class Bridge:
 
     # -- start and stop ------------------------------------------------------------------
 
-    def _use_publisher_confirms(self) -> None:
-        # On RabbitMQ, basic_publish returns before the broker has the message unless
-        # confirms are on; with them, "Celery accepted the task" is really true.
-        scheme = urlsplit(str(self.app.conf.broker_url or "").split(";")[0]).scheme
-        if scheme in ("amqp", "amqps", "pyamqp"):
-            options = dict(self.app.conf.broker_transport_options or {})
-            options.setdefault("confirm_publish", True)
-            self.app.conf.broker_transport_options = options
-
     def _check_celery_broker(self) -> None:
         try:
             with self.app.connection_for_write() as connection:
                 connection.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5, timeout=5)
         except Exception as exc:
             raise BridgeUnavailableError(
-                f"cannot reach the Celery broker {self.app.conf.broker_url!r}: {exc}"
+                f"cannot reach the Celery broker {shown_broker_url(self.app.conf)!r}: {exc}"
             ) from exc
 
     def _connect_kafka(self, group: str, topics: list[str], *, check: bool) -> kafka.Consumer:
@@ -280,7 +270,7 @@ class Bridge:
 
     def run(self) -> BridgeStats:
         """Run until :meth:`stop` (SIGTERM/SIGINT when installed by the CLI)."""
-        self._use_publisher_confirms()
+        confirm_task_publishing(self.app)
         self._check_celery_broker()
         retry = self._consumer = self._connect_kafka(self.group, [self.settings.topic], check=True)
         waiting_topics = self._waiting_consumer = self._connect_kafka(
