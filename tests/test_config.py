@@ -90,9 +90,10 @@ def test_each_default_is_given_in_one_place() -> None:
     # And the default names (topic, group, queue) are written once in the code that reads the settings.
     from pathlib import Path
 
-    from celery_redis_retry import config, policy
+    from celery_redis_retry import policy
+    from celery_redis_retry.config import settings as config_settings
 
-    source = Path(config.__file__).read_text() + Path(policy.__file__).read_text()
+    source = Path(config_settings.__file__).read_text() + Path(policy.__file__).read_text()
     names = [value for value in DEFAULTS.values() if isinstance(value, str) and "-" in value]
     assert {name: source.count(f'"{name}"') for name in names} == dict.fromkeys(names, 1)
     # A Settings built by hand derives its topics as the reader does.

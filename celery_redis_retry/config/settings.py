@@ -1,9 +1,12 @@
-"""Typed settings, read once from the ``redis_retry_*`` keys of a Celery app's config.
+"""The :class:`Settings`: every ``redis_retry_*`` key, its default, and how it is read and checked.
 
-No other module reads ``app.conf``: everything downstream takes a :class:`Settings`.
 Every key is validated here, and a missing or bad one raises
-:class:`~celery_redis_retry.errors.ConfigurationError` naming the key, so a worker, a
-bridge or a web process fails at startup rather than at 3 a.m. on the first outage.
+:class:`~celery_redis_retry.errors.ConfigurationError` naming the key (a misspelled
+one names the key meant), so a worker, a bridge or a web process fails at startup
+rather than at 3 a.m. on the first outage.
+
+Kept whole: each field, its default and the reader of its key are read side by side;
+the defaults are written once, as the fields' (``DEFAULTS`` is derived from them).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import functools
 import logging
 import os
 import re
-import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from types import MappingProxyType
@@ -26,16 +28,12 @@ from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.policy import Backoff
 from celery_redis_retry.redis_commands import COMMANDS, DEFAULT_ALLOWED
 from celery_redis_retry.slots import check_single_slot
-from celery_redis_retry.targets import TargetURLError, normal_host, parse_target_url, redacted
+from celery_redis_retry.targets import TargetURLError, parse_target_url, redacted
 
 logger = logging.getLogger(__name__)
 
-# Celery brokers that redeliver an unacknowledged message after a visibility timeout.
-_VISIBILITY_TIMEOUT_BROKERS = frozenset(("redis", "rediss", "sentinel", "sqs", "redis+socket"))
-_DEFAULT_VISIBILITY_TIMEOUT = 3600  # kombu's default for Redis and SQS
-# Celery brokers (RabbitMQ) whose publishes are confirmed only when asked to.
-_CONFIRMING_BROKERS = frozenset(("amqp", "amqps", "pyamqp"))
-_PREFIX = "redis_retry_"
+#: Every setting of this package starts with it.
+KEY_PREFIX = "redis_retry_"
 #: Field metadata: the key's default, as written in the app's config, is None (and the
 #: field's default is what None means: the built-in command list, a path from the topic).
 _NONE_IN_CONFIG: Mapping[str, Any] = MappingProxyType({"key_default": None})
@@ -191,7 +189,7 @@ def _key_defaults() -> dict[str, Any]:
     """Each key's default as written in an app's config, from the :class:`Settings` field defaults."""
     defaults: dict[str, Any] = {}
     for spec in fields(Settings):
-        key = _PREFIX + spec.name
+        key = KEY_PREFIX + spec.name
         if key in WITHOUT_DEFAULT:
             continue
         default = _field_default(spec)
@@ -232,7 +230,7 @@ def check_key_names(conf: Mapping[str, Any]) -> None:
             continue
         name = key[len(namespace):] if namespace and key.upper().startswith(namespace.upper()) else key
         lower = name.lower()
-        if not lower.startswith(_PREFIX) or lower in CELERY_SETTINGS:
+        if not lower.startswith(KEY_PREFIX) or lower in CELERY_SETTINGS:
             continue
         if lower in KEYS:
             raise ConfigurationError(f"{key} is not read: the settings are lowercase, write {lower}")
@@ -445,108 +443,25 @@ def _port(reader: _Reader, key: str) -> int | None:
     return port
 
 
-def celery_broker_url(conf: Mapping[str, Any]) -> str:
-    """The Celery broker URL as the worker reads it (``CELERY_BROKER_URL`` overrides ``broker_url``);
-    failover URLs are separated by ``;``."""
-    # Celery's own property on an app's conf; a plain mapping has only the key.
-    return str(getattr(conf, "broker_url", None) or conf.get("broker_url") or "")
 
 
-def shown_broker_url(conf: Mapping[str, Any]) -> str:
-    """The Celery broker URL(s) for a message: each password shown as ``***``."""
-    return ";".join(redacted(url) for url in celery_broker_url(conf).split(";"))
 
 
-def _broker_scheme(conf: Mapping[str, Any]) -> str:
-    return urlsplit(celery_broker_url(conf).split(";")[0]).scheme
 
 
-def confirm_task_publishing(app: Any) -> None:
-    """On a RabbitMQ Celery broker, turn publisher confirms on for the app's task messages
-    (``broker_transport_options['confirm_publish']``) unless the app says otherwise.
-
-    Without them ``basic_publish`` returns before the broker has the message; with them,
-    "Celery accepted the task" (when the bridge counts an op handed over) is really true.
-    """
-    if _broker_scheme(app.conf) in _CONFIRMING_BROKERS:
-        options = dict(app.conf.broker_transport_options or {})
-        options.setdefault("confirm_publish", True)
-        app.conf.broker_transport_options = options
 
 
-def check_broker_visibility(settings: Settings, conf: Mapping[str, Any]) -> None:
-    """Refuse a backoff cap the Celery broker's visibility timeout would turn into duplicates.
-
-    On Redis and SQS brokers a message not acknowledged within ``visibility_timeout``
-    is delivered again. A retry scheduled ``redis_retry_backoff_max`` seconds ahead is
-    held unacknowledged by the worker until then, so a cap at or above the timeout
-    makes every long retry run twice.
-    """
-    if _broker_scheme(conf) not in _VISIBILITY_TIMEOUT_BROKERS:
-        return
-    options = conf.get("broker_transport_options") or {}
-    timeout = options.get("visibility_timeout", _DEFAULT_VISIBILITY_TIMEOUT)
-    if settings.backoff.maximum >= timeout:
-        raise ConfigurationError(
-            f"redis_retry_backoff_max ({settings.backoff.maximum:g} s) must be below the Celery broker's "
-            f"broker_transport_options['visibility_timeout'] ({timeout} s): a retry held longer than that "
-            "is redelivered and would run twice"
-        )
 
 
-def _server(url: str) -> tuple[str, int] | None:
-    """``(host, port)`` of a redis:// or rediss:// URL (a cluster's seed node too); None for others."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
-        return None
-    try:
-        port = parts.port or 6379
-    except ValueError:  # several cluster nodes: the first is the seed node
-        return _server(parts._replace(netloc=parts.netloc.split(",")[0]).geturl())
-    return normal_host(parts.hostname or "localhost"), port
 
 
-def broker_shared_with_targets(settings: Settings, conf: Mapping[str, Any]) -> list[str]:
-    """The targets whose Redis server is also the Celery broker (by host and port)."""
-    brokers = {_server(url) for url in celery_broker_url(conf).split(";")} - {None}
-    return [name for name, url in settings.targets.items() if _server(url) in brokers]
 
 
-def warn_if_broker_is_a_target(settings: Settings, conf: Mapping[str, Any]) -> None:
-    """Log a warning when the Celery broker is the Redis server of a target: an outage stops both."""
-    for name in broker_shared_with_targets(settings, conf):
-        logger.warning(
-            "the Celery broker is the Redis server of target %r (%s): while it is down, no op of any target "
-            "can be handed to Celery, so the bridge stalls its partitions and every op waits in Kafka until it "
-            "is back; give the Celery broker a server of its own", name, settings.targets[name],
-        )
 
 
-def settings_given(app: Any) -> bool:
-    """Whether a Celery app's settings are given, loaded or not: it is configured, has a
-    ``config_from_object`` source, or ``redis_retry_*`` keys set with ``app.conf.update()``."""
-    return bool(getattr(app, "configured", True) or getattr(app, "_config_source", None) is not None
-                or pending_settings(app) is not None)
 
 
-def pending_settings(app: Any) -> Mapping[str, Any] | None:
-    """What ``app.conf.update()`` set on an app not configured yet, when it holds ``redis_retry_*``
-    keys (None otherwise): checking it leaves the configuration to be loaded later."""
-    given = getattr(app, "_preconf", None) or {}
-    if any(isinstance(key, str) and key.lower().startswith(_PREFIX) for key in given):
-        return dict(given)
-    return None
 
 
-_cache: weakref.WeakKeyDictionary[Any, Settings] = weakref.WeakKeyDictionary()
 
 
-def settings_for(app: Any) -> Settings:
-    """The app's :class:`Settings`, read and validated on first use, then cached on the app."""
-    settings = _cache.get(app)
-    if settings is None:
-        settings = Settings.from_mapping(app.conf)
-        check_broker_visibility(settings, app.conf)
-        warn_if_broker_is_a_target(settings, app.conf)
-        _cache[app] = settings
-    return settings
