@@ -2,6 +2,10 @@
 
 Every error this package raises derives from :class:`RedisRetryError`; none reuses a
 builtin name (``ConnectionError`` and ``TimeoutError`` belong to Python and redis-py).
+Every exception class is defined here (and stays importable from the module that
+defined it before). The only one defined elsewhere is the Celery command-line form of
+:class:`SettingsRefusedError`: this module imports no Kafka, Celery or click module, as
+every process imports it, the application's hot path too.
 Errors that end an op in the dead-letter topic carry a stable ``reason`` string: it is
 what DLQ records, logs and metrics use, so it never changes once released.
 """
@@ -21,6 +25,61 @@ class ConfigurationError(RedisRetryError):
     """A ``redis_retry_*`` setting is missing or invalid; the message names the key."""
 
     reason = "configuration"
+
+
+class SettingsRefusedError(ConfigurationError):
+    """Bad settings at worker start: ``celery worker`` prints this one line and exits 3 (no traceback).
+
+    What the worker raises is a subclass that is also Celery's command-line exception
+    (in :mod:`celery_redis_retry.replay.worker`, which may import Celery).
+    """
+
+
+class TargetURLError(RedisRetryError, ValueError):
+    """A target URL that no client could connect with; the message says what is wrong."""
+
+
+# -- Kafka -------------------------------------------------------------------------------
+
+#: The command that creates the topics, as :class:`TopicMissingError` suggests it.
+CREATE_COMMAND = "celery -A {app} redis-retry topics create"
+
+
+class KafkaCredentialsError(ConfigurationError):
+    """The cluster refused this process's SASL credentials: a setting to fix, not an outage.
+
+    The message (``celery_redis_retry.kafka.credentials_problem``) names the setting.
+    """
+
+
+class TopicMissingError(RedisRetryError):
+    """A topic this process needs does not exist on the cluster (it does not create topics on use).
+
+    :attr:`topic` names it, :attr:`bootstrap` the cluster, :attr:`role` what it is for
+    (``retry``, ``DLQ``...); ``str()`` says how to create it.
+    """
+
+    reason = "topic_missing"
+
+    def __init__(self, topic: str, bootstrap: str, *, role: str = "") -> None:
+        self.topic = topic
+        self.bootstrap = bootstrap
+        self.role = role
+        super().__init__(self.explain())
+
+    def explain(self, app: str = "<app>") -> str:
+        """The message, with ``app`` (the ``celery -A`` argument) in the command to run."""
+        what = f"{self.role} topic" if self.role else "topic"
+        return (
+            f"{what} {self.topic!r} does not exist on {self.bootstrap}; "
+            f"create it with: {CREATE_COMMAND.format(app=app)}"
+        )
+
+
+class TopicSetupError(RedisRetryError):
+    """The topics cannot be created as asked (too few brokers, no controller...)."""
+
+    reason = "topic_setup"
 
 
 # -- capture and wire format -------------------------------------------------------------
@@ -124,28 +183,68 @@ class PermanentReplayError(ReplayError):
         self.reason = reason
 
 
-
-
 class RetriesExhaustedError(ReplayError):
     """The op failed with retryable errors on every one of its attempts."""
 
     reason = "retries_exhausted"
 
 
+# -- the bridge --------------------------------------------------------------------------
+
+
+class BridgeUnavailableError(RedisRetryError):
+    """Kafka or the Celery broker cannot be reached when the bridge starts."""
+
+    reason = "unavailable"
+
+
+class HandoverError(RedisRetryError):
+    """Ops could be handed neither to Celery nor to the DLQ; their partitions must stop."""
+
+    reason = "handover_failed"
+
+
+# -- the test harness (celery_redis_retry.testing) ---------------------------------------
+
+
+class HarnessError(RedisRetryError, RuntimeError):
+    """A test process could not be found, started or stopped."""
+
+    reason = "harness"
+
+
+class ProcessExitedError(HarnessError):
+    """A managed process exited while the harness was waiting for it; carries its log tail."""
+
+
+class HarnessTimeoutError(HarnessError, TimeoutError):
+    """Something the harness waited for did not happen in time."""
+
+
 __all__ = [
+    "BridgeUnavailableError",
     "CapturedWriteError",
     "CommandNotAllowedError",
     "ConfigurationError",
     "CrossSlotError",
     "DecodeError",
     "EncodeError",
+    "HandoverError",
+    "HarnessError",
+    "HarnessTimeoutError",
+    "KafkaCredentialsError",
     "PermanentReplayError",
+    "ProcessExitedError",
     "PublishError",
     "RedisRetryError",
     "ReplayError",
     "RetriesExhaustedError",
+    "SettingsRefusedError",
     "SignatureError",
     "SpoolFullError",
+    "TargetURLError",
+    "TopicMissingError",
+    "TopicSetupError",
     "UnknownScriptError",
     "UnknownTargetError",
     "UnsupportedVersionError",

@@ -110,9 +110,9 @@ def serve_bridge_metrics(bridge: Bridge, port: int) -> Any:
                       stats.rejected)
         yield _family("counter", "crr_bridge_stalls", "Hand-overs refused: a partition paused and rewound",
                       stats.stalls)
-        yield _family("counter", "crr_bridge_reading_paused", "Times the Celery queue reached the high-water mark",
-                      stats.held)
-        yield _family("gauge", "crr_bridge_reading_is_paused", "1 while reading is paused by backpressure",
+        yield _family("counter", "crr_bridge_backpressure_pauses",
+                      "Times reading paused because the Celery queue reached the high-water mark", stats.held)
+        yield _family("gauge", "crr_bridge_backpressure_active", "1 while reading is paused by backpressure, else 0",
                       int(bridge.reading_paused))
         yield _family("gauge", "crr_bridge_assigned_partitions", "Partitions this bridge owns",
                       bridge.assigned_partitions)

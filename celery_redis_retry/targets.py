@@ -33,15 +33,12 @@ from redis.connection import (
 from redis.retry import Retry
 
 from celery_redis_retry.errors import PermanentReplayError
+from celery_redis_retry.errors import TargetURLError as TargetURLError  # noqa: PLC0414 - defined in errors.py, kept importable here
 
 TARGET_SCHEMES = frozenset(
     ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
 )
 _LOOPBACK = frozenset(("localhost", "127.0.0.1", "::1"))
-
-
-class TargetURLError(ValueError):
-    """A target URL that no client could connect with; the message says what is wrong."""
 
 
 def normal_host(host: str) -> str:

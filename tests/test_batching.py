@@ -17,7 +17,7 @@ from celery_redis_retry.bridge import ends
 from celery_redis_retry.bridge.dispatch import Batcher, Consumed, InFlight, OffsetTracker
 from celery_redis_retry.config import Settings
 from celery_redis_retry.errors import PermanentReplayError
-from celery_redis_retry.replay.executor import Applied, Executor
+from celery_redis_retry.replay.executor import Executor, ReplayResult
 from celery_redis_retry.testing import RedisServer
 
 
@@ -238,7 +238,7 @@ def test_run_many_gives_one_result_per_op_in_one_round_trip(executor: tuple[Exec
         ops.set("guarded", "v1", if_value="v0"),  # superseded
     ]
     results = run.run_many(batch)
-    assert [r.outcome if isinstance(r, Applied) else type(r).__name__ for r in results] == [
+    assert [r.outcome if isinstance(r, ReplayResult) else type(r).__name__ for r in results] == [
         "applied", "applied", "applied", "applied", "PermanentReplayError", "PermanentReplayError", "superseded",
     ]
     assert isinstance(results[4], PermanentReplayError)
@@ -249,7 +249,8 @@ def test_run_many_gives_one_result_per_op_in_one_round_trip(executor: tuple[Exec
         b"\xff", b"2", b"1", [b"x"], b"5", b"v2",
     )
     again = run.run_many(batch[:4])
-    assert [r.outcome for r in again if isinstance(r, Applied)] == ["applied", "duplicate", "duplicate", "duplicate"]
+    outcomes = [r.outcome for r in again if isinstance(r, ReplayResult)]
+    assert outcomes == ["applied", "duplicate", "duplicate", "duplicate"]
     assert (r.get("n"), r.get("hits")) == (b"2", b"5")
 
 

@@ -69,7 +69,9 @@ def test_bridge_and_worker_serve_their_counters(make_loop: Callable[..., LoopSta
     assert samples["crr_bridge_ops_dispatched_total"] == 105
     assert samples["crr_bridge_ops_rejected_total"] == 1
     assert samples["crr_bridge_assigned_partitions"] == 4
-    assert samples["crr_bridge_reading_is_paused"] == 0
+    assert samples["crr_bridge_backpressure_active"] == 0
+    assert samples["crr_bridge_backpressure_pauses_total"] >= 0
+    assert not any("reading_paused" in name or "reading_is_paused" in name for name in samples)
     assert samples["crr_bridge_tasks_sent_total"] >= 1
 
 

@@ -129,7 +129,7 @@ def test_dlq_list_show_replay_purge_through_the_real_cli(make_loop: Callable[...
         assert again.stderr.count("no pending record") == 5
         handled = json.loads(stack.cli("redis-retry", "dlq", "show", not_a_number[0].id).stdout)
         assert handled["state"] == "handled"
-        refs = [d["ref"] for d in map(json.loads, stack.cli("redis-retry", "dlq", "list", "--all", "--json",
+        refs = [d["ref"] for d in map(json.loads, stack.cli("redis-retry", "dlq", "list", "--include-handled", "--json",
                                                              "--reason", "invalid_value").stdout.splitlines())]
         duplicates = stack.worker_log_count(r"was already applied")
         assert _replay_handled_records(stack, refs) == 5
@@ -161,9 +161,15 @@ def test_dlq_list_show_replay_purge_through_the_real_cli(make_loop: Callable[...
     assert nothing.returncode == 0, nothing.stderr
     assert f"no pending record in {stack.dlq_topic} matches" in nothing.stdout
     assert "dry run: 0 would be replayed" in nothing.stdout
-    everything = stack.cli("redis-retry", "dlq", "list", "--all")
+    everything = stack.cli("redis-retry", "dlq", "list", "--include-handled")
     assert len(_refs(everything.stdout)) == 16
     assert everything.stdout.count("handled") == 16
+    # The flag's first name still works, and says what it is called now.
+    by_old_name = stack.cli("redis-retry", "dlq", "list", "--all")
+    assert by_old_name.returncode == 0, by_old_name.stderr
+    assert by_old_name.stdout == everything.stdout
+    assert by_old_name.stderr.strip() == "note: dlq list --all is now --include-handled"
+    assert "--all" not in stack.cli("redis-retry", "dlq", "list", "--help").stdout
     assert len(stack.dead_letters(idle=2)) == 16, "replayed ops must not have died again"
 
 
@@ -171,7 +177,7 @@ def _replay_handled_records(stack: LoopStack, refs: list[str]) -> int:
     """Replay records the cursor marks handled (as a second operator racing the first might)."""
     queue = DeadLetterQueue(stack.settings())
     records = [s for s in queue.read(include_handled=True) if s.ref in refs]
-    return len(queue.replay(records).replayed)
+    return len(queue.republish(records).republished)
 
 
 def test_replay_of_one_record_keeps_older_pending_ones(make_loop: Callable[..., LoopStack]) -> None:
@@ -404,7 +410,9 @@ def test_counts_read_in_words() -> None:
 
 
 def test_every_reason_a_dead_letter_can_carry_is_a_known_reason() -> None:
-    never_dead_letters = {"error", "captured", "publish_failed", "spool_full"}  # raised to the app, not written
+    raised_to_the_app = {"error", "captured", "publish_failed", "spool_full"}
+    raised_by_commands_and_the_bridge = {"topic_missing", "topic_setup", "unavailable", "handover_failed", "harness"}
+    never_dead_letters = raised_to_the_app | raised_by_commands_and_the_bridge  # never written to the DLQ
     error_reasons = {getattr(errors, name).reason for name in errors.__all__} - never_dead_letters
     assert error_reasons <= dlq.REASONS, error_reasons - dlq.REASONS
     redis_errors = ["WRONGTYPE Operation against a key", "CROSSSLOT Keys", "ERR unknown command 'X'",

@@ -25,7 +25,7 @@ from typing import Any
 
 from kombu.exceptions import ChannelError
 
-from celery_redis_retry.errors import RedisRetryError
+from celery_redis_retry.errors import HandoverError as HandoverError  # noqa: PLC0414 - defined in errors.py, kept importable here
 from celery_redis_retry.kafka import format_offsets
 from celery_redis_retry.names import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 from celery_redis_retry.ops import RedisOp
@@ -33,12 +33,6 @@ from celery_redis_retry.ops import RedisOp
 logger = logging.getLogger(__name__)
 
 Partition = tuple[str, int]
-
-
-class HandoverError(RedisRetryError):
-    """Ops could be handed neither to Celery nor to the DLQ; their partitions must stop."""
-
-    reason = "handover_failed"
 
 
 @dataclass(frozen=True)

@@ -60,19 +60,14 @@ from celery_redis_retry.bridge.ends import EndsReader
 from celery_redis_retry.bridge.waiting import Parked, ParkedHeaders, WaitingWriter
 from celery_redis_retry.config import confirm_task_publishing, settings_for, shown_broker_url, waiting_group
 from celery_redis_retry.dlq.record import DeadLetter, DeadLetterWriter, Origin
-from celery_redis_retry.errors import DecodeError, PublishError, RedisRetryError, UnknownTargetError
+from celery_redis_retry.errors import BridgeUnavailableError as BridgeUnavailableError  # noqa: PLC0414 - defined in errors.py, kept importable here
+from celery_redis_retry.errors import DecodeError, PublishError, UnknownTargetError
 from celery_redis_retry.expiry import ends_expired
 from celery_redis_retry.message import decode
 from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.outage_log import UnknownTargetLog
 
 logger = logging.getLogger(__name__)
-
-
-class BridgeUnavailableError(RedisRetryError):
-    """Kafka or the Celery broker cannot be reached when the bridge starts."""
-
-    reason = "unavailable"
 
 
 #: How long a stopping bridge waits for the ops in flight to end before its last commit.

@@ -121,7 +121,9 @@ def dlq() -> None:
 
 
 @dlq.command("list")
-@click.option("--all", "include_handled", is_flag=True, help="Also records already replayed or purged.")
+@click.option("--include-handled", is_flag=True, help="Also records already replayed or purged.")
+# The flag's first name: in replay and purge --all means "every pending record", not this.
+@click.option("--all", "all_alias", is_flag=True, hidden=True)
 @_REASON_OPTION
 @_OUTCOME_OPTION
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(0), help="Most records shown; 0: all.")
@@ -129,10 +131,10 @@ def dlq() -> None:
 @timeout_option()
 @click.pass_context
 def dlq_list(  # noqa: PLR0917 - click passes every option
-    ctx: click.Context, include_handled: bool, reason: str | None, outcome: str | None, limit: int, as_json: bool,
-    timeout: float,
+    ctx: click.Context, include_handled: bool, all_alias: bool, reason: str | None, outcome: str | None, limit: int,
+    as_json: bool, timeout: float,
 ) -> None:
-    """Pending records, oldest first in each partition.
+    """Pending records, oldest first in each partition (every record with --include-handled).
 
     Exits 0 (also when no record matches), 2 on an unknown --reason, 3 on bad settings,
     4 when Kafka does not answer within --timeout, 5 when the DLQ topic does not exist.
@@ -143,6 +145,9 @@ def dlq_list(  # noqa: PLR0917 - click passes every option
     from celery_redis_retry.message import dumps
     from celery_redis_retry.words import counted
 
+    if all_alias:
+        click.echo("note: dlq list --all is now --include-handled", err=True)
+        include_handled = True
     queue = _dead_letter_queue(ctx, timeout)
     read = _read_dlq(ctx, queue, include_handled=include_handled)
     records, _ = select([s for s in read if include_handled or not s.handled], reason=reason, outcome=outcome)
@@ -229,15 +234,15 @@ def dlq_replay(  # noqa: PLR0917 - click passes every option
                    "nothing published")
         ctx.exit(EXIT_FAILURE if refused or selection.unknown else EXIT_OK)
     try:
-        result = require_kafka_answer(ctx, queue.settings, lambda: queue.replay(selection.chosen), timeout)
+        result = require_kafka_answer(ctx, queue.settings, lambda: queue.republish(selection.chosen), timeout)
     except TopicMissingError as exc:
         missing_topic(ctx, exc)
-    for stored, new_id in result.replayed:
+    for stored, new_id in result.republished:
         click.echo(f"replayed {stored.ref} as op {new_id}")
     for stored, why in result.refused:
         click.echo(f"error: not replayed {stored.ref}: {why}", err=True)
-    left = queue.advance(selection.records, [s for s, _ in result.replayed])
-    click.echo(f"{len(result.replayed)} replayed to {queue.settings.topic}, {len(result.refused)} refused, "
+    left = queue.advance(selection.records, [s for s, _ in result.republished])
+    click.echo(f"{len(result.republished)} replayed to {queue.settings.topic}, {len(result.refused)} refused, "
                f"{counted(left, 'record')} pending in {queue.topic}")
     ctx.exit(EXIT_FAILURE if result.refused or selection.unknown else EXIT_OK)
 
@@ -252,7 +257,7 @@ def dlq_purge(  # noqa: PLR0917 - click passes every option
 ) -> None:
     """Mark pending records as dealt with, without replaying them.
 
-    The records stay in Kafka (until its retention removes them); "dlq list --all" and
+    The records stay in Kafka (until its retention removes them); "dlq list --include-handled" and
     "dlq show" still find them.
 
     Exits 0 when the selected records were purged (also when no record matches the

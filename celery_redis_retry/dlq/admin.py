@@ -1,18 +1,22 @@
-"""Operator tools for the dead-letter topic: list, show, replay and purge.
+"""Operator tools for the dead-letter topic: list, show, republish and purge.
+
+``celery -A app redis-retry dlq replay`` *republishes*: it publishes a record's op to
+``redis_retry_topic`` again, where the bridge hands it to the replay tasks like any other
+op. In this module "republish" names that step, so it is not confused with replaying an
+op on Redis (:mod:`celery_redis_retry.replay`).
 
 Kafka records are never deleted by these tools. What an operator has dealt with
-(replayed or purged) is tracked in a consumer group of its own,
+(republished or purged) is tracked in a consumer group of its own,
 ``<redis_retry_consumer_group>.dlq``: per partition, its committed offset (the *cursor*)
 is the first record not dealt with, and the commit's metadata lists the records dealt
-with beyond it (``"12,15-20"``), since an operator may replay one record and leave older
+with beyond it (``"12,15-20"``), since an operator may republish one record and leave older
 ones. Every other record is *pending*. Nothing joins that group, so nothing else moves
 it, and any Kafka broker keeps it.
 
-A replayed op is published to ``redis_retry_topic`` with its attempts reset and an id
-derived from the DLQ record it came from (``<op id>.dlq-<partition>-<offset>``): the
-replay is a new life for the op, not a duplicate of the one that died (whose dedupe
-marker may exist), yet replaying the same record twice applies it once, since both
-copies carry the same id.
+A republished op has its attempts reset and an id derived from the DLQ record it came
+from (``<op id>.dlq-<partition>-<offset>``): it is a new life for the op, not a duplicate
+of the one that died (whose dedupe marker may exist), yet republishing the same record
+twice applies it once, since both copies carry the same id.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ class StoredLetter:
     timestamp_ms: int
     letter: DeadLetter | None
     problem: str | None = None
-    #: Replayed or purged already.
+    #: Republished (``dlq replay``) or purged already.
     handled: bool = False
 
     @property
@@ -58,7 +62,7 @@ class StoredLetter:
 
     @property
     def state(self) -> str:
-        """``handled`` (replayed or purged already) or ``pending``."""
+        """``handled`` (republished or purged already) or ``pending``."""
         return "handled" if self.handled else "pending"
 
     def document(self) -> dict[str, Any]:
@@ -72,20 +76,20 @@ class StoredLetter:
 
 
 @dataclass(frozen=True)
-class ReplayResult:
-    """What :meth:`DeadLetterQueue.replay` did with each record it was given."""
+class RepublishResult:
+    """What :meth:`DeadLetterQueue.republish` did with each record it was given."""
 
-    replayed: list[tuple[StoredLetter, str]]  # record, id of the op published
-    refused: list[tuple[StoredLetter, str]]  # record, why it cannot be replayed
+    republished: list[tuple[StoredLetter, str]]  # record, id of the op published
+    refused: list[tuple[StoredLetter, str]]  # record, why it cannot be republished
 
 
-def replay_copy(stored: StoredLetter, op: RedisOp) -> RedisOp:
+def republished_copy(stored: StoredLetter, op: RedisOp) -> RedisOp:
     """The op to publish again for a DLQ record: attempts reset, id derived from the record."""
     return msgspec.structs.replace(op, id=f"{op.id}.dlq-{stored.partition}-{stored.offset}", attempt=0)
 
 
 class DeadLetterQueue:
-    """The DLQ topic seen by an operator: records, the cursor, replay and purge."""
+    """The DLQ topic seen by an operator: records, the cursor, republish and purge."""
 
     def __init__(self, settings: Settings, *, timeout: float = 30.0) -> None:
         self.settings = settings
@@ -130,8 +134,11 @@ class DeadLetterQueue:
 
     # -- acting --------------------------------------------------------------------------
 
-    def replay(self, records: Iterable[StoredLetter]) -> ReplayResult:
+    def republish(self, records: Iterable[StoredLetter]) -> RepublishResult:
         """Publish the ops of ``records`` to ``redis_retry_topic`` and wait for Kafka to confirm.
+
+        This is what ``dlq replay`` does: the bridge then hands each op to the replay
+        tasks, which run it on Redis.
 
         Records without an op (undecodable messages), ``rejected`` ones (they were never
         valid) and ops these settings refuse (an unknown target, a script no longer
@@ -140,7 +147,7 @@ class DeadLetterQueue:
         if the retry topic does not exist (librdkafka would hold every op for 30 s, then
         fail them all).
         """
-        replayed: list[tuple[StoredLetter, str]] = []
+        republished: list[tuple[StoredLetter, str]] = []
         batch, refused = self.check(records)
         if batch:
             producer = kafka.new_producer(self.settings.kafka, **{"linger.ms": 5})
@@ -151,37 +158,37 @@ class DeadLetterQueue:
             )
             for (stored, op, _raw), error in zip(batch, errors, strict=True):
                 if error is None:
-                    replayed.append((stored, op.id))
+                    republished.append((stored, op.id))
                 else:
                     refused.append((stored, f"Kafka did not take it: {error}"))
-        for stored, new_id in replayed:
-            logger.info("DLQ record %s (op %s) replayed as op %s", stored.ref, stored.op_id, new_id)
-        return ReplayResult(replayed, refused)
+        for stored, new_id in republished:
+            logger.info("DLQ record %s (op %s) republished as op %s", stored.ref, stored.op_id, new_id)
+        return RepublishResult(republished, refused)
 
     def check(
         self, records: Iterable[StoredLetter]
     ) -> tuple[list[tuple[StoredLetter, RedisOp, bytes]], list[tuple[StoredLetter, str]]]:
-        """Split ``records`` into those :meth:`replay` would publish (with the op and its
+        """Split ``records`` into those :meth:`republish` would publish (with the op and its
         encoding) and those it would refuse (with why), without publishing anything."""
         ready: list[tuple[StoredLetter, RedisOp, bytes]] = []
         refused: list[tuple[StoredLetter, str]] = []
         for stored in records:
             try:
-                op = self._replayable(stored)
+                op = self._republishable(stored)
                 ready.append((stored, op, encode(op, self.settings.signer)))
             except RedisRetryError as exc:
                 refused.append((stored, str(exc)))
         return ready, refused
 
-    def _replayable(self, stored: StoredLetter) -> RedisOp:
+    def _republishable(self, stored: StoredLetter) -> RedisOp:
         letter = stored.letter
         if letter is None:
             raise DecodeError(f"record {stored.ref} is not a DLQ record: {stored.problem}")
         if letter.outcome == "rejected":
-            raise EncodeError(f"record {stored.ref} was rejected ({letter.reason}): it can never be replayed")
+            raise EncodeError(f"record {stored.ref} was rejected ({letter.reason}): it can never be republished")
         if letter.op is None:
             raise DecodeError(f"record {stored.ref} holds no op")
-        op = replay_copy(stored, letter.op)
+        op = republished_copy(stored, letter.op)
         self.settings.check_op(op)
         return op
 

@@ -24,7 +24,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from celery_redis_retry.errors import ConfigurationError
+from celery_redis_retry.errors import KafkaCredentialsError as KafkaCredentialsError  # noqa: PLC0414 - defined in errors.py, kept importable here
+from celery_redis_retry.errors import TopicMissingError as TopicMissingError  # noqa: PLC0414 - defined in errors.py, kept importable here
 from celery_redis_retry.kafka.settings import consumer_config, producer_config
 
 logger = logging.getLogger(__name__)
@@ -79,13 +80,6 @@ def authorization_problem(user: Mapping[str, Any], topic: str, operation: str, d
         f"Kafka refused {operation} on topic {topic!r} to {principal} ({detail}): grant it "
         f"with an ACL (see docs/security.md)"
     )
-
-
-class KafkaCredentialsError(ConfigurationError):
-    """The cluster refused this process's SASL credentials: a setting to fix, not an outage."""
-
-    def __init__(self, user: Mapping[str, Any], detail: str) -> None:
-        super().__init__(credentials_problem(user, detail))
 
 
 class _RefusedLogin:
@@ -143,7 +137,7 @@ def cluster_metadata(client: Consumer | Producer, topic: str | None = None, *, t
         except KafkaException:
             refused = _refused_login(client)
             if refused is not None and refused.error is not None:
-                raise KafkaCredentialsError(refused.user, refused.error.str()) from None
+                raise KafkaCredentialsError(credentials_problem(refused.user, refused.error.str())) from None
             if time.monotonic() >= deadline:
                 raise
 
@@ -231,31 +225,6 @@ UNKNOWN_TOPIC_CODES = frozenset((KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._U
 #: How long :func:`topic_missing` keeps asking before it believes "unknown topic": a broker
 #: that creates topics on first use answers so while it creates one, for a moment.
 MISSING_TOPIC_WINDOW = 2.0
-
-#: The command that creates the topics, as the errors below suggest it.
-CREATE_COMMAND = "celery -A {app} redis-retry topics create"
-
-
-class TopicMissingError(KafkaException):
-    """A topic this process needs does not exist on the cluster (it does not create topics on use).
-
-    :attr:`topic` names it, :attr:`bootstrap` the cluster; ``str()`` says how to create it.
-    """
-
-    def __init__(self, topic: str, bootstrap: str, *, role: str = "") -> None:
-        self.topic = topic
-        self.bootstrap = bootstrap
-        self.role = role
-        super().__init__(self.explain())
-
-    def explain(self, app: str = "<app>") -> str:
-        """The message, with ``app`` (the ``celery -A`` argument) in the command to run."""
-        what = f"{self.role} topic" if self.role else "topic"
-        return (
-            f"{what} {self.topic!r} does not exist on {self.bootstrap}; "
-            f"create it with: {CREATE_COMMAND.format(app=app)}"
-        )
-
 
 def topic_missing(
     client: Consumer | Producer, topic: str, *, timeout: float = 10.0, window: float = MISSING_TOPIC_WINDOW

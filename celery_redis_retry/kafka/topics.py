@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from celery_redis_retry import kafka
 from celery_redis_retry.config import Settings
-from celery_redis_retry.errors import RedisRetryError
+from celery_redis_retry.errors import TopicSetupError as TopicSetupError  # noqa: PLC0414 - defined in errors.py, kept importable here
 from celery_redis_retry.words import counted
 
 DAY_MS = 24 * 3600 * 1000
@@ -53,12 +53,6 @@ DEFAULT_ENDS_RETENTION_MS = DAY_MS
 
 #: The settings :func:`create` sets and :func:`differences` compares.
 COMPARED = ("min.insync.replicas", "retention.ms", "cleanup.policy")
-
-
-class TopicSetupError(RedisRetryError):
-    """The topics cannot be created as asked (too few brokers, no controller...)."""
-
-    reason = "topic_setup"
 
 
 def min_insync_for(replication_factor: int) -> int:

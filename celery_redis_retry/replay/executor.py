@@ -76,11 +76,12 @@ _ALREADY_APPLIED = b"CRR-ALREADY-APPLIED"
 
 
 @dataclass(frozen=True)
-class Applied:
-    """What a replay did, and to each command.
+class ReplayResult:
+    """What running an op on Redis did, to the op and to each of its commands.
 
-    ``outcome`` is ``applied``, ``duplicate`` (a dedupe marker proved it ran before) or
-    ``superseded`` (its guard failed: a newer write won, nothing was written).
+    ``outcome`` is ``applied``, ``duplicate`` (a dedupe marker proved it ran before,
+    nothing was written) or ``superseded`` (its guard failed: a newer write won, nothing
+    was written). Only ``applied`` means the op's commands ran.
     """
 
     outcome: str
@@ -89,7 +90,7 @@ class Applied:
 
 
 _NO_GUARD: list[Arg] = ["", "", ""]
-_APPLIED_ONE = Applied("applied", (None,))
+_APPLIED_ONE_COMMAND = ReplayResult("applied", (None,))
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class Executor:
 
     # -- one op --------------------------------------------------------------------------
 
-    def run(self, op: RedisOp) -> Applied:
+    def run(self, op: RedisOp) -> ReplayResult:
         """Apply ``op`` once. Redis errors propagate for the caller to classify."""
         client = self.clients.get(op.target)
         mode = self._mode(op)
@@ -122,7 +123,7 @@ class Executor:
             # Running these twice leaves Redis as running them once: no marker needed.
             if op.kind == "command":
                 client.execute_command(*op.commands[0])
-                return _APPLIED_ONE
+                return _APPLIED_ONE_COMMAND
             pipe = client.pipeline(transaction=False)
             for command in op.commands:
                 pipe.execute_command(*command)
@@ -144,7 +145,7 @@ class Executor:
             return "per_slot"
         return "lua"
 
-    def _run_per_slot(self, client: Any, op: RedisOp) -> Applied:
+    def _run_per_slot(self, client: Any, op: RedisOp) -> ReplayResult:
         """A cross-slot pipeline on a cluster: one atomic step, with its own marker, per slot.
 
         A retry after a partial failure skips the slots already applied (their markers
@@ -164,14 +165,14 @@ class Executor:
             for i, error in zip(indexes, result.command_errors, strict=True):
                 errors[i] = error
         outcome = outcomes.pop() if len(outcomes) == 1 else "applied"
-        return _checked(op, Applied(outcome, tuple(errors)))
+        return _checked(op, ReplayResult(outcome, tuple(errors)))
 
     # -- many ops, one round trip --------------------------------------------------------
 
-    def run_many(self, ops: list[RedisOp]) -> list[Applied | Exception]:
+    def run_many(self, ops: list[RedisOp]) -> list[ReplayResult | Exception]:
         """Apply ops of one target in a single pipelined round trip; one result per op.
 
-        Each result is an :class:`Applied` or the exception that op met, so one failing
+        Each result is a :class:`ReplayResult` or the exception that op met, so one failing
         op does not hide the others. An exception raised instead (the connection failed)
         concerns the whole round trip: some ops may have been applied, and markers make
         running them again harmless. A script not yet loaded on the server is loaded by
@@ -183,7 +184,7 @@ class Executor:
         pipe = client.pipeline(transaction=False)
         plans = [self._queue(pipe, op) for op in ops]
         replies = iter(pipe.execute(raise_on_error=False) if any(p[1] for p in plans) else [])
-        results: list[Applied | Exception] = []
+        results: list[ReplayResult | Exception] = []
         for op, (mode, count, detail) in zip(ops, plans, strict=True):
             chunk = [next(replies) for _ in range(count)]
             try:
@@ -208,7 +209,7 @@ class Executor:
         pipe.execute_command("EVALSHA", _sha(call.source), len(call.keys), *call.keys, *call.args)
         return mode, 1, call
 
-    def _result(self, op: RedisOp, mode: str, detail: _Call | RedisRetryError | None, chunk: list[Any]) -> Applied:
+    def _result(self, op: RedisOp, mode: str, detail: _Call | RedisRetryError | None, chunk: list[Any]) -> ReplayResult:
         if isinstance(detail, RedisRetryError):
             raise detail
         if mode == "per_slot":
@@ -296,27 +297,27 @@ def _sha(source: str) -> str:
 _shas: dict[str, str] = {}
 
 
-def _parse_once(reply: Any, commands: int) -> Applied:
+def _parse_once(reply: Any, commands: int) -> ReplayResult:
     if reply[0] == 0:
-        return Applied("duplicate", (None,) * commands)
+        return ReplayResult("duplicate", (None,) * commands)
     if reply[0] == 2:
-        return Applied("superseded", (None,) * commands)
-    return Applied(
+        return ReplayResult("superseded", (None,) * commands)
+    return ReplayResult(
         "applied",
         tuple(None if r in (1, 2) else (r.decode() if isinstance(r, bytes) else str(r)) for r in reply[1:]),
     )
 
 
-def _lua_outcome(op: RedisOp, call: _Call, reply: Any) -> Applied:
+def _lua_outcome(op: RedisOp, call: _Call, reply: Any) -> ReplayResult:
     if call.script != "apply_once":
-        return Applied("duplicate" if reply == _ALREADY_APPLIED else "applied", (None,))
+        return ReplayResult("duplicate" if reply == _ALREADY_APPLIED else "applied", (None,))
     return _checked(op, _parse_once(reply, call.commands))
 
 
 _PARSER = _RESP2Parser(socket_read_size=65536)  # type: ignore[no-untyped-call]
 
 
-def _plain_outcome(op: RedisOp, replies: Sequence[Any]) -> Applied:
+def _plain_outcome(op: RedisOp, replies: Sequence[Any]) -> ReplayResult:
     """The outcome of commands run as they are; raise the error one of them met.
 
     A retryable reply (LOADING, READONLY...) is raised as it is, so the op is retried;
@@ -324,14 +325,14 @@ def _plain_outcome(op: RedisOp, replies: Sequence[Any]) -> Applied:
     """
     errors = [r for r in replies if isinstance(r, Exception)]
     if not errors:
-        return _APPLIED_ONE if len(replies) == 1 else Applied("applied", (None,) * len(replies))
+        return _APPLIED_ONE_COMMAND if len(replies) == 1 else ReplayResult("applied", (None,) * len(replies))
     retryable = [r for r in errors if policy.is_retryable(r)]
     if retryable:
         raise retryable[0]
-    return _checked(op, Applied("applied", tuple(str(r) if isinstance(r, Exception) else None for r in replies)))
+    return _checked(op, ReplayResult("applied", tuple(str(r) if isinstance(r, Exception) else None for r in replies)))
 
 
-def _checked(op: RedisOp, applied: Applied) -> Applied:
+def _checked(op: RedisOp, applied: ReplayResult) -> ReplayResult:
     failed = [(i, e) for i, e in enumerate(applied.command_errors) if e is not None]
     if failed:
         # An error the target would not give a moment later (OOM, READONLY, LOADING...)

@@ -49,7 +49,7 @@ from celery_redis_retry.message import Signer, decode
 from celery_redis_retry.metrics import count_outcomes
 from celery_redis_retry.names import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 from celery_redis_retry.ops import RedisOp
-from celery_redis_retry.replay.executor import Applied, Executor
+from celery_redis_retry.replay.executor import Executor, ReplayResult
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def _run_target(
     """Run one target's ops of a batch in one round trip; sort each op by what happened to it."""
     to_park: list[_Item] = []
     outage: BaseException | None = None
-    results: list[Applied | Exception] = []
+    results: list[ReplayResult | Exception] = []
     if rt.circuit.is_open(target):
         to_park, outage = list(items), rt.circuit.skipped(target)
     else:
@@ -296,7 +296,7 @@ def _run_target(
         except Exception as exc:  # noqa: BLE001 - the round trip failed: every op falls back
             results = [exc] * len(items)
     for (message, origin, op, here), result in zip(items, results, strict=False):
-        if isinstance(result, Applied):
+        if isinstance(result, ReplayResult):
             outcomes[result.outcome] += 1
             _log_outcome(op, result.outcome)
             done.append(here)

@@ -22,6 +22,7 @@ from kombu.entity import Queue
 from celery_redis_retry.config import Settings, pending_settings, settings_for
 from celery_redis_retry.errors import (
     ConfigurationError,
+    SettingsRefusedError,
 )
 from celery_redis_retry.metrics import serve_worker_metrics
 from celery_redis_retry.names import EXIT_CONFIG
@@ -29,8 +30,11 @@ from celery_redis_retry.names import EXIT_CONFIG
 logger = logging.getLogger(__name__)
 
 
-class SettingsRefusedError(CeleryCommandException, ConfigurationError):
-    """Bad settings at worker start: ``celery worker`` prints this one line and exits 3 (no traceback)."""
+# Not in errors.py: Celery's command line prints a ClickException's message alone and exits
+# with its code, so this must derive from Celery's CeleryCommandException; errors.py cannot
+# import Celery or click (every process imports it, the application's hot path too).
+class _WorkerSettingsRefused(CeleryCommandException, SettingsRefusedError):
+    """The :class:`SettingsRefusedError` ``celery worker`` shows in one line, exiting 3."""
 
     def __init__(self, error: ConfigurationError) -> None:
         CeleryCommandException.__init__(self, f"celery_redis_retry: configuration error: {error}", EXIT_CONFIG)
@@ -57,7 +61,7 @@ def _refused_in_one_line() -> Iterator[None]:
     except SettingsRefusedError:
         raise
     except ConfigurationError as exc:
-        raise SettingsRefusedError(exc) from exc
+        raise _WorkerSettingsRefused(exc) from exc
 
 
 class _ServeMetrics(bootsteps.Step):

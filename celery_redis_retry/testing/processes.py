@@ -16,7 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from celery_redis_retry.errors import RedisRetryError
+from celery_redis_retry.errors import HarnessError as HarnessError  # noqa: PLC0414 - defined in errors.py, kept importable here
+from celery_redis_retry.errors import HarnessTimeoutError as HarnessTimeoutError  # noqa: PLC0414 - defined in errors.py, kept importable here
+from celery_redis_retry.errors import ProcessExitedError as ProcessExitedError  # noqa: PLC0414 - defined in errors.py, kept importable here
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -26,20 +28,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _TAIL_LINES = 40
-
-
-class HarnessError(RedisRetryError, RuntimeError):
-    """A test process could not be found, started or stopped."""
-
-    reason = "harness"
-
-
-class ProcessExitedError(HarnessError):
-    """A managed process exited while the harness was waiting for it; carries its log tail."""
-
-
-class HarnessTimeoutError(HarnessError, TimeoutError):
-    """Something the harness waited for did not happen in time."""
 
 
 def free_port() -> int:
