@@ -40,16 +40,10 @@ from celery_redis_retry.capture.producer import RetryProducer
 from celery_redis_retry.config import Settings
 from celery_redis_retry.ops import RedisOp
 
-from .common import (
-    RESULTS_DIR,
-    describe_machine,
-    embedded_kafka,
-    machine,
-    markdown_table,
-    percentiles,
-    publish_results,
-    timer_overhead_us,
-)
+from .machine import describe_machine, machine
+from .output import RESULTS_DIR, markdown_table, publish_results
+from .stack import embedded_kafka
+from .timing import percentiles, timer_overhead_us
 
 NAME = "bench_publish"
 GOAL_P50_US = 10.0

@@ -41,27 +41,13 @@ from celery_redis_retry.names import DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY
 
 from .apps.bench_app import RAW_COMMAND_TASK, RAW_PIPELINE_TASK
 from .bench_publish import build_ops
-from .common import (
-    RESULTS_DIR,
-    PySpy,
-    bench_app,
-    bench_env,
-    celery_worker,
-    children,
-    code_under_test,
-    describe_code,
-    describe_machine,
-    keys_applied,
-    machine,
-    markdown_table,
-    prequeue,
-    proc_status,
-    publish_results,
-    rate,
-    redis_server,
-    server_versions,
-    summarize_collapsed,
-)
+from .machine import code_under_test, describe_code, describe_machine, machine, server_versions
+from .output import RESULTS_DIR, markdown_table, publish_results
+from .processes import children, proc_status
+from .profiling import PySpy, summarize_collapsed
+from .queues import prequeue
+from .stack import bench_app, bench_env, celery_worker, keys_applied, redis_server
+from .timing import rate
 
 NAME = "bench_worker"
 POLL_INTERVAL = 0.01
