@@ -52,7 +52,7 @@ from typing import Any
 
 import redis
 
-from celery_redis_retry.capture import wrap
+from celery_redis_retry.capture.wrap import wrap
 from celery_redis_retry.config import Settings
 from celery_redis_retry.testing import RedisServer, redis_server_binary
 
