@@ -46,29 +46,22 @@ from celery_redis_retry.names import DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY
 from celery_redis_retry.testing import CeleryCommand
 
 from .bench_publish import build_ops
-from .common import (
+from .machine import code_under_test, describe_code, describe_machine, machine, server_versions
+from .output import RESULTS_DIR, markdown_table, publish_results
+from .processes import proc_status
+from .profiling import PySpy, summarize_collapsed
+from .queues import QueueCounter
+from .stack import (
     RABBITMQ_URL,
-    RESULTS_DIR,
-    PySpy,
-    QueueCounter,
     bench_app,
     bench_env,
     check_embedded_capacity,
-    code_under_test,
-    describe_code,
-    describe_machine,
     kafka_broker,
     kafka_description,
-    machine,
-    markdown_table,
-    proc_status,
-    publish_results,
     rabbitmq_reachable,
-    rate,
     redis_server,
-    server_versions,
-    summarize_collapsed,
 )
+from .timing import rate
 
 NAME = "bench_bridge"
 GOAL_RATIO = 0.9

@@ -43,26 +43,19 @@ import redis
 from celery_redis_retry.testing import CeleryCommand
 
 from .bench_bridge import prefill
-from .common import (
-    RESULTS_DIR,
-    ProcessSampler,
+from .machine import code_under_test, describe_code, describe_machine, machine, server_versions
+from .output import RESULTS_DIR, markdown_table, publish_results
+from .processes import ProcessSampler, children
+from .stack import (
     bench_env,
     celery_worker,
     check_embedded_capacity,
-    children,
-    code_under_test,
-    describe_code,
-    describe_machine,
     kafka_broker,
     kafka_description,
     keys_applied,
-    machine,
-    markdown_table,
-    publish_results,
-    rate,
     redis_server,
-    server_versions,
 )
+from .timing import rate
 
 NAME = "bench_drain"
 RAW_PIPELINE = 1000

@@ -41,27 +41,13 @@ from celery_redis_retry.names import DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY
 
 from .apps.bench_app import RAW_COMMAND_TASK, RAW_PIPELINE_TASK
 from .bench_publish import build_ops
-from .common import (
-    RESULTS_DIR,
-    PySpy,
-    bench_app,
-    bench_env,
-    celery_worker,
-    children,
-    code_under_test,
-    describe_code,
-    describe_machine,
-    keys_applied,
-    machine,
-    markdown_table,
-    prequeue,
-    proc_status,
-    publish_results,
-    rate,
-    redis_server,
-    server_versions,
-    summarize_collapsed,
-)
+from .machine import code_under_test, describe_code, describe_machine, machine, server_versions
+from .output import RESULTS_DIR, markdown_table, publish_results
+from .processes import children, proc_status
+from .profiling import PySpy, summarize_collapsed
+from .queues import prequeue
+from .stack import bench_app, bench_env, celery_worker, keys_applied, redis_server
+from .timing import rate
 
 NAME = "bench_worker"
 POLL_INTERVAL = 0.01
@@ -76,20 +62,20 @@ class Workload:
     kind: str
     messages: list[str]
     commands: list[tuple[Any, ...]]
+    #: Matches the data keys only: not the dedupe markers and write stamps a replay adds beside them.
     pattern: str
-    #: Keys in the target once every op ran: per row (replay of INCRBY adds a marker per op).
-    keys_replay: int
-    keys_raw: int
+    #: Data keys in the target once every op ran, replayed or raw.
+    keys: int
 
     @classmethod
     def build(cls, kind: str, count: int) -> Workload:
         if kind == "set":
             items = build_ops(count)
             return cls(kind, [message.encode(op).decode() for op in items], [op.commands[0] for op in items],
-                       "user:*:profile", count, count)
+                       "user:*:profile", count)
         items = [ops.incrby(f"counter:{n}", INCRBY_AMOUNT) for n in range(count)]
         return cls(kind, [message.encode(op).decode() for op in items], [op.commands[0] for op in items],
-                   "counter:*", 2 * count, count)
+                   "counter:*", count)
 
 
 def _verify(client: redis.Redis, workload: Workload) -> dict[str, Any]:
@@ -115,13 +101,13 @@ def _queue_all(app: Any, queue: str, workload: Workload, side: str, batch_size: 
             calls = [(REPLAY_BATCH_TASK, (messages[first:first + size],
                                           [["t", i % 4, i] for i in range(first, min(first + size, len(messages)))]),
                       {}) for first in range(0, len(messages), size)]
-        return prequeue(app, queue, calls, link_error=app.signature(DEAD_LETTER_TASK)), workload.keys_replay
+        return prequeue(app, queue, calls, link_error=app.signature(DEAD_LETTER_TASK)), workload.keys
     if size == 1:
         calls = [(RAW_COMMAND_TASK, tuple(c), {}) for c in commands]
     else:
         calls = [(RAW_PIPELINE_TASK, ([list(c) for c in commands[first:first + size]],), {})
                  for first in range(0, len(commands), size)]
-    return prequeue(app, queue, calls), workload.keys_raw
+    return prequeue(app, queue, calls), workload.keys
 
 
 def _wait_applied(

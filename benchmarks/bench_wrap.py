@@ -52,21 +52,13 @@ from typing import Any
 
 import redis
 
-from celery_redis_retry.capture import wrap
+from celery_redis_retry.capture.wrap import wrap
 from celery_redis_retry.config import Settings
 from celery_redis_retry.testing import RedisServer, redis_server_binary
 
-from .common import (
-    RESULTS_DIR,
-    code_under_test,
-    describe_code,
-    describe_machine,
-    machine,
-    markdown_table,
-    percentiles,
-    publish_results,
-    timer_overhead_us,
-)
+from .machine import code_under_test, describe_code, describe_machine, machine
+from .output import RESULTS_DIR, markdown_table, publish_results
+from .timing import percentiles, timer_overhead_us
 
 NAME = "bench_wrap"
 GOAL_SET_RATIO = 1.3

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .common import RESULTS_DIR, markdown_table
+from .output import RESULTS_DIR, markdown_table
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 

@@ -8,11 +8,15 @@ Tests marked ``redis_and_valkey`` run twice, with ids ``[redis]`` and ``[valkey]
 against redis-server, once against valkey-server as the *target* server (the
 ``target_server`` fixture, used by ``redis_server`` and ``make_loop``'s target). Celery's
 broker stays a redis-server either way.
+
+A test that starts a process, or takes over a few seconds, must be marked ``slow``: the
+hooks below fail a run where one is not (docs/testing.md, "The quick run").
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,11 +48,123 @@ HARNESS_TIMINGS: list[str] = []
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Report how long the shared services took to start (the Kafka cluster above all)."""
+    """Report how long the shared services took to start, and the tests that must be marked slow."""
     if HARNESS_TIMINGS:
         terminalreporter.section("harness start-up")
         for line in HARNESS_TIMINGS:
             terminalreporter.write_line(line)
+    if UNMARKED_SLOW_TESTS:
+        terminalreporter.section("tests that must be marked slow", red=True)
+        for line in UNMARKED_SLOW_TESTS:
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(
+            "mark the file (pytestmark = pytest.mark.slow) or the test (@pytest.mark.slow): "
+            "`pytest -m \"not slow\"` is the quick run, see docs/testing.md"
+        )
+
+
+# -- the slow marker, kept true -------------------------------------------------------------
+# A test not marked ``slow`` must neither start a process nor take long. Python's audit
+# hooks (PEP 578) see every process this interpreter starts, however it is started (the
+# harness's classes, subprocess.run of the CLI, os.fork); the durations come from pytest's
+# own reports. Both are measured in every run, so the marker cannot drift out of date.
+
+#: What a test not marked ``slow`` may take, setup and call together (the rule is ~2 s; the
+#: margin is for a busy machine).
+FAST_TEST_LIMIT_S = 5.0
+
+#: Audit events raised when this interpreter starts another process.
+PROCESS_EVENTS = frozenset({"subprocess.Popen", "os.posix_spawn", "os.spawn", "os.system", "os.fork", "os.forkpty"})
+
+#: Filled at the end of the run: one line per test that breaks the rule.
+UNMARKED_SLOW_TESTS: list[str] = []
+
+
+class ProcessStarts:
+    """Counts the processes this interpreter starts and keeps what the latest one was."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.latest = ""
+
+    def __call__(self, event: str, args: tuple[Any, ...]) -> None:
+        # Called for every audit event (every open, import, compile...): the set lookup first.
+        # It must never raise: an exception here would fail the fork or Popen itself.
+        if event in PROCESS_EVENTS:
+            self.count += 1
+            what = args[1] if event == "subprocess.Popen" and len(args) > 1 else args[:2]
+            self.latest = f"{event} {what!r}"[:160]
+
+
+PROCESS_STARTS = ProcessStarts()
+sys.addaudithook(PROCESS_STARTS)  # an audit hook cannot be removed: installed once, at import
+
+#: Fixtures whose setup started a process (seen in this run), e.g. the session's brokers.
+#: The definitions, not the names: a test file may define a fixture of the same name.
+PROCESS_FIXTURES: set[pytest.FixtureDef[Any]] = set()
+
+#: Per test not marked slow: the fixtures it uses by name, and the latest process it
+#: started itself ("" if none).
+_FAST_TESTS: dict[str, tuple[dict[str, pytest.FixtureDef[Any]], str]] = {}
+
+#: Per test: its setup and call time in seconds. Teardown is left out: the last test's
+#: teardown also stops the session's servers.
+_SECONDS: dict[str, float] = {}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any]) -> Iterator[Any]:
+    before = PROCESS_STARTS.count
+    try:
+        return (yield)
+    finally:
+        if PROCESS_STARTS.count > before:
+            PROCESS_FIXTURES.add(fixturedef)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[Any]:
+    if item.get_closest_marker("slow") is not None:
+        return (yield)
+    before = PROCESS_STARTS.count
+    try:
+        return (yield)
+    finally:
+        started = PROCESS_STARTS.latest if PROCESS_STARTS.count > before else ""
+        _FAST_TESTS[item.nodeid] = (_fixtures_used(item), started)
+
+
+def _fixtures_used(item: pytest.Item) -> dict[str, pytest.FixtureDef[Any]]:
+    """The fixture definitions a test uses, directly or through other fixtures, by name."""
+    info = getattr(item, "_fixtureinfo", None)  # pytest's own record; absent on non-Python items
+    if info is None:
+        return {}
+    # The last definition of a name is the one in effect (the closest override).
+    return {name: defs[-1] for name, defs in info.name2fixturedefs.items() if defs}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when in ("setup", "call"):
+        _SECONDS[report.nodeid] = _SECONDS.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail the run when a test not marked slow started a process or took over the limit."""
+    for nodeid, (fixtures, started) in _FAST_TESTS.items():
+        seconds = _SECONDS.get(nodeid, 0.0)
+        reasons = []
+        if started:
+            reasons.append(f"started a process ({started})")
+        if process_fixtures := sorted(name for name, fixturedef in fixtures.items() if fixturedef in PROCESS_FIXTURES):
+            reasons.append(f"uses fixtures that start processes ({', '.join(process_fixtures)})")
+        if seconds > FAST_TEST_LIMIT_S:
+            reasons.append(f"took {seconds:.1f} s (limit {FAST_TEST_LIMIT_S:g} s)")
+        if reasons:
+            UNMARKED_SLOW_TESTS.append(f"{nodeid}: {'; '.join(reasons)}")
+    if UNMARKED_SLOW_TESTS and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 #: The target servers a ``redis_and_valkey`` test runs against; the names are the test ids.
 TARGET_SERVERS: dict[str, Callable[[], str]] = {"redis": redis_server_binary, "valkey": valkey_server_binary}
 

@@ -224,6 +224,7 @@ def executor(redis_server: RedisServer) -> Iterator[tuple[Executor, Any]]:
         yield Executor(settings), client
 
 
+@pytest.mark.slow
 def test_run_many_gives_one_result_per_op_in_one_round_trip(executor: tuple[Executor, Any]) -> None:
     run, r = executor
     r.set("a-string", "x")
@@ -254,6 +255,7 @@ def test_run_many_gives_one_result_per_op_in_one_round_trip(executor: tuple[Exec
     assert (r.get("n"), r.get("hits")) == (b"2", b"5")
 
 
+@pytest.mark.slow
 def test_run_many_reports_a_retryable_reply_per_op(executor: tuple[Executor, Any], redis_server: RedisServer) -> None:
     run, r = executor
     r.config_set("min-replicas-to-write", 1)  # every write now gets NOREPLICAS: retryable
@@ -264,6 +266,7 @@ def test_run_many_reports_a_retryable_reply_per_op(executor: tuple[Executor, Any
     assert all(isinstance(x, redis.ResponseError) and "NOREPLICAS" in str(x) for x in results), results
 
 
+@pytest.mark.slow
 def test_run_many_raises_when_the_round_trip_fails(executor: tuple[Executor, Any], redis_server: RedisServer) -> None:
     run, _ = executor
     run.run_many([ops.set("warm", 1)])

@@ -35,6 +35,8 @@ from loop_stack import KAFKA_EXTRA, LoopStack
 
 from celery_redis_retry import ops
 
+pytestmark = pytest.mark.slow
+
 #: Rebalances after a bridge dies take ~5-6 s on the mock cluster with these.
 GROUP_SETTINGS = {**KAFKA_EXTRA, "max.poll.interval.ms": 10_000}
 EVENTS = ("kill_bridge", "kill_worker", "kill_target")

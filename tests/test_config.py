@@ -678,6 +678,7 @@ def _one_line_refusal(log: str, line: str, *, code: int = 3) -> None:
     assert "Traceback" not in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mistake", list(MISTAKES))
 def test_celery_worker_refuses_to_start_in_one_line(mistake: str, tmp_path: Any) -> None:
     from celery_redis_retry.testing import CeleryWorker, ProcessExitedError
@@ -690,6 +691,7 @@ def test_celery_worker_refuses_to_start_in_one_line(mistake: str, tmp_path: Any)
     _one_line_refusal(str(failure.value), f"celery_redis_retry: configuration error: {message}")
 
 
+@pytest.mark.slow
 def test_celery_worker_refuses_a_metrics_port_in_use_in_one_line(tmp_path: Any) -> None:
     import socket
 
@@ -706,6 +708,7 @@ def test_celery_worker_refuses_a_metrics_port_in_use_in_one_line(tmp_path: Any) 
     _one_line_refusal(log, next(line for line in log.splitlines() if line.startswith("celery_redis_retry: ")))
 
 
+@pytest.mark.slow
 def test_celery_worker_with_good_settings_starts(tmp_path: Any) -> None:
     from celery_redis_retry.testing import CeleryWorker
 
@@ -713,6 +716,7 @@ def test_celery_worker_with_good_settings_starts(tmp_path: Any) -> None:
         pass  # ready: the app module and the boot steps passed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mistake", ["misspelled key", "librdkafka value"])
 def test_the_bridge_refuses_to_start_in_one_line(mistake: str, tmp_path: Any) -> None:
     from celery_redis_retry.testing import CeleryCommand, ProcessExitedError
@@ -725,6 +729,7 @@ def test_the_bridge_refuses_to_start_in_one_line(mistake: str, tmp_path: Any) ->
     _one_line_refusal(str(failure.value), f"configuration error: {message}")
 
 
+@pytest.mark.slow
 def test_the_other_commands_refuse_in_one_line() -> None:
     import subprocess
     import sys

@@ -26,7 +26,7 @@ from celery_redis_retry.slots import marker_key
 from celery_redis_retry.testing import RedisCluster, RedisServer
 
 #: Each test that uses a server (``target``, ``cluster``, ``make_loop``) runs on redis-server and on valkey-server.
-pytestmark = pytest.mark.redis_and_valkey
+pytestmark = [pytest.mark.redis_and_valkey, pytest.mark.slow]
 
 TARGETS = ["single", "cluster"]
 

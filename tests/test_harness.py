@@ -40,6 +40,8 @@ from celery_redis_retry.testing import (
     valkey_server_binary,
 )
 
+pytestmark = pytest.mark.slow
+
 APPS_DIR = Path(__file__).parent / "apps"
 
 

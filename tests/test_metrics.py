@@ -26,6 +26,8 @@ from celery_redis_retry.kafka import new_producer
 from celery_redis_retry.metrics import register_producer_metrics
 from celery_redis_retry.testing import EmbeddedKafka, free_port
 
+pytestmark = pytest.mark.slow
+
 
 def _scrape(port: int) -> dict[str, float]:
     """``name{labels}`` -> value of every sample served on ``port``."""

@@ -29,6 +29,8 @@ import celery_redis_retry
 from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.testing import RedisCluster, RedisServer
 
+pytestmark = pytest.mark.slow
+
 # Every acknowledged write reaches the disk before its reply: a killed target loses none.
 DURABLE = ("--appendfsync", "always")
 

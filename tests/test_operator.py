@@ -34,6 +34,8 @@ from celery_redis_retry.replay import executor as redis_exec
 from celery_redis_retry.testing import CeleryCommand, free_port
 from celery_redis_retry.words import counted
 
+pytestmark = pytest.mark.slow
+
 
 def _stack_with_dead_ops(make_loop: Callable[..., LoopStack]) -> tuple[LoopStack, list[Any], list[Any]]:
     """A running loop whose DLQ holds 10 wrong_type SADDs, 5 invalid_value INCRBYs and one rejected poison."""

@@ -307,6 +307,7 @@ def test_ids_are_unique_across_100k_ops() -> None:
     assert len(ids) == 100_000
 
 
+@pytest.mark.slow
 def test_ids_are_unique_across_a_fork() -> None:
     before = [ops.new_op_id() for _ in range(10)]
     read_end, write_end = os.pipe()

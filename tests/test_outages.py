@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from loop_stack import LoopStack, data_keys
 from test_metrics import _scrape
@@ -28,6 +29,8 @@ from test_metrics import _scrape
 from celery_redis_retry import ops
 from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.testing import ManagedProcess, RedisServer, free_port, wait_until
+
+pytestmark = pytest.mark.slow
 
 #: The library's defaults, where the loop app's would differ (it retries faster for other tests).
 DEFAULTS: dict[str, Any] = {

@@ -27,6 +27,8 @@ from celery_redis_retry.kafka.log import LibrdkafkaLog
 from celery_redis_retry.outage_log import UnknownTargetLog
 from celery_redis_retry.testing import ManagedProcess, TansuKafka, free_port, read_topic, wait_until
 
+pytestmark = pytest.mark.slow
+
 REFUSED = "[thrd:127.0.0.1:9092/bootstrap]: 127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: " \
           "Connection refused (after 0ms in state CONNECT)"
 UP = '{"brokers": {"127.0.0.1:9092/1": {"nodename": "127.0.0.1:9092", "state": "UP"}}}'

@@ -11,9 +11,12 @@ import json
 import re
 from collections.abc import Callable
 
+import pytest
 from loop_stack import KAFKA_EXTRA, LoopStack
 
 from celery_redis_retry import ops
+
+pytestmark = pytest.mark.slow
 
 #: A rebalance on the mock cluster takes ~5 s with these, and more than 20 s with the
 #: default max.poll.interval.ms (300 s).

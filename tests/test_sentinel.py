@@ -10,12 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import redis
 from loop_stack import LoopStack
 
 from celery_redis_retry import ops
 from celery_redis_retry.targets import connect
 from celery_redis_retry.testing import RedisSentinel, wait_until
+
+pytestmark = pytest.mark.slow
 
 
 def _values(target: RedisSentinel, keys: list[str]) -> list[Any] | None:

@@ -207,6 +207,7 @@ def test_status_reports_what_waits_and_who_drains(spools: Callable[..., Spool], 
 # -- fork() ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_forked_child_writes_with_its_own_connection_and_the_parent_reads_it(spools: Callable[..., Spool]) -> None:
     spool = spools()
     spool.put_many([("t", None, b"parent-%d" % n) for n in range(5)])
@@ -217,6 +218,7 @@ def test_a_forked_child_writes_with_its_own_connection_and_the_parent_reads_it(s
     assert _values(spool) == [b"parent-%d" % n for n in range(5)] + [b"child-%d" % n for n in range(5)]
 
 
+@pytest.mark.slow
 def test_a_child_cannot_drain_while_its_parent_holds_the_lease(spools: Callable[..., Spool]) -> None:
     spool = spools()
     spool.put_many([("t", None, b"%d" % n) for n in range(4)])
@@ -229,6 +231,7 @@ def test_a_child_cannot_drain_while_its_parent_holds_the_lease(spools: Callable[
     assert _wait_child(_in_child(child)) == 0
 
 
+@pytest.mark.slow
 def test_the_parent_closing_its_spool_loses_nothing_a_child_still_writes(
     spools: Callable[..., Spool], path: str
 ) -> None:
@@ -250,6 +253,7 @@ def test_the_parent_closing_its_spool_loses_nothing_a_child_still_writes(
     assert Spool(path).count() == 201
 
 
+@pytest.mark.slow
 def test_fork_while_another_thread_is_spooling_does_not_hang_the_child(spools: Callable[..., Spool]) -> None:
     spool = spools()
     stop = threading.Event()
@@ -272,6 +276,7 @@ def test_fork_while_another_thread_is_spooling_does_not_hang_the_child(spools: C
 # -- crashes ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsync", [False, True], ids=["default", "durable"])
 def test_rows_committed_before_sigkill_are_there_after(path: str, fsync: bool) -> None:
     """A real subprocess spools, reports each commit on stdout, and SIGKILLs itself."""
@@ -297,6 +302,7 @@ def test_rows_committed_before_sigkill_are_there_after(path: str, fsync: bool) -
         reopened.close()
 
 
+@pytest.mark.slow
 def test_a_batch_cut_by_sigkill_is_all_there_or_not_at_all(spools: Callable[..., Spool], path: str) -> None:
     spool = spools()
     spool.put("t", None, b"first")

@@ -94,6 +94,7 @@ def _older(op: RedisOp, seconds: float = 1.0) -> RedisOp:
     return msgspec.structs.replace(op, created_at=op.created_at - seconds)
 
 
+@pytest.mark.slow
 def test_a_replayed_overwrite_is_superseded_by_any_newer_write(stack: tuple[Executor, Any, redis.Redis]) -> None:
     executor, wrapped, r = stack
     wrapped.set("name", "new")
@@ -110,6 +111,7 @@ def test_a_replayed_overwrite_is_superseded_by_any_newer_write(stack: tuple[Exec
     assert r.get("fresh") == b"v2"
 
 
+@pytest.mark.slow
 def test_increments_from_before_and_after_an_outage_all_count(stack: tuple[Executor, Any, redis.Redis]) -> None:
     executor, wrapped, r = stack
     wrapped.incrby("n", 2)
@@ -120,6 +122,7 @@ def test_increments_from_before_and_after_an_outage_all_count(stack: tuple[Execu
     assert r.get("n") == b"0"
 
 
+@pytest.mark.slow
 def test_fields_are_stamped_one_by_one(stack: tuple[Executor, Any, redis.Redis]) -> None:
     executor, wrapped, r = stack
     wrapped.hset("h", "b", "new")
@@ -134,6 +137,7 @@ def test_fields_are_stamped_one_by_one(stack: tuple[Executor, Any, redis.Redis])
     assert r.exists("h") == 0
 
 
+@pytest.mark.slow
 def test_a_transaction_applies_whole_or_not_at_all(stack: tuple[Executor, Any, redis.Redis]) -> None:
     executor, wrapped, r = stack
     wrapped.set("{t}b", "new")
@@ -144,6 +148,7 @@ def test_a_transaction_applies_whole_or_not_at_all(stack: tuple[Executor, Any, r
     assert r.mget("{t}a", "{t}b") == [b"old", b"new"]
 
 
+@pytest.mark.slow
 def test_stamps_expire_with_the_replay_window(stack: tuple[Executor, Any, redis.Redis]) -> None:
     _, wrapped, r = stack
     wrapped.set("k", "v", ex=60)
@@ -152,6 +157,7 @@ def test_stamps_expire_with_the_replay_window(stack: tuple[Executor, Any, redis.
     assert r.ttl("k") > 0  # the data key keeps its own TTL
 
 
+@pytest.mark.slow
 def test_without_stamps_a_replay_overwrites_as_before(redis_server: RedisServer) -> None:
     settings = Settings.from_mapping({"redis_retry_kafka": {"bootstrap.servers": "127.0.0.1:1"},
                                       "redis_retry_targets": {"default": redis_server.url},
@@ -164,6 +170,7 @@ def test_without_stamps_a_replay_overwrites_as_before(redis_server: RedisServer)
         assert r.get("k") == b"old"
 
 
+@pytest.mark.slow
 def test_a_direct_write_keeps_redis_replies_and_errors(stack: tuple[Executor, Any, redis.Redis]) -> None:
     _, wrapped, r = stack
     assert wrapped.set("s", "v") is True
@@ -180,6 +187,7 @@ def test_a_direct_write_keeps_redis_replies_and_errors(stack: tuple[Executor, An
     assert wrapped.incr("after-flush") == 1
 
 
+@pytest.mark.slow
 def test_pipelined_writes_are_stamped_too(stack: tuple[Executor, Any, redis.Redis]) -> None:
     executor, wrapped, r = stack
     with wrapped.pipeline(transaction=False) as pipe:

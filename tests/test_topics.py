@@ -23,6 +23,8 @@ from celery_redis_retry.capture.producer import RetryProducer
 from celery_redis_retry.kafka.topics import DAY_MS
 from celery_redis_retry.testing import CeleryCommand, RedisServer, free_port, read_topic, wait_until
 
+pytestmark = pytest.mark.slow
+
 SEVEN_DAYS_MS = str(7 * DAY_MS)
 TWENTY_EIGHT_DAYS_MS = str(28 * DAY_MS)
 CREATE_HINT = "create it with: celery -A loop_app redis-retry topics create"

@@ -25,6 +25,8 @@ from celery_redis_retry.config import Settings
 from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.testing import EmbeddedKafka, RedisServer, read_topic
 
+pytestmark = pytest.mark.slow
+
 BUMP = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 
 
