@@ -14,7 +14,8 @@ import redis.exceptions as rex
 from celery_redis_retry import ops
 from celery_redis_retry.bridge.circuits import CLOSED, OPEN, RECOVERING, Circuits, CircuitState, LocalCircuit
 from celery_redis_retry.bridge.waiting import ParkedHeaders
-from celery_redis_retry.config import ConfigurationError, Settings
+from celery_redis_retry.config import Settings
+from celery_redis_retry.errors import ConfigurationError
 from celery_redis_retry.expiry import expired
 from celery_redis_retry.kafka.topics import plan
 
