@@ -28,6 +28,8 @@ import orjson
 
 from celery_redis_retry.errors import (
     CommandNotAllowedError,
+    CrossSlotError,
+    CrossSlotMessageError,
     DecodeError,
     EncodeError,
     UnsupportedVersionError,
@@ -341,7 +343,10 @@ class Reader:
         """The op in ``raw`` if these settings would replay it; else :class:`DecodeError` naming why."""
         # decode() inlined, not decoded(): the bridge reads ~20k ops/s through here.
         op = decode(raw.encode() if isinstance(raw, str) else raw, max_bytes=self.max_bytes, signer=self.signer)
-        self.settings.check_op(op)
+        try:
+            self.settings.check_op(op)
+        except CrossSlotError as exc:  # its other refusals are DecodeErrors already
+            raise CrossSlotMessageError(str(exc)) from None
         return op
 
     def decoded(self, raw: bytes | str) -> RedisOp:

@@ -8,11 +8,13 @@ refusals through the real bridge and worker are in test_security.py and test_loo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from loop_stack import LoopStack
 
-from celery_redis_retry import message
+from celery_redis_retry import kafka, message
 from celery_redis_retry import ops as builders
 from celery_redis_retry.config import Settings
 from celery_redis_retry.dlq.record import DeadLetter
@@ -121,3 +123,37 @@ def test_the_body_of_a_message_that_does_not_decode_is_none() -> None:
     read = reader(signing_keys={"k1": SECRET})
     assert read.body(b"not json") is None
     assert read.body(message.encode(builders.set("k", "v"))) is None  # unsigned: never trusted
+
+
+def test_an_op_a_cluster_target_cannot_run_atomically_is_rejected() -> None:
+    across = builders.pipeline([builders.set("a", "1"), builders.set("b", "2")]).with_target("shards")
+    outcome, reason, text = refusal(reader(), message.encode(across))
+    assert (outcome, reason) == ("rejected", "cross_slot")
+    assert "2 Redis Cluster slots" in text
+    one_slot = builders.pipeline([builders.set("{u}a", "1"), builders.set("{u}b", "2")]).with_target("shards")
+    assert reader().read(message.encode(one_slot)) == one_slot
+
+
+# -- through the real bridge ---------------------------------------------------------------
+
+
+def test_the_bridge_rejects_a_cross_slot_op_and_goes_on(make_loop: Callable[..., LoopStack]) -> None:
+    # publish() refuses such an op for a cluster target: this one comes from a producer
+    # configured apart (or from before the target became a cluster). It must end in the
+    # DLQ, and the op behind it on the same partition must still apply.
+    stack = make_loop(cluster=True)
+    across = builders.pipeline([builders.set("{a}x", "1"), builders.set("{b}x", "2")])
+    behind = builders.set("{a}behind", "applied")
+    producer = kafka.new_producer(stack.settings().kafka)
+    producer.produce(stack.topic, message.encode(across), message.message_key(behind))
+    assert producer.flush(10) == 0
+    stack.publish_all([behind])
+    stack.start_worker(concurrency=1)
+    bridge = stack.start_bridge()
+    stack.wait_assigned(bridge)
+    with stack.client() as r:
+        stack.wait_for(lambda: r.get("{a}behind") == b"applied", 60, "the op behind the cross-slot one applied")
+        assert r.get("{a}x") is None
+    [letter] = stack.dead_letters(count=1)
+    assert (letter.outcome, letter.reason, letter.op) == ("rejected", "cross_slot", across)
+    assert bridge.running
