@@ -9,17 +9,18 @@ as positions when its third argument is ``"origins"``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from celery import Celery
+from loop_stack import LoopStack
 
 from celery_redis_retry import message
 from celery_redis_retry import ops as builders
 from celery_redis_retry.bridge.dispatch import Consumed, TaskSender
 from celery_redis_retry.dlq.record import DeadLetter, Origin, decode_record
-from celery_redis_retry.names import AT_ORIGINS, REPLAY_BATCH_TASK, REPLAY_TASK
+from celery_redis_retry.names import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 from celery_redis_retry.replay.tasks import _positions, position_of
 
 #: What the previous release's bridge and worker put in task arguments, exactly.
@@ -113,3 +114,33 @@ def test_a_parked_op_travels_with_its_first_origin(app: Celery) -> None:
     assert args[1:] == [[["ops", 3, 41]], [["ops.waiting.default", 0, 5]]]
     [(_, _, kwargs)] = sent(app, one_task_per_op=True, items=[parked])
     assert kwargs == {"origin": PREVIOUS_REPLAY_KWARGS["origin"], "position": ["ops.waiting.default", 0, 5]}
+
+
+# -- what a real worker of this release does with the previous release's tasks -------------
+
+
+def test_a_worker_runs_and_dead_letters_tasks_in_the_previous_release_shapes(
+    make_loop: Callable[..., LoopStack],
+) -> None:
+    stack = make_loop()
+    stack.start_worker(concurrency=1)
+    client = Celery("previous-bridge", broker=stack.broker_url, set_as_current=False)
+    errback = client.signature(DEAD_LETTER_TASK)
+    applied, refused = builders.set("single", "1"), builders.set("k", "v").with_target("elsewhere")
+    in_batch, refused_in_batch = builders.set("batched", "2"), builders.script("never-registered", keys=["k"])
+    for op, offset in ((applied, 1), (refused, 2)):
+        client.send_task(REPLAY_TASK, args=(message.encode(op).decode(),), queue=f"queue-{stack.name}",
+                         kwargs={"origin": {"topic": "ops", "partition": 3, "offset": offset}}, link_error=errback)
+    client.send_task(
+        REPLAY_BATCH_TASK, queue=f"queue-{stack.name}", link_error=errback,
+        args=([message.encode(in_batch).decode(), message.encode(refused_in_batch).decode()],
+              [["ops", 0, 7], ["ops", 0, 8]]),
+    )
+    with stack.client() as r:
+        stack.wait_for(lambda: r.get("single") == b"1" and r.get("batched") == b"2", 60, "both valid ops applied")
+    letters = {d.op_id: d for d in stack.dead_letters(count=2)}
+    assert letters[refused.id].reason == "unknown_target"
+    assert letters[refused.id].origin == Origin("ops", 3, 2)
+    assert letters[refused_in_batch.id].reason == "unknown_script"
+    assert letters[refused_in_batch.id].origin == Origin("ops", 0, 8)
+    client.close()
