@@ -136,6 +136,14 @@ class UnknownScriptError(EncodeError, DecodeError):
     reason = "unknown_script"
 
 
+class CrossSlotMessageError(CrossSlotError, DecodeError):
+    """A message read back holds an op its cluster target cannot run atomically (keys in several slots).
+
+    What :class:`CrossSlotError` is when an op is published, once it is read from Kafka
+    or a Celery task: the message is rejected, never replayed.
+    """
+
+
 # -- publishing --------------------------------------------------------------------------
 
 
@@ -227,6 +235,7 @@ __all__ = [
     "CommandNotAllowedError",
     "ConfigurationError",
     "CrossSlotError",
+    "CrossSlotMessageError",
     "DecodeError",
     "EncodeError",
     "HandoverError",

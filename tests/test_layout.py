@@ -2,7 +2,9 @@
 
 Read from the source with :mod:`ast`, so imports inside functions (the lazy ones) count
 as much as those at the top: a cycle that only a lazy import keeps from failing at
-import time is still two modules that cannot be read, tested or changed apart.
+import time is still two modules that cannot be read, tested or changed apart. Only the
+imports under ``if TYPE_CHECKING:`` are left out: they name a type for the checker and
+never run.
 """
 
 from __future__ import annotations
@@ -35,10 +37,20 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
+def _type_only(tree: ast.Module) -> set[ast.AST]:
+    """The imports under ``if TYPE_CHECKING:``: types for the checker, never run."""
+    return {node for block in ast.walk(tree) if isinstance(block, ast.If) and ast.unparse(block.test).endswith(
+        "TYPE_CHECKING") for statement in block.body for node in ast.walk(statement)}
+
+
 def _imported(module: str, path: Path) -> Iterator[str]:
-    """The package's modules that ``module`` imports, anywhere in its body."""
+    """The package's modules that ``module`` imports, anywhere in its body but the type-only block."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    type_only = _type_only(tree)
+    for node in ast.walk(tree):
+        if node in type_only:
+            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

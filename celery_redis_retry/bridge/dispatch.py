@@ -25,6 +25,7 @@ from typing import Any
 
 from kombu.exceptions import ChannelError
 
+from celery_redis_retry.dlq.record import Origin
 from celery_redis_retry.errors import HandoverError as HandoverError  # noqa: PLC0414 - defined in errors.py, kept importable here
 from celery_redis_retry.kafka import format_offsets
 from celery_redis_retry.names import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
@@ -63,8 +64,12 @@ class Consumed:
 
     @property
     def origin(self) -> list[str | int]:
-        """Where it came from, as the replay tasks receive it (its first position in Kafka)."""
-        return list(self.first_position)
+        """Where it came from, as ``replay_batch`` receives it: :meth:`Origin.to_wire` of its first position.
+
+        Built here without an :class:`Origin` per op: the batches are the bridge's hot path.
+        """
+        first = self.first_origin
+        return [self.topic, self.partition, self.offset] if first is None else list(first)
 
 
 #: Where an op is: read and not handed over yet, handed to Celery and not ended, ended.
@@ -382,8 +387,8 @@ class TaskSender:
         # the repr of every message.
         if self.one_task_per_op:
             for item in batch:
-                topic, partition, offset = item.first_position
-                kwargs: dict[str, Any] = {"origin": {"topic": topic, "partition": partition, "offset": offset}}
+                # The object form: workers of earlier releases read replay's origin as one.
+                kwargs: dict[str, Any] = {"origin": Origin._make(item.first_position).to_document()}
                 if self.with_positions:
                     kwargs["position"] = item.position
                 self.app.send_task(

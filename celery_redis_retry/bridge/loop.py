@@ -63,8 +63,7 @@ from celery_redis_retry.dlq.record import DeadLetter, DeadLetterWriter, Origin
 from celery_redis_retry.errors import BridgeUnavailableError as BridgeUnavailableError  # noqa: PLC0414 - defined in errors.py, kept importable here
 from celery_redis_retry.errors import DecodeError, PublishError, UnknownTargetError
 from celery_redis_retry.expiry import ends_expired
-from celery_redis_retry.message import decode
-from celery_redis_retry.ops import RedisOp
+from celery_redis_retry.message import Reader
 from celery_redis_retry.outage_log import UnknownTargetLog
 
 logger = logging.getLogger(__name__)
@@ -169,7 +168,7 @@ class Bridge:
         self._failures: dict[Partition, int] = {}  # consecutive, per partition
         # One attempt per hand-over: on failure the partition stalls and is retried with backoff.
         self._dlq = DeadLetterWriter(self.settings, attempts=1)
-        self._signer = self.settings.signer
+        self._reader = Reader(self.settings)
         # Two members, two groups: the retry topic's partitions are balanced among the
         # bridges on their own, whatever the waiting topics' assignment is.
         self._consumer: kafka.Consumer | None = None  # the retry topic
@@ -399,13 +398,11 @@ class Bridge:
             if self._wait_longer((topic, partition), waiting_for, parked):
                 return
         raw: bytes = message.value() or b""
-        op: RedisOp | None = None
         try:
-            op = decode(raw, max_bytes=self.settings.max_message_bytes, signer=self._signer)
-            self.settings.check_op(op)
+            op = self._reader.read(raw)
         except DecodeError as exc:
             try:
-                self._reject(message, raw, op, exc)
+                self._reject(message, raw, exc)
             except HandoverError as failure:
                 self._stall([(topic, partition)], failure)
             else:
@@ -683,9 +680,10 @@ class Bridge:
         """An op in flight as it was read, to hand over again.
 
         The tracker keeps only the message, not the decoded op (see bridge/dispatch.py). The
-        message passed these very checks when it was read, with the same settings.
+        message passed these very checks when it was read, with the same settings: read
+        again, it cannot be refused.
         """
-        op = decode(record.message.encode(), max_bytes=self.settings.max_message_bytes, signer=self._signer)
+        op = self._reader.read(record.message)
         return Consumed(record.topic, record.partition, record.offset, record.message, op, record.first_origin)
 
     # -- backpressure --------------------------------------------------------------------
@@ -768,7 +766,9 @@ class Bridge:
     def _origin(self, message: kafka.Message) -> Origin:
         return Origin(*_position(message))
 
-    def _reject(self, message: kafka.Message, raw: bytes, op: RedisOp | None, exc: DecodeError) -> None:
+    def _reject(self, message: kafka.Message, raw: bytes, exc: DecodeError) -> None:
+        # Rejections are rare: decoding once more for the record keeps read() free of it.
+        op = self._reader.body(raw)
         letter = DeadLetter.for_error(exc, op=op, raw=raw, origin=self._origin(message))
         try:
             self._dlq.write(letter, message.key())

@@ -30,14 +30,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from celery_redis_retry import kafka
 from celery_redis_retry.config import Settings
 from celery_redis_retry.errors import DecodeError, PublishError, RedisRetryError
-from celery_redis_retry.message import Signer, decode, dumps, encode, message_key, op_document
+from celery_redis_retry.message import Reader, decode, dumps, encode, message_key, op_document
 from celery_redis_retry.ops import RedisOp
 
 logger = logging.getLogger(__name__)
@@ -71,13 +71,41 @@ REASONS: frozenset[str] = frozenset({
 })
 
 
-@dataclass(frozen=True)
-class Origin:
-    """Where the op was read from Kafka."""
+class Origin(NamedTuple):
+    """Where an op was first read from Kafka: its topic, partition and offset.
+
+    A tuple, so it serves wherever a position ``(topic, partition, offset)`` is taken.
+    Two forms travel: :meth:`to_wire`, the list in ``replay_batch`` arguments, and
+    :meth:`to_document`, the object in DLQ records and in the ``origin`` argument of
+    ``replay`` (what workers of earlier releases read there); :meth:`from_wire` reads both.
+    """
 
     topic: str
     partition: int
     offset: int
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Origin | None:
+        """The origin in a task argument or a DLQ record: ``[topic, partition, offset]``, the object form, or None."""
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            value = (value.get("topic"), value.get("partition"), value.get("offset"))
+        if isinstance(value, (list, tuple)) and len(value) == 3:
+            topic, partition, offset = value
+            if isinstance(topic, str) and type(partition) is int and type(offset) is int:
+                return cls(topic, partition, offset)
+        raise ValueError(
+            f"an op's origin must be [topic, partition, offset] or {{'topic', 'partition', 'offset'}}, got {value!r}"
+        )
+
+    def to_wire(self) -> list[str | int]:
+        """The list form, as ``replay_batch`` receives its ops' origins."""
+        return [self.topic, self.partition, self.offset]
+
+    def to_document(self) -> dict[str, str | int]:
+        """The object form, as DLQ records hold it and ``replay`` receives it."""
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
 
 
 @dataclass(frozen=True)
@@ -152,9 +180,7 @@ class DeadLetter:
             "first_failure_at": self.first_failure_at,
             "last_failure_at": self.last_failure_at,
             "task_id": self.task_id,
-            "origin": None if origin is None else {
-                "topic": origin.topic, "partition": origin.partition, "offset": origin.offset
-            },
+            "origin": None if origin is None else origin.to_document(),
         }
 
     def _raw_fields(self) -> dict[str, Any]:
@@ -202,12 +228,11 @@ def letter_for_failure(
     message: str | bytes,
     exc: BaseException,
     *,
-    origin: dict[str, Any] | None,
+    origin: Origin | None,
     traceback: str,
     attempts: int,
     task_id: str | None,
-    max_bytes: int,
-    signer: Signer | None,
+    reader: Reader,
 ) -> tuple[DeadLetter, bytes | None]:
     """The DLQ record (and Kafka key) for an op message whose replay ended with ``exc``.
 
@@ -216,10 +241,7 @@ def letter_for_failure(
     ``wrong_type``...), ``time_limit``, or ``unexpected_error``.
     """
     raw = message.encode() if isinstance(message, str) else bytes(message)
-    try:
-        op: RedisOp | None = decode(raw, max_bytes=max_bytes, signer=signer)
-    except DecodeError:
-        op = None
+    op = reader.body(raw)
     letter = DeadLetter.for_error(
         exc,
         op=op,
@@ -229,7 +251,7 @@ def letter_for_failure(
         first_failure_at=op.created_at if op is not None else None,
         last_failure_at=time.time(),
         task_id=task_id,
-        origin=Origin(origin["topic"], origin["partition"], origin["offset"]) if origin else None,
+        origin=origin,
     )
     return letter, message_key(op) if op is not None else None
 
@@ -239,7 +261,6 @@ def decode_record(value: bytes) -> DeadLetter:
     try:
         doc = orjson.loads(value)
         op = decode(dumps(doc["op"])) if doc.get("op") is not None else None
-        origin = doc.get("origin")
         error = doc.get("error") or {}
         return DeadLetter(
             outcome=doc["outcome"],
@@ -256,7 +277,7 @@ def decode_record(value: bytes) -> DeadLetter:
             first_failure_at=doc.get("first_failure_at"),
             last_failure_at=doc.get("last_failure_at") or 0.0,
             task_id=doc.get("task_id"),
-            origin=Origin(origin["topic"], origin["partition"], origin["offset"]) if origin else None,
+            origin=Origin.from_wire(doc.get("origin")),
         )
     except DecodeError:
         raise

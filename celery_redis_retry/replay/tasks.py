@@ -35,7 +35,7 @@ from celery_redis_retry.bridge.circuits import LocalCircuit
 from celery_redis_retry.bridge.ends import EndsWriter, Position, position
 from celery_redis_retry.bridge.waiting import WORKER_PARK_HOLD, Parked, WaitingWriter
 from celery_redis_retry.config import Settings, settings_for
-from celery_redis_retry.dlq.record import DeadLetterWriter, letter_for_failure
+from celery_redis_retry.dlq.record import DeadLetterWriter, Origin, letter_for_failure
 from celery_redis_retry.errors import (
     DecodeError,
     PermanentReplayError,
@@ -45,7 +45,7 @@ from celery_redis_retry.errors import (
     RetriesExhaustedError,
 )
 from celery_redis_retry.expiry import ends_expired
-from celery_redis_retry.message import Signer, decode
+from celery_redis_retry.message import Reader
 from celery_redis_retry.metrics import count_outcomes
 from celery_redis_retry.names import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 from celery_redis_retry.ops import RedisOp
@@ -55,8 +55,10 @@ logger = logging.getLogger(__name__)
 
 
 
-_Item = tuple[str, list[Any], RedisOp, Any]  # one op of a batch: message, origin, op, position
-_Retry = tuple[str, list[Any], RedisOp, Any, int]  # ..., and how many outages it met
+# Origins stay in their wire form (Origin.from_wire) until an op needs one: most never do.
+_Item = tuple[str, Any, RedisOp, Any]  # one op of a batch: message, origin, op, position
+_Retry = tuple[str, Any, RedisOp, Any, int]  # ..., and how many outages it met
+_Ended = tuple[str, Any, BaseException, Any]  # message, origin, what ended it, position
 
 
 class _Runtime:
@@ -65,7 +67,7 @@ class _Runtime:
     def __init__(self, settings: Settings) -> None:
         self.pid = os.getpid()
         self.settings = settings
-        self.signer: Signer | None = settings.signer
+        self.reader = Reader(settings)
         self.executor = Executor(settings)
         self.dlq = DeadLetterWriter(settings)
         self.circuit = LocalCircuit()
@@ -102,14 +104,6 @@ def runtime(app: Any) -> _Runtime:
     if current is None or current.pid != os.getpid():
         current = _runtimes[app] = _Runtime(settings_for(app))
     return current
-
-
-def read_op(message: str | bytes, rt: _Runtime) -> RedisOp:
-    """Decode, verify and validate a message as the bridge did: the Celery broker is a boundary too."""
-    raw = message.encode() if isinstance(message, str) else message
-    op = decode(raw, max_bytes=rt.settings.max_message_bytes, signer=rt.signer)
-    rt.settings.check_op(op)
-    return op
 
 
 def final_error(op: RedisOp, exc: BaseException, retries: int, limit: int) -> BaseException | None:
@@ -174,7 +168,7 @@ def replay(
     """
     rt = runtime(self.app)
     here = position_of(position)
-    op = read_op(message, rt)
+    op = rt.reader.read(message)  # as the bridge did: the Celery broker is a boundary too
     if rt.expired(op):
         count_outcomes({"expired": 1})
         rt.ends.report([here])
@@ -208,7 +202,7 @@ def replay(
             count_outcomes({result.outcome: 1})
             rt.ends.report([here])
             return result.outcome
-    parked = Parked(message.encode(), op, _origin_tuple(origin), attempts=spent)
+    parked = Parked(message.encode(), op, Origin.from_wire(origin), attempts=spent)
     if rt.park([parked], f"{type(outage).__name__}: {outage}"):
         count_outcomes({"waiting": 1})
         rt.ends.report([here])  # the waiting topic holds it now
@@ -236,12 +230,12 @@ def replay_batch(
     rt = runtime(self.app)
     outcomes: Counter[str] = Counter()
     ready: dict[str, list[_Item]] = {}
-    ended: list[tuple[str, list[Any], BaseException, Position | None]] = []
+    ended: list[_Ended] = []
     done: list[Position | None] = []  # ops that ended here (the DLQ'd ones once written)
     for message, origin, where in zip(messages, origins, _positions(positions, origins), strict=True):
         here = position_of(where)
         try:
-            op = read_op(message, rt)
+            op = rt.reader.read(message)
         except DecodeError as exc:
             ended.append((message, origin, exc, here))
             continue
@@ -263,7 +257,7 @@ def replay_batch(
         countdown = rt.settings.backoff.countdown(0 if outages else op.attempt)
         self.app.send_task(
             REPLAY_TASK, args=(message,),
-            kwargs={"origin": _origin_dict(origin), "outages": outages, "position": _listed(here)},
+            kwargs={"origin": _document(Origin.from_wire(origin)), "outages": outages, "position": _listed(here)},
             queue=rt.settings.queue, link_error=errback, retries=1, countdown=countdown,
         )
         due.append((here, time.time() + countdown))
@@ -271,7 +265,7 @@ def replay_batch(
     rt.ends.report(done, due)
     for message, origin, error, here in ended:
         _write_dead_letter(
-            rt, message, _origin_dict(origin), error, traceback=_traceback_of(error), attempts=1,
+            rt, message, Origin.from_wire(origin), error, traceback=_traceback_of(error), attempts=1,
             task_id=self.request.id, position=here,
         )
         outcomes["rejected" if isinstance(error, DecodeError) else "dead"] += 1
@@ -281,7 +275,7 @@ def replay_batch(
 
 def _run_target(
     rt: _Runtime, target: str, items: list[_Item], *, outcomes: Counter[str],
-    ended: list[tuple[str, list[Any], BaseException, Position | None]], retry_later: list[_Retry],
+    ended: list[_Ended], retry_later: list[_Retry],
     done: list[Position | None],
 ) -> None:
     """Run one target's ops of a batch in one round trip; sort each op by what happened to it."""
@@ -311,7 +305,7 @@ def _run_target(
                 ended.append((message, origin, error, here))
     if to_park:
         rt.circuit.opened(target)
-        parked = [Parked(m.encode(), op, _origin_tuple(o), attempts=op.attempt) for m, o, op, _ in to_park]
+        parked = [Parked(m.encode(), op, Origin.from_wire(o), attempts=op.attempt) for m, o, op, _ in to_park]
         if rt.park(parked, f"{type(outage).__name__}: {outage}"):
             outcomes["waiting"] += len(to_park)
             done.extend(here for _, _, _, here in to_park)  # the waiting topic holds them now
@@ -326,16 +320,9 @@ def _positions(positions: list[Any] | str | None, origins: list[Any]) -> list[An
     return positions if isinstance(positions, list) and positions else [None] * len(origins)
 
 
-def _origin_tuple(origin: list[Any] | dict[str, Any] | None) -> tuple[str, int, int] | None:
-    as_dict = _origin_dict(origin)
-    return None if as_dict is None else (as_dict["topic"], as_dict["partition"], as_dict["offset"])
-
-
-def _origin_dict(origin: list[Any] | dict[str, Any] | None) -> dict[str, Any] | None:
-    if origin is None or isinstance(origin, dict):
-        return origin
-    topic, partition, offset = origin
-    return {"topic": topic, "partition": partition, "offset": offset}
+def _document(origin: Origin | None) -> dict[str, str | int] | None:
+    # The object form: workers of earlier releases read replay's origin as one.
+    return None if origin is None else origin.to_document()
 
 
 def position_of(value: Any) -> Position | None:
@@ -352,12 +339,11 @@ def _traceback_of(exc: BaseException) -> str:
 
 
 def _write_dead_letter(
-    rt: _Runtime, message: str | bytes, origin: dict[str, Any] | None, exc: BaseException, *, traceback: str,
+    rt: _Runtime, message: str | bytes, origin: Origin | None, exc: BaseException, *, traceback: str,
     attempts: int, task_id: str | None, position: Position | None = None,
 ) -> None:
     letter, key = letter_for_failure(
-        message, exc, origin=origin, traceback=traceback, attempts=attempts, task_id=task_id,
-        max_bytes=rt.settings.max_message_bytes, signer=rt.signer,
+        message, exc, origin=origin, traceback=traceback, attempts=attempts, task_id=task_id, reader=rt.reader,
     )
     rt.dlq.write(letter, key)  # raises unless Kafka confirmed it: only then has the op ended
     count_outcomes({letter.outcome: 1})
@@ -381,13 +367,13 @@ def dead_letter(request: Any, exc: BaseException, traceback: str | None = None) 
         positions = _positions(args[2] if len(args) == 3 else None, args[1])
         for message, origin, where in zip(args[0], args[1], positions, strict=True):
             _write_dead_letter(
-                rt, message, _origin_dict(origin), exc, traceback=traceback or "", attempts=1, task_id=request.id,
+                rt, message, Origin.from_wire(origin), exc, traceback=traceback or "", attempts=1, task_id=request.id,
                 position=position_of(where),
             )
         return
     kwargs = request.kwargs or {}
     _write_dead_letter(
-        rt, args[0] if args else "", kwargs.get("origin") or None, exc, traceback=traceback or "",
+        rt, args[0] if args else "", Origin.from_wire(kwargs.get("origin") or None), exc, traceback=traceback or "",
         attempts=(request.retries or 0) + 1, task_id=request.id, position=position_of(kwargs.get("position")),
     )
 
@@ -400,19 +386,3 @@ def _close_producers(**_: Any) -> None:
     close_all(timeout=10.0)
     for rt in list(_runtimes.values()):
         rt.ends.close(timeout=5.0)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
