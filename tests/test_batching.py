@@ -14,7 +14,8 @@ from loop_stack import LoopStack, data_keys
 
 from celery_redis_retry import ops
 from celery_redis_retry.bridge import ends
-from celery_redis_retry.bridge.dispatch import Batcher, Consumed, InFlight, OffsetTracker
+from celery_redis_retry.bridge.dispatch import Batcher
+from celery_redis_retry.bridge.offsets import Consumed, InFlight, OffsetTracker
 from celery_redis_retry.config import Settings
 from celery_redis_retry.errors import PermanentReplayError
 from celery_redis_retry.replay.executor import Executor, ReplayResult

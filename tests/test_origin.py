@@ -18,7 +18,8 @@ from loop_stack import LoopStack
 
 from celery_redis_retry import message
 from celery_redis_retry import ops as builders
-from celery_redis_retry.bridge.dispatch import Consumed, TaskSender
+from celery_redis_retry.bridge.dispatch import TaskSender
+from celery_redis_retry.bridge.offsets import Consumed
 from celery_redis_retry.dlq.record import DeadLetter, Origin, decode_record
 from celery_redis_retry.names import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 from celery_redis_retry.replay.tasks import _positions, position_of

@@ -1,8 +1,9 @@
 """Step 4 of the flow: the bridge, a Kafka consumer group member that feeds Celery.
 
 - :mod:`~celery_redis_retry.bridge.loop`: the loop itself (read, check, hand over, commit);
-- :mod:`~celery_redis_retry.bridge.dispatch`: ops grouped into Celery tasks, and which
-  offsets are safe to commit;
+- :mod:`~celery_redis_retry.bridge.dispatch`: ops grouped into Celery tasks and sent;
+- :mod:`~celery_redis_retry.bridge.offsets`: which offsets are safe to commit, which ops
+  in flight are overdue;
 - :mod:`~celery_redis_retry.bridge.circuits`: per-target circuits (an outage is not an
   op's fault) and :mod:`~celery_redis_retry.bridge.waiting`, the topics where a down
   target's ops wait;

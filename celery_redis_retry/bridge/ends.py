@@ -1,7 +1,7 @@
 """Step 6 of the flow: workers tell the bridges which ops ended, so Kafka holds each op until then.
 
 The bridge commits a partition's offset only up to its first op that has not ended
-(``redis_retry_commit_after = "end"``, see :class:`~celery_redis_retry.bridge.dispatch.OffsetTracker`):
+(``redis_retry_commit_after = "end"``, see :class:`~celery_redis_retry.bridge.offsets.OffsetTracker`):
 whatever the Celery broker loses (a worker SIGKILLed between BRPOP and kombu's unacked
 hash, a broker crash with ``appendfsync everysec``, ``celery purge``, ``FLUSHALL``), the op
 is still in Kafka, and the bridge hands it over again once it has gone

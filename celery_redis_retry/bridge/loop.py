@@ -47,16 +47,9 @@ from typing import Any
 
 from celery_redis_retry import kafka
 from celery_redis_retry.bridge.circuits import OPEN, RECOVERING, Circuits, CircuitState, TargetProbe
-from celery_redis_retry.bridge.dispatch import (
-    Batcher,
-    Consumed,
-    HandoverError,
-    InFlight,
-    OffsetTracker,
-    Partition,
-    TaskSender,
-)
+from celery_redis_retry.bridge.dispatch import Batcher, HandoverError, TaskSender
 from celery_redis_retry.bridge.ends import EndsReader
+from celery_redis_retry.bridge.offsets import Consumed, InFlight, OffsetTracker, Partition
 from celery_redis_retry.bridge.waiting import Parked, ParkedHeaders, WaitingWriter
 from celery_redis_retry.config import confirm_task_publishing, settings_for, shown_broker_url, waiting_group
 from celery_redis_retry.dlq.record import DeadLetter, DeadLetterWriter, Origin
