@@ -32,8 +32,7 @@ from redis.connection import (
 )
 from redis.retry import Retry
 
-from celery_redis_retry.errors import PermanentReplayError
-from celery_redis_retry.errors import TargetURLError as TargetURLError  # noqa: PLC0414 - defined in errors.py, kept importable here
+from celery_redis_retry.errors import PermanentReplayError, TargetURLError
 
 TARGET_SCHEMES = frozenset(
     ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")

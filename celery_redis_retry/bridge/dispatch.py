@@ -23,7 +23,7 @@ from kombu.exceptions import ChannelError
 
 from celery_redis_retry.bridge.offsets import Consumed, Partition
 from celery_redis_retry.dlq.record import Origin
-from celery_redis_retry.errors import HandoverError as HandoverError  # noqa: PLC0414 - defined in errors.py, kept importable here
+from celery_redis_retry.errors import HandoverError
 from celery_redis_retry.names import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 
 logger = logging.getLogger(__name__)

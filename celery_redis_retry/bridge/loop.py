@@ -47,14 +47,19 @@ from typing import Any
 
 from celery_redis_retry import kafka
 from celery_redis_retry.bridge.circuits import OPEN, RECOVERING, Circuits, CircuitState, TargetProbe
-from celery_redis_retry.bridge.dispatch import Batcher, HandoverError, TaskSender
+from celery_redis_retry.bridge.dispatch import Batcher, TaskSender
 from celery_redis_retry.bridge.ends import EndsReader
 from celery_redis_retry.bridge.offsets import Consumed, InFlight, OffsetTracker, Partition
 from celery_redis_retry.bridge.waiting import Parked, ParkedHeaders, WaitingWriter
 from celery_redis_retry.config import confirm_task_publishing, settings_for, shown_broker_url, waiting_group
 from celery_redis_retry.dlq.record import DeadLetter, DeadLetterWriter, Origin
-from celery_redis_retry.errors import BridgeUnavailableError as BridgeUnavailableError  # noqa: PLC0414 - defined in errors.py, kept importable here
-from celery_redis_retry.errors import DecodeError, PublishError, UnknownTargetError
+from celery_redis_retry.errors import (
+    BridgeUnavailableError,
+    DecodeError,
+    HandoverError,
+    PublishError,
+    UnknownTargetError,
+)
 from celery_redis_retry.expiry import ends_expired
 from celery_redis_retry.message import Reader
 from celery_redis_retry.outage_log import UnknownTargetLog

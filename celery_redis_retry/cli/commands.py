@@ -107,8 +107,8 @@ def _pidlock(ctx: click.Context, pidfile: str) -> Any:
 
 
 def _run_bridge(ctx: click.Context, app: Any, metrics_port: int | None, **options: Any) -> None:
-    from celery_redis_retry.bridge.loop import Bridge, BridgeUnavailableError
-    from celery_redis_retry.errors import ConfigurationError
+    from celery_redis_retry.bridge.loop import Bridge
+    from celery_redis_retry.errors import BridgeUnavailableError, ConfigurationError
     from celery_redis_retry.kafka import TopicMissingError
 
     try:

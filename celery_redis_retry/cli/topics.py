@@ -75,8 +75,8 @@ def _plans(ctx: click.Context, options: dict[str, Any]) -> Any:
 
 def _ask_cluster(ctx: click.Context, settings: Any, call: Any, timeout: float) -> Any:
     """``call()``'s result; exit 2 when the cluster cannot hold the plan, 4 when Kafka does not answer."""
+    from celery_redis_retry.errors import TopicSetupError
     from celery_redis_retry.kafka import KafkaException
-    from celery_redis_retry.kafka.topics import TopicSetupError
 
     try:
         return require_kafka_answer(ctx, settings, call, timeout)

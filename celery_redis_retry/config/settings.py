@@ -22,13 +22,19 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from celery_redis_retry.errors import CommandNotAllowedError, ConfigurationError, UnknownScriptError, UnknownTargetError
+from celery_redis_retry.errors import (
+    CommandNotAllowedError,
+    ConfigurationError,
+    TargetURLError,
+    UnknownScriptError,
+    UnknownTargetError,
+)
 from celery_redis_retry.message import Signer
 from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.policy import Backoff
 from celery_redis_retry.redis_commands import COMMANDS, DEFAULT_ALLOWED
 from celery_redis_retry.slots import check_single_slot
-from celery_redis_retry.targets import TargetURLError, parse_target_url, redacted
+from celery_redis_retry.targets import parse_target_url, redacted
 
 logger = logging.getLogger(__name__)
 

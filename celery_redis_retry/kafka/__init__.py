@@ -32,6 +32,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
+from celery_redis_retry.errors import KafkaCredentialsError, TopicMissingError
 from celery_redis_retry.kafka.admin import (
     NewTopic,
     PartitionOffsets,
@@ -46,9 +47,7 @@ from celery_redis_retry.kafka.clients import (
     AUTHENTICATION_CODES,
     AUTHORIZATION_CODES,
     UNKNOWN_TOPIC_CODES,
-    KafkaCredentialsError,
     Record,
-    TopicMissingError,
     authorization_problem,
     cluster_metadata,
     credentials_problem,

@@ -24,8 +24,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from celery_redis_retry.errors import KafkaCredentialsError as KafkaCredentialsError  # noqa: PLC0414 - defined in errors.py, kept importable here
-from celery_redis_retry.errors import TopicMissingError as TopicMissingError  # noqa: PLC0414 - defined in errors.py, kept importable here
+from celery_redis_retry.errors import KafkaCredentialsError, TopicMissingError
 from celery_redis_retry.kafka.settings import consumer_config, producer_config
 
 logger = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from celery_redis_retry import kafka
 from celery_redis_retry.config import Settings
-from celery_redis_retry.errors import TopicSetupError as TopicSetupError  # noqa: PLC0414 - defined in errors.py, kept importable here
+from celery_redis_retry.errors import TopicSetupError
 from celery_redis_retry.words import counted
 
 DAY_MS = 24 * 3600 * 1000

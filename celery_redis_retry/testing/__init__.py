@@ -19,6 +19,7 @@ so the code is checked against two implementations of the protocol, not one.
 """
 
 
+from celery_redis_retry.errors import HarnessError, HarnessTimeoutError, ProcessExitedError
 from celery_redis_retry.testing.apache_kafka import (
     KAFKA_VERSION,
     ApacheKafka,
@@ -38,16 +39,7 @@ from celery_redis_retry.testing.kafka_brokers import (
     read_topic,
     tansu_binary,
 )
-from celery_redis_retry.testing.processes import (
-    HarnessError,
-    HarnessTimeoutError,
-    ManagedProcess,
-    ProcessExitedError,
-    free_port,
-    free_ports,
-    quiet_port,
-    wait_until,
-)
+from celery_redis_retry.testing.processes import ManagedProcess, free_port, free_ports, quiet_port, wait_until
 from celery_redis_retry.testing.rabbitmq import RabbitMQServer, rabbitmq_server_binary
 from celery_redis_retry.testing.redis_servers import (
     RedisCluster,

@@ -38,16 +38,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from celery_redis_retry.errors import HarnessError, HarnessTimeoutError
 from celery_redis_retry.kafka import KafkaException, create_topics, new_admin, new_producer, produce_confirmed
 from celery_redis_retry.kafka.topics import min_insync_for
-from celery_redis_retry.testing.processes import (
-    HarnessError,
-    HarnessTimeoutError,
-    ManagedProcess,
-    _StartedGroup,
-    free_ports,
-    wait_until,
-)
+from celery_redis_retry.testing.processes import ManagedProcess, _StartedGroup, free_ports, wait_until
 
 if TYPE_CHECKING:
     from typing_extensions import Self

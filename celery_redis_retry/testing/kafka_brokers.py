@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from celery_redis_retry.errors import HarnessError, HarnessTimeoutError
 from celery_redis_retry.kafka import (
     OFFSET_BEGINNING,
     KafkaError,
@@ -23,7 +24,7 @@ from celery_redis_retry.kafka import (
     new_consumer,
     topic_partitions,
 )
-from celery_redis_retry.testing.processes import HarnessError, HarnessTimeoutError, ManagedProcess, free_port
+from celery_redis_retry.testing.processes import ManagedProcess, free_port
 
 if TYPE_CHECKING:
     from typing_extensions import Self

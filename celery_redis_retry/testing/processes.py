@@ -16,9 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from celery_redis_retry.errors import HarnessError as HarnessError  # noqa: PLC0414 - defined in errors.py, kept importable here
-from celery_redis_retry.errors import HarnessTimeoutError as HarnessTimeoutError  # noqa: PLC0414 - defined in errors.py, kept importable here
-from celery_redis_retry.errors import ProcessExitedError as ProcessExitedError  # noqa: PLC0414 - defined in errors.py, kept importable here
+from celery_redis_retry.errors import HarnessError, HarnessTimeoutError, ProcessExitedError
 
 if TYPE_CHECKING:
     from types import TracebackType

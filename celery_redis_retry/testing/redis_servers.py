@@ -14,10 +14,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from celery_redis_retry.errors import HarnessError, ProcessExitedError
 from celery_redis_retry.testing.processes import (
-    HarnessError,
     ManagedProcess,
-    ProcessExitedError,
     _executable,
     _StartedGroup,
     free_port,
