@@ -792,6 +792,7 @@ def _worker_and_bridge_refuse(conf: dict[str, Any], line: str) -> None:
         assert not readable, "a refused process connected to Kafka or to the Celery broker"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(BAD_TARGET_URLS))
 def test_worker_and_bridge_refuse_a_bad_target_url_at_startup(kind: str) -> None:
     from celery_redis_retry.targets import redacted
@@ -802,6 +803,7 @@ def test_worker_and_bridge_refuse_a_bad_target_url_at_startup(kind: str) -> None
                               f"redis_retry_targets['sessions'] {problem}, got {redacted(url)!r}")
 
 
+@pytest.mark.slow
 def test_worker_and_bridge_refuse_an_unknown_key_at_startup() -> None:
     _worker_and_bridge_refuse({"redis_retry_max_retry": 5}, "redis_retry_max_retry is not a celery_redis_retry "
                                                             "setting: did you mean redis_retry_max_retries?")

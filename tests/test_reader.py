@@ -137,6 +137,7 @@ def test_an_op_a_cluster_target_cannot_run_atomically_is_rejected() -> None:
 # -- through the real bridge ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_bridge_rejects_a_cross_slot_op_and_goes_on(make_loop: Callable[..., LoopStack]) -> None:
     # publish() refuses such an op for a cluster target: this one comes from a producer
     # configured apart (or from before the target became a cluster). It must end in the
