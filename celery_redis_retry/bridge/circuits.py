@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery_redis_retry import policy
+from celery_redis_retry.targets import connect, is_cluster_url
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,6 @@ class TargetProbe:
     """:func:`probe` of one target URL, through a client of its own with the probe's timeouts."""
 
     def __init__(self, url: str) -> None:
-        from celery_redis_retry.targets import is_cluster_url
-
         self.url = url
         self.cluster = is_cluster_url(url)
         self._client: Any = None
@@ -83,8 +82,6 @@ class TargetProbe:
     def __call__(self) -> None:
         """Raise the error an op would meet if the target cannot take writes now."""
         if self._client is None:
-            from celery_redis_retry.targets import connect
-
             self._client = connect(self.url, socket_timeout=PROBE_TIMEOUT, socket_connect_timeout=PROBE_TIMEOUT,
                                    health_check_interval=0)
         probe(self._client, cluster=self.cluster)

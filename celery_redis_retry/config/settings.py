@@ -20,7 +20,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
 
 from celery_redis_retry.errors import (
     CommandNotAllowedError,
@@ -34,7 +33,7 @@ from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.policy import Backoff
 from celery_redis_retry.redis_commands import COMMANDS, DEFAULT_ALLOWED
 from celery_redis_retry.slots import check_single_slot
-from celery_redis_retry.targets import parse_target_url, redacted
+from celery_redis_retry.targets import is_cluster_url, parse_target_url, redacted
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +137,7 @@ class Settings:
     @functools.cached_property
     def cluster_targets(self) -> frozenset[str]:
         """Names of the targets that are Redis Clusters (``redis+cluster://``...)."""
-        return frozenset(n for n, url in self.targets.items() if urlsplit(url).scheme.endswith("+cluster"))
+        return frozenset(n for n, url in self.targets.items() if is_cluster_url(url))
 
     def waiting_topic(self, target: str) -> str:
         """The Kafka topic where ``target``'s ops wait while its circuit is open."""
