@@ -261,16 +261,6 @@ class KafkaNode(ManagedProcess):
         return self._start_and_wait(lambda: self.wait_until(lambda: _accepts(self.port), timeout,
                                                             f"port {self.port} to accept connections"))
 
-    def pause(self) -> None:
-        """SIGSTOP the JVM: it holds its connections but answers nothing (a hung broker)."""
-        if self.pid is not None:
-            os.killpg(self.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """SIGCONT a paused JVM."""
-        if self.pid is not None:
-            os.killpg(self.pid, signal.SIGCONT)
-
 
 class ApacheKafka(_StartedGroup):
     """A KRaft cluster of ``brokers`` Apache Kafka nodes on 127.0.0.1, with production-like topics.

@@ -248,6 +248,35 @@ class ManagedProcess:
         self._popen.wait()
         return self._finish()
 
+    def kill_leader(self) -> None:
+        """SIGKILL the process itself, not its group: its children live on as orphans, as when
+        the OOM killer picks a Celery worker's main process. :meth:`kill` or :meth:`stop`
+        afterwards ends the rest of the group, as a supervisor would."""
+        if self.running:
+            assert self._popen is not None
+            os.kill(self._popen.pid, signal.SIGKILL)
+            self._popen.wait()
+
+    def children(self) -> list[int]:
+        """The pids of the process's direct children (a prefork pool's processes), from /proc."""
+        if not self.running:
+            return []
+        try:
+            listed = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(pid) for pid in listed.split()]
+
+    def pause(self) -> None:
+        """SIGSTOP the whole group: it holds its connections and sockets but answers nothing (a hung process)."""
+        if self.running:
+            self._signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused group."""
+        if self.running:
+            self._signal_group(signal.SIGCONT)
+
     def _finish(self) -> int | None:
         # Children that outlived their parent (a pool process, `sh -c` jobs) go too.
         self._signal_group(signal.SIGKILL)
