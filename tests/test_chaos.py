@@ -1,129 +1,93 @@
-"""Seeded chaos: SIGKILL the bridge, the whole worker and the target Redis at random
-points while ops flow, then account for every op.
+"""Seeded chaos with full accounting: every fault type at random points, every write accounted for.
 
-The schedule (which process dies, after which wave of ops, for how long) comes from a
-seed printed at the start: a fixed one by default, ``CRR_CHAOS_SEED=random`` for a new
-one, ``CRR_CHAOS_SEED=<seed>`` to replay one (the timing of processes still varies).
-Every op is non-idempotent, so an op applied twice shows, and every one must end applied
-exactly once.
+The whole system runs as real processes on a 3-broker Apache Kafka cluster: three targets
+(a plain redis-server, a Sentinel-managed master with its replica, a Redis Cluster of three
+masters with a replica each), a Celery broker, two workers, two bridges and a publishing
+app that writes the ledger (tests/chaos/). Faults (tests/chaos/faults.py): SIGKILL of a
+bridge, a worker's pool process, a worker's main process, the plain target, the Celery
+broker, the app, a Kafka leader, a Kafka follower and the whole Kafka cluster; SIGSTOP of a
+bridge past its session timeout and of a worker past the broker's visibility timeout; a
+Sentinel failover and a cluster failover. At the end every write of the ledger is looked for
+in Redis and the DLQ: none lost, none applied twice, no newer write overwritten.
 
-What is not killed: Kafka (the embedded broker keeps nothing across a restart) and the
-Celery broker (tests/test_kafka_holds_ops.py kills, purges and flushes that one).
+``CRR_CHAOS_PROFILE`` picks the profile (tests/chaos/run.py): ``short`` (the default, in
+``make test``), ``long`` (``make chaos``), ``soak`` (``make soak``). ``CRR_CHAOS_SEED``
+replays a seed (``random``: a new one); ``CRR_CHAOS_REPORT`` is where the report goes
+(markdown and JSON; default: the run's temporary folder, printed).
 
-It runs on both Celery brokers. With kombu's Redis transport a worker SIGKILLed at the
-instant its consumer pops a task loses that task: kombu takes it with BRPOP and records
-it as unacknowledged in a second command. This test found it (once in six runs, when the
-bridge committed at hand-over): the retry message of one op was popped and never
-recorded, so nothing ever redelivered it. Now Kafka keeps every op until a worker reports
-its end, and the bridge hands over again what did not end within ``REDELIVERY`` seconds.
-RabbitMQ acknowledges in the broker and has no such window.
-
-``make chaos`` plays 20 random seeds on the Redis broker (``CRR_CHAOS_BROKER=redis``).
+The RabbitMQ run plays only the faults that involve the Celery broker: the others do not
+depend on which broker Celery uses.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
-from loop_stack import KAFKA_EXTRA, LoopStack
+from chaos.run import Run, profile_for
+from chaos.stack import GROUP_SETTINGS, ChaosStack, extra_env
+from loop_stack import LoopStack
 
-from celery_redis_retry import ops
+from celery_redis_retry.testing import ApacheKafka, RabbitMQServer, RedisCluster, RedisSentinel
 
 pytestmark = pytest.mark.slow
 
-#: Rebalances after a bridge dies take ~5-6 s on the mock cluster with these.
-GROUP_SETTINGS = {**KAFKA_EXTRA, "max.poll.interval.ms": 10_000}
-EVENTS = ("kill_bridge", "kill_worker", "kill_target")
-WAVES = 8
-PER_WAVE = 400
-#: The schedule ``make test`` plays (every kind of kill, the worker's twice);
-#: ``CRR_CHAOS_SEED=random`` draws a new one, ``CRR_CHAOS_SEED=<n>`` replays seed n.
-DEFAULT_SEED = 1304602874
-#: Seconds after which the bridge hands over again an op that did not end (a lost task).
-REDELIVERY = 10
-BROKERS = [b for b in ("rabbitmq", "redis") if os.environ.get("CRR_CHAOS_BROKER", b) == b]
+#: The seed ``make test`` plays; ``CRR_CHAOS_SEED=random`` draws a new one.
+DEFAULT_SEED = 20261204
+PROFILE = os.environ.get("CRR_CHAOS_PROFILE", "short")
+#: Comma-separated fault names: play only those (to chase one kind of fault).
+ONLY = os.environ.get("CRR_CHAOS_FAULTS", "")
+BROKERS = [b for b in ("redis", "rabbitmq") if os.environ.get("CRR_CHAOS_BROKER", b) == b]
 
 
-@pytest.mark.parametrize("broker", BROKERS)
-def test_seeded_chaos_accounts_for_every_op(
-    make_loop: Callable[..., LoopStack], request: pytest.FixtureRequest, broker: str
-) -> None:
+@pytest.fixture
+def chaos_stack(
+    make_loop: Callable[..., LoopStack], kafka_cluster: ApacheKafka, tmp_path: Path, request: pytest.FixtureRequest,
+) -> Iterator[ChaosStack]:
+    broker: str = request.param
     chosen = os.environ.get("CRR_CHAOS_SEED", str(DEFAULT_SEED))
     seed = random.SystemRandom().randrange(1, 2**31) if chosen == "random" else int(chosen)
-    rng = random.Random(seed)
-    schedule = [rng.choice(EVENTS) for _ in range(WAVES - 1)]
-    print(f"\nchaos seed {seed} on {broker}: {schedule}")
-    stack = make_loop(
-        broker_url=request.getfixturevalue("rabbitmq_url") if broker == "rabbitmq" else None,
-        max_retries=30,
-        target_args=("--appendfsync", "always"),  # an applied write survives the target's SIGKILL
-        extra_env={"CRR_KAFKA_EXTRA": json.dumps(GROUP_SETTINGS), "CRR_REDELIVERY_TIMEOUT": str(REDELIVERY)},
+    rabbitmq = RabbitMQServer(dir=str(tmp_path / "rabbitmq")).start() if broker == "rabbitmq" else None
+    sentinel = RedisSentinel(dir=str(tmp_path / "sentinel")).start()
+    cluster = RedisCluster(3, replicas=1, dir=str(tmp_path / "cluster")).start()  # type: ignore[call-arg]
+    loop = make_loop(
+        kafka_broker=kafka_cluster, broker_url=rabbitmq.url if rabbitmq else None, max_retries=1000,
+        backoff=0.5, backoff_max=4.0, target_args=("--appendfsync", "always"), kafka_settings=GROUP_SETTINGS,
+        extra_targets={"sentinel": sentinel.url, "cluster": cluster.url}, extra_env=extra_env(),
     )
-    stack.start_worker(concurrency=2)
-    bridge = stack.start_bridge("--batch-size", "100")
-    counters: list[str] = []
-    lists: list[str] = []
-    for wave in range(WAVES):
-        batch = []
-        for i in range(wave * PER_WAVE, (wave + 1) * PER_WAVE):
-            if i % 2:
-                counters.append(f"n:{i}")
-                batch.append(ops.incrby(f"n:{i}", i))
-            else:
-                lists.append(f"l:{i}")
-                batch.append(ops.rpush(f"l:{i}", i))
-        stack.publish_all(batch)
-        if wave == 0:
-            stack.wait_assigned(bridge)
-        if wave == WAVES - 1:
-            break
-        time.sleep(rng.uniform(0.2, 1.5))  # let the ops be somewhere in flight
-        event = schedule[wave]
-        if event == "kill_bridge":
-            bridge.kill()
-            bridge = stack.start_bridge("--batch-size", "100")
-        elif event == "kill_worker":
-            assert stack.worker is not None
-            stack.worker.kill()
-            stack.start_worker(concurrency=2)  # RabbitMQ requeues what it held; on Redis, the bridge does
-        else:
-            stack.target.kill()
-            time.sleep(rng.uniform(0.5, 3.0))
-            stack.target.start()
-
-    def missing() -> list[str]:
-        with stack.client() as r:
-            values = r.mget(counters)
-            lengths = [r.llen(key) for key in lists]
-        return [k for k, v in zip(counters, values, strict=True) if v is None] + [
-            k for k, n in zip(lists, lengths, strict=True) if n == 0
-        ]
-
-    last: list[str] = []
-
-    def settled() -> bool:
-        last[:] = missing()
-        return not last
-
+    stack = ChaosStack(loop, sentinel, cluster, rabbitmq, seed, profile_for(PROFILE, broker, ONLY).rate)
     try:
-        stack.wait_for(settled, 240, "every op applied after the chaos")
-    except AssertionError as exc:
-        raise AssertionError(f"seed {seed}: {len(last)} ops never applied, e.g. {last[:10]}\n{exc}") from None
-    time.sleep(3)  # anything still in flight would show as a second effect now
-    with stack.client() as r:
-        wrong = {key: v for key, v in zip(counters, r.mget(counters), strict=True) if v != key[2:].encode()}
-        twice = [key for key in lists if r.lrange(key, 0, -1) != [key[2:].encode()]]
-    assert not wrong, f"seed {seed}: counters with a wrong value (lost or applied twice): {list(wrong)[:10]}"
-    assert not twice, f"seed {seed}: lists not holding exactly their one value: {twice[:10]}"
-    assert stack.dlq_is_empty(), f"seed {seed}: ops in the DLQ"
-    caught = stack.worker_log_count(r"was already applied")
-    again = sum(int(n) for b in stack.bridges for n in re.findall(r"(\d+) ops handed to Celery did not end",
-                                                                  b.log_text()))
-    print(f"chaos seed {seed} on {broker}: {WAVES * PER_WAVE} ops, each applied once; "
-          f"duplicate deliveries caught by the last worker: {caught}; handed over again: {again}")
+        yield stack
+    finally:
+        stack.stop()
+        if rabbitmq is not None:
+            rabbitmq.stop()
+        if not all(node.running for node in kafka_cluster.nodes):  # a fault cut short: the session's cluster
+            kafka_cluster.start()
+
+
+@pytest.mark.parametrize("chaos_stack", BROKERS, indirect=True)
+def test_chaos_accounts_for_every_write(chaos_stack: ChaosStack, tmp_path: Path) -> None:
+    stack = chaos_stack
+    profile = profile_for(PROFILE, "rabbitmq" if stack.rabbitmq else "redis", ONLY)
+    print(f"\nchaos profile {profile.name}, seed {stack.seed}, {len(profile.fault_types)} fault types")
+    for _ in range(2):
+        stack.start_worker()
+    for _ in range(2):
+        stack.start_bridge()
+    stack.loop.wait_assigned(stack.bridges[0])
+    stack.start_app()
+    run = Run(stack, profile, stack.seed)
+    run.play()
+    result = run.finish()
+    folder = Path(os.environ.get("CRR_CHAOS_REPORT") or tmp_path / "report")
+    document = run.report(result, folder)
+    print((folder / "chaos-report.md").read_text())
+    print(f"report: {folder}")
+    assert set(document["faults_by_type"]) == set(profile.fault_types), "a fault type was not played"
+    assert result.clean, f"seed {stack.seed}: {result.summary()}"
+    assert document["recovery_s"]["not_recovered"] == 0, f"seed {stack.seed}: a fault the system did not recover from"
+    assert result.certain > 0
