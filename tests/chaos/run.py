@@ -101,9 +101,10 @@ class Run:
     def _sample(self) -> None:
         while not self._stop.wait(2.0):
             now = time.time() - self.began
+            sizes = self.stack.rss_mb()
             for role, process in self.stack.processes().items():
-                if process.running and process.pid is not None:
-                    self.samples.memory.append((now, role, process.pid, self.stack.rss_mb().get(role, 0.0)))
+                if role in sizes and process.pid is not None:
+                    self.samples.memory.append((now, role, process.pid, sizes[role]))
             self.samples.lag.append((now, self.stack.lag()))
 
     # -- the run ---------------------------------------------------------------------------
