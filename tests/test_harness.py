@@ -10,14 +10,16 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from celery import Celery
+from conftest import HARNESS_TIMINGS
 from kombu import Connection
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.retry import Retry
 
 from celery_redis_retry.kafka import new_consumer, new_producer
@@ -159,6 +161,105 @@ def test_redis_server_runs_valkey_when_given_its_binary(tmp_path: Path) -> None:
         with cluster.client() as client:
             client.mset_nonatomic({f"key-{i}": i for i in range(30)})  # lands on every node
             assert client.get("key-29") == b"29"
+
+
+# -- Redis Cluster with replicas -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def replicated_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """3 masters with a replica each, shared by the module: a test that kills a node restarts it."""
+    with RedisCluster(3, replicas=1, dir=str(tmp_path_factory.mktemp("replicated-cluster"))) as cluster:
+        yield cluster
+
+
+def _role(node: RedisServer) -> tuple[str, int | None, str | None]:
+    """(role, port of its master, link status) of a node now."""
+    replication = node.replication()
+    assert replication is not None, f"{node.name} does not answer"
+    return replication["role"], replication.get("master_port"), replication.get("master_link_status")
+
+
+def test_a_cluster_with_replicas_gives_every_master_a_replica_in_sync(replicated_cluster: RedisCluster) -> None:
+    cluster = replicated_cluster
+    assert len(cluster.nodes) == 6
+    masters = [cluster.master_of(slot) for slot in (0, 8192, RedisCluster.SLOTS - 1)]
+    replicas = [cluster.replica_of(master) for master in masters]
+    assert len(set(masters)) == 3
+    assert set(masters) | set(replicas) == set(cluster.nodes)
+    for master, replica in zip(masters, replicas, strict=True):
+        assert _role(master)[0] == "master"
+        assert _role(replica) == ("slave", master.port, "up")
+
+
+def test_kill_master_promotes_its_replica_with_the_keys_and_the_killed_master_rejoins_as_a_replica(
+    replicated_cluster: RedisCluster,
+) -> None:
+    cluster = replicated_cluster
+    keys = {f"key-{i}": str(i).encode() for i in range(60)}  # on all three masters
+    slot = key_slot(b"key-0")
+    old = cluster.master_of(slot)
+    heir = cluster.replica_of(old)
+    with cluster.client() as client:
+        client.mset_nonatomic(keys)
+        # WAIT on every master: the writes reached each replica before the kill.
+        assert client.wait(1, 1000, target_nodes=client.PRIMARIES) == 3
+
+        assert cluster.kill_master(slot) is heir
+        HARNESS_TIMINGS.append(f"Redis Cluster failover after SIGKILL of a master: {cluster.failover_seconds:.1f}s")
+
+        assert not old.running
+        assert cluster.killed == [old]
+        assert _role(heir)[0] == "master"
+        assert cluster.master_of(slot) is heir
+        # The client made before the failover finds the new master and keeps working.
+        assert [client.get(key) for key in keys] == list(keys.values())
+        client.set("key-0", "after")
+        assert client.get("key-0") == b"after"
+
+    assert cluster.restart_killed() == [old]
+    assert old.running
+    assert cluster.killed == []
+    assert _role(old) == ("slave", heir.port, "up")
+    with old.client() as replica:
+        replica.execute_command("READONLY")  # a cluster replica answers reads of its master's slots
+        assert replica.get("key-0") == b"after"
+
+
+def test_failover_swaps_a_master_and_its_replica(replicated_cluster: RedisCluster) -> None:
+    cluster = replicated_cluster
+    slot = key_slot(b"swapped")
+    old = cluster.master_of(slot)
+    heir = cluster.replica_of(old)
+
+    assert cluster.failover(slot) is heir
+    HARNESS_TIMINGS.append(f"Redis Cluster manual CLUSTER FAILOVER: {cluster.failover_seconds:.1f}s")
+
+    assert cluster.master_of(slot) is heir
+    assert _role(heir)[0] == "master"
+    assert _role(old) == ("slave", heir.port, "up")
+    assert cluster.replica_of(heir) is old
+    with cluster.client() as client:
+        client.set("swapped", "yes")
+        assert client.get("swapped") == b"yes"
+
+
+def test_a_cluster_without_replicas_refuses_a_failover_and_kills_nothing(tmp_path: Path) -> None:
+    with RedisCluster(3, dir=str(tmp_path / "cluster")) as cluster:
+        assert len(cluster.nodes) == 3
+        with pytest.raises(HarnessError, match="has no running replica"):
+            cluster.kill_master()
+        with pytest.raises(HarnessError, match="has no running replica"):
+            cluster.failover()
+        assert all(node.running for node in cluster.nodes)
+        assert cluster.killed == []
+
+
+def test_a_slot_out_of_range_is_refused_by_name(replicated_cluster: RedisCluster) -> None:
+    with pytest.raises(HarnessError, match=r"slot must be in 0\.\.16383, not 16384"):
+        replicated_cluster.kill_master(RedisCluster.SLOTS)
+    with pytest.raises(HarnessError, match="replicas >= 0"):
+        RedisCluster(3, replicas=-1)
 
 
 # -- RabbitMQ --------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ from celery_redis_retry.testing.kafka_brokers import (
 )
 from celery_redis_retry.testing.processes import ManagedProcess, free_port, free_ports, quiet_port, wait_until
 from celery_redis_retry.testing.rabbitmq import RabbitMQServer, rabbitmq_server_binary
+from celery_redis_retry.testing.redis_cluster import RedisCluster
 from celery_redis_retry.testing.redis_servers import (
-    RedisCluster,
     RedisSentinel,
     RedisServer,
     redis_server_binary,

@@ -1,4 +1,7 @@
-"""redis-server (or valkey-server) processes: one server, a Redis Cluster, a master with a replica and a Sentinel."""
+"""redis-server (or valkey-server) processes: one server, and a master with a replica and a Sentinel.
+
+The Redis Cluster is in :mod:`celery_redis_retry.testing.redis_cluster`.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ from celery_redis_retry.testing.processes import (
     _executable,
     _StartedGroup,
     free_port,
-    quiet_port,
     wait_until,
 )
 
@@ -148,84 +150,28 @@ class RedisServer(ManagedProcess):
                 return self
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def quick_client(self, timeout: float = 1.0) -> redis.Redis:
+        """A client that answers within ``timeout`` seconds or fails at once, never retrying (close it when done).
+
+        For polling a server that may be dead or starting: a wait must not stall on it.
+        """
+        return self.client(socket_connect_timeout=timeout, socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
+
     def ping(self) -> bool:
         """Whether the server answers PING right now."""
-        with self.client(socket_connect_timeout=0.5, socket_timeout=0.5, retry=Retry(NoBackoff(), 0)) as client:
+        with self.quick_client(0.5) as client:
             try:
                 return bool(client.ping())
             except redis.RedisError:  # refused while starting, or LOADING
                 return False
 
-
-def _free_cluster_port() -> int:
-    # A cluster node also listens on port + 10000 (its cluster bus): both must be free,
-    # and below the ephemeral ports (see quiet_port).
-    return quiet_port(room=10000)
-
-
-class RedisCluster(_StartedGroup):
-    """A Redis Cluster of ``masters`` redis-server processes on 127.0.0.1, no replicas.
-
-    Slots are spread evenly with CLUSTER ADDSLOTS and the nodes introduced with CLUSTER
-    MEET, so no ``redis-cli --cluster`` is needed. :attr:`url` is a
-    ``redis+cluster://`` target URL; :meth:`client` a redis-py ``RedisCluster``.
-    ``binary`` is passed to every :class:`RedisServer` (a Valkey cluster with
-    :func:`valkey_server_binary`).
-    """
-
-    SLOTS = 16384
-
-    def __init__(self, masters: int = 3, *, dir: str | None = None, binary: str | None = None) -> None:  # noqa: A002
-        self.dir = dir or tempfile.mkdtemp(prefix="crr-cluster-")
-        self.nodes = [
-            RedisServer(
-                _free_cluster_port(),
-                args=("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{i}.conf",
-                      "--cluster-node-timeout", "2000"),
-                dir=str(Path(self.dir) / f"node-{i}"), binary=binary,
-            )
-            for i in range(masters)
-        ]
-
-    @property
-    def url(self) -> str:
-        """``redis+cluster://127.0.0.1:PORT`` of the first node (the others are discovered)."""
-        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
-
-    def start(self, timeout: float = 30.0) -> Self:
-        """Start every node, assign the slots, join the nodes and wait for ``cluster_state:ok``."""
-        for node in self.nodes:
-            Path(node.dir).mkdir(parents=True, exist_ok=True)
-            node.start()
-        share = self.SLOTS // len(self.nodes)
-        for i, node in enumerate(self.nodes):
-            last = self.SLOTS if i == len(self.nodes) - 1 else (i + 1) * share
-            with node.client() as client:
-                client.execute_command("CLUSTER", "ADDSLOTS", *range(i * share, last))
-                for other in self.nodes[1:]:
-                    client.execute_command("CLUSTER", "MEET", "127.0.0.1", other.port)
-
-        def ready() -> bool:
-            for node in self.nodes:
-                with node.client() as client:
-                    info = client.execute_command("CLUSTER", "INFO").decode()
-                    if "cluster_state:ok" not in info or f"cluster_known_nodes:{len(self.nodes)}" not in info:
-                        return False
-            return True
-
-        wait_until(ready, timeout, interval=0.2, what="the cluster to report cluster_state:ok")
-        return self
-
-    def client(self, **kwargs: Any) -> Any:
-        """A redis-py ``RedisCluster`` client (close it when done)."""
-        from redis.cluster import RedisCluster as ClusterClient
-
-        return ClusterClient(host="127.0.0.1", port=self.nodes[0].port, **kwargs)
-
-    def stop(self) -> None:
-        """Stop every node."""
-        for node in self.nodes:
-            node.stop()
+    def replication(self) -> dict[str, Any] | None:
+        """``INFO replication`` now (``role``, ``master_port``, ``master_link_status``...); None if it is silent."""
+        try:
+            with self.quick_client() as client:
+                return dict(client.info("replication"))
+        except redis.RedisError:
+            return None
 
 
 class RedisSentinel(_StartedGroup):
@@ -315,13 +261,10 @@ class RedisSentinel(_StartedGroup):
 
     @staticmethod
     def _role(server: RedisServer) -> str | None:
-        try:
-            with server.client(socket_timeout=1.0, retry=Retry(NoBackoff(), 0)) as client:
-                return str(client.info("replication")["role"])
-        except redis.RedisError:
-            return None
+        replication = server.replication()
+        return str(replication["role"]) if replication else None
 
     @staticmethod
     def _in_sync(replica: RedisServer) -> bool:
-        with replica.client(socket_timeout=1.0, retry=Retry(NoBackoff(), 0)) as client:
-            return bool(client.info("replication").get("master_link_status") == "up")
+        replication = replica.replication()
+        return bool(replication and replication.get("master_link_status") == "up")
