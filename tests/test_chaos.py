@@ -52,7 +52,7 @@ def chaos_stack(
     seed = random.SystemRandom().randrange(1, 2**31) if chosen == "random" else int(chosen)
     rabbitmq = RabbitMQServer(dir=str(tmp_path / "rabbitmq")).start() if broker == "rabbitmq" else None
     sentinel = RedisSentinel(dir=str(tmp_path / "sentinel")).start()
-    cluster = RedisCluster(3, replicas=1, dir=str(tmp_path / "cluster")).start()  # type: ignore[call-arg]
+    cluster = RedisCluster(3, replicas=1, dir=str(tmp_path / "cluster")).start()
     loop = make_loop(
         kafka_broker=kafka_cluster, broker_url=rabbitmq.url if rabbitmq else None, max_retries=1000,
         backoff=0.5, backoff_max=4.0, target_args=("--appendfsync", "always"), kafka_settings=GROUP_SETTINGS,
