@@ -181,12 +181,19 @@ def test_the_redis_op_keeps_its_chainable_copies() -> None:
 
 
 def test_the_task_names_are_the_wire_contract() -> None:
-    from celery_redis_retry import names, tasks
+    from celery import Celery
+
+    from celery_redis_retry import names, tasks  # noqa: F401 - importing tasks registers the shared tasks
 
     assert (names.REPLAY_TASK, names.REPLAY_BATCH_TASK, names.DEAD_LETTER_TASK) == (
         "celery_redis_retry.replay", "celery_redis_retry.replay_batch", "celery_redis_retry.dead_letter")
-    assert (tasks.replay.name, tasks.replay_batch.name, tasks.dead_letter.name) == (
-        names.REPLAY_TASK, names.REPLAY_BATCH_TASK, names.DEAD_LETTER_TASK)
+    # An app of its own: the shared tasks' proxies resolve in the current app, which an
+    # earlier test may have replaced with one that never imported them.
+    app = Celery("task-names", set_as_current=False)
+    app.finalize()
+    registered = {app.tasks[name].name for name in (names.REPLAY_TASK, names.REPLAY_BATCH_TASK,
+                                                    names.DEAD_LETTER_TASK)}
+    assert registered == {names.REPLAY_TASK, names.REPLAY_BATCH_TASK, names.DEAD_LETTER_TASK}
 
 
 def test_the_installed_entry_points_load() -> None:
