@@ -69,6 +69,11 @@ def chaos_stack(
             kafka_cluster.start()
 
 
+#: The run's time limit: the long profile and the soak run for most of an hour.
+TIMEOUT_S = {"short": 900, "long": 4 * 3600, "soak": 2 * 3600}[PROFILE]
+
+
+@pytest.mark.timeout(TIMEOUT_S)
 @pytest.mark.parametrize("chaos_stack", BROKERS, indirect=True)
 def test_chaos_accounts_for_every_write(chaos_stack: ChaosStack, tmp_path: Path) -> None:
     stack = chaos_stack
