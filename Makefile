@@ -23,11 +23,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-## chaos: the long chaos profile: >= 104 faults of 13 kinds, >= 200,000 writes, every one accounted for
-## (45-60 minutes on two cores; stops by itself). Report: .chaos/long/chaos-report.md and .json
+## chaos: the extended scenarios (`-m extended`, ~4 minutes), then the long chaos profile: >= 104 faults
+## of 13 kinds, >= 200,000 writes, every one accounted for (45-60 minutes on two cores; stops by itself).
+## Report: .chaos/long/chaos-report.md and .json
 CHAOS_SEED ?= random
 CHAOS_BROKER ?= redis
 chaos: $(STAMP)
+	$(PY) -m pytest -q -m extended
 	CRR_CHAOS_PROFILE=long CRR_CHAOS_SEED=$(CHAOS_SEED) CRR_CHAOS_BROKER=$(CHAOS_BROKER) \
 		CRR_CHAOS_REPORT=$(CURDIR)/.chaos/long $(PY) -m pytest -q -s tests/test_chaos.py
 

@@ -168,6 +168,20 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out the ``extended`` tests unless asked for (``-m extended``, ``CRR_EXTENDED=1``).
+
+    They are long scenarios whose fault the short chaos profile plays in every run with full
+    accounting; ``make chaos`` runs them. Deselected, not skipped: they count as neither.
+    """
+    if os.environ.get("CRR_EXTENDED") == "1" or "extended" in (config.getoption("markexpr", "") or ""):
+        return
+    extended = [item for item in items if item.get_closest_marker("extended") is not None]
+    if extended:
+        config.hook.pytest_deselected(items=extended)
+        items[:] = [item for item in items if item.get_closest_marker("extended") is None]
+
+
 #: The target servers a ``redis_and_valkey`` test runs against; the names are the test ids.
 TARGET_SERVERS: dict[str, Callable[[], str]] = {"redis": redis_server_binary, "valkey": valkey_server_binary}
 

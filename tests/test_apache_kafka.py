@@ -229,6 +229,7 @@ class Outage:
         self.cluster.wait_writable(60)
 
 
+@pytest.mark.extended  # the chaos run plays this fault with full accounting in make test
 def test_leader_failover_under_load_loses_and_duplicates_nothing(
     make_loop: Callable[..., LoopStack], kafka_cluster: ApacheKafka
 ) -> None:
@@ -254,6 +255,7 @@ def test_leader_failover_under_load_loses_and_duplicates_nothing(
     assert stack.dlq_is_empty()
 
 
+@pytest.mark.extended  # the chaos run plays this fault with full accounting in make test
 def test_whole_cluster_down_for_30s_while_publishing(
     make_loop: Callable[..., LoopStack], kafka_cluster: ApacheKafka
 ) -> None:

@@ -98,6 +98,7 @@ def test_a_flushall_of_the_celery_broker_mid_drain_loses_no_op(make_loop: Callab
     assert bridge.log_text().count("handing them over again") > 0
 
 
+@pytest.mark.extended  # the chaos run plays this fault with full accounting in make test
 def test_a_celery_broker_sigkilled_with_appendfsync_everysec_loses_no_op(
     make_loop: Callable[..., LoopStack],
 ) -> None:

@@ -94,6 +94,7 @@ def test_another_repeated_line_is_told_once_a_minute_with_its_count(
     assert caplog.records[-1].levelname == "WARNING"
 
 
+@pytest.mark.extended  # the chaos run plays this fault with full accounting in make test
 def test_a_bridge_whose_kafka_stops_for_60_s_says_so_in_few_lines_and_reconnects(
     make_loop: Callable[..., LoopStack], tmp_path: Path
 ) -> None:
