@@ -7,6 +7,7 @@ is in test_outages.py.
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import pytest
 import redis.exceptions as rex
@@ -18,6 +19,7 @@ from celery_redis_retry.config import Settings
 from celery_redis_retry.errors import ConfigurationError
 from celery_redis_retry.expiry import expired
 from celery_redis_retry.kafka.topics import plan
+from celery_redis_retry.replay.executor import ReplayResult
 
 
 class Target:
@@ -166,3 +168,49 @@ def test_a_target_name_must_fit_in_a_topic_name(name: str) -> None:
 def test_outage_settings_are_checked(key: str, value: int) -> None:
     with pytest.raises(ConfigurationError, match=key):
         Settings.from_mapping({**BASE, key: value})
+
+
+class _FlakyExecutor:
+    """Fails its first round trip with an outage, then applies everything."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run_many(self, batch: list[ops.RedisOp]) -> list[ReplayResult]:
+        self.calls += 1
+        if self.calls == 1:
+            raise rex.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return [ReplayResult("applied", (1,)) for _ in batch]
+
+
+class _ParkingRuntime:
+    """What a worker's batch step uses of its runtime: the circuit, the executor, parking."""
+
+    def __init__(self, hold: float) -> None:
+        self.circuit = LocalCircuit(hold=hold)
+        self.executor = _FlakyExecutor()
+        self.parked = 0
+
+    def park(self, items: list[object], reason: str) -> bool:
+        self.parked += len(items)
+        return True
+
+
+def test_ops_a_worker_parks_untried_do_not_extend_its_hold_on_the_target() -> None:
+    # Under a steady flow a batch arrives while the hold lasts; if parking it untried
+    # renewed the hold, the target would never be tried again (found by the chaos run).
+    from celery_redis_retry.replay.tasks import _run_target
+
+    rt = _ParkingRuntime(hold=0.3)
+    outcomes: Counter[str] = Counter()
+    began = time.monotonic()
+    while outcomes["applied"] == 0 and time.monotonic() - began < 2.0:
+        op = ops.incrby("n", 1)
+        _run_target(rt, "default", [("message", ["ops", 0, 1], op, ("ops", 0, 1))],  # type: ignore[arg-type]
+                    outcomes=outcomes, ended=[], retry_later=[], done=[])
+        time.sleep(0.05)
+    took = time.monotonic() - began
+    assert outcomes["applied"] == 1, f"the target was never tried again ({outcomes})"
+    assert rt.executor.calls == 2, "ops parked during the hold were tried"
+    assert 0.3 <= took < 0.6, f"tried again after {took:.2f}s, the hold is 0.3 s"
+    assert rt.parked == outcomes["waiting"] >= 5

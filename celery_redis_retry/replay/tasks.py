@@ -282,7 +282,8 @@ def _run_target(
     to_park: list[_Item] = []
     outage: BaseException | None = None
     results: list[ReplayResult | Exception] = []
-    if rt.circuit.is_open(target):
+    skipped = rt.circuit.is_open(target)
+    if skipped:
         to_park, outage = list(items), rt.circuit.skipped(target)
     else:
         try:
@@ -304,7 +305,10 @@ def _run_target(
             else:
                 ended.append((message, origin, error, here))
     if to_park:
-        rt.circuit.opened(target)
+        if not skipped:
+            # Only an outage met here holds the target: ops parked untried must not extend
+            # the hold, or under a steady flow it would never end and nothing would be tried.
+            rt.circuit.opened(target)
         parked = [Parked(m.encode(), op, Origin.from_wire(o), attempts=op.attempt) for m, o, op, _ in to_park]
         if rt.park(parked, f"{type(outage).__name__}: {outage}"):
             outcomes["waiting"] += len(to_park)
