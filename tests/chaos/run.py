@@ -173,6 +173,8 @@ class Run:
         deadline = time.time() + self.profile.recovery_timeout
         applied: dict[tuple[str, str], float] = {}
         while time.time() < deadline:
+            for what in self.stack.supervise():
+                print(f"           supervisor: {what} exited by itself, started again", flush=True)
             for target, key in markers:
                 if (target, key) not in applied:
                     value = self._get(target, key)
@@ -201,6 +203,7 @@ class Run:
 
     def finish(self) -> Accounting:
         """Stop the app, wait until every op has ended, and account for every write."""
+        self.stack.supervise()
         self.stack.stop_app()
         # What the app's producer took after SIGTERM went to its spool, as documented; an
         # operator (or the app's next start) drains it.
@@ -236,6 +239,7 @@ class Run:
             "duration_s": round(time.time() - self.began), "drain_after_last_fault_s": round(self.drain_s, 1),
             "faults": len(self.faults),
             "faults_by_type": {name: len(times) for name, times in sorted(by_type.items())},
+            "exited_by_themselves": self.stack.restarts,
             "recovery_s": {
                 "p50": _percentile(recoveries, 50), "p99": _percentile(recoveries, 99),
                 "max": max(recoveries, default=None),
@@ -329,6 +333,9 @@ def markdown(doc: dict[str, Any]) -> str:
         "| --- | --- | --- |",
         *(f"| {name} | {count} | {doc['recovery_s']['max_by_type'][name]} |"
           for name, count in doc["faults_by_type"].items()),
+        "",
+        f"Processes that exited by themselves and were started again (a supervisor's job): "
+        f"{', '.join(doc['exited_by_themselves']) or 'none'}",
         "",
         "## Memory (MiB)",
         "",

@@ -55,6 +55,8 @@ class ChaosStack:
     app: ManagedProcess | None = None
     #: Every worker ever started, the replaced ones too (their logs say what they did).
     all_workers: list[CeleryWorker] = field(default_factory=list)
+    #: What :meth:`supervise` had to start again: processes that exited by themselves.
+    restarts: list[str] = field(default_factory=list)
 
     @property
     def ledger_path(self) -> Path:
@@ -105,6 +107,25 @@ class ChaosStack:
         """SIGTERM the app: it ends its batch, flushes and leaves."""
         if self.app is not None and self.app.running:
             self.app.stop(timeout=60)
+
+    def supervise(self) -> list[str]:
+        """Start again any worker, bridge or app that exited by itself, as systemd's ``Restart=always``
+        would; return what was restarted. (kombu's Redis transport can end a worker whose broker
+        dies under it: "Unrecoverable error: AttributeError ... 'hostname'".)"""
+        restarted = []
+        for slot, worker in enumerate(self.workers):
+            if not worker.running:
+                restarted.append(f"worker{slot} (exited {worker.returncode})")
+                self.start_worker(slot)
+        for slot, bridge in enumerate(self.bridges):
+            if not bridge.running:
+                restarted.append(f"bridge{slot} (exited {bridge.returncode})")
+                self.start_bridge(slot)
+        if self.app is not None and not self.app.running:
+            restarted.append(f"app (exited {self.app.returncode})")
+            self.start_app()
+        self.restarts += restarted
+        return restarted
 
     def processes(self) -> dict[str, ManagedProcess]:
         """Every process whose memory the run follows, by role."""
