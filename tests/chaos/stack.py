@@ -57,6 +57,7 @@ class ChaosStack:
     all_workers: list[CeleryWorker] = field(default_factory=list)
     #: What :meth:`supervise` had to start again: processes that exited by themselves.
     restarts: list[str] = field(default_factory=list)
+    app_stopped: bool = False
 
     @property
     def ledger_path(self) -> Path:
@@ -105,6 +106,7 @@ class ChaosStack:
 
     def stop_app(self) -> None:
         """SIGTERM the app: it ends its batch, flushes and leaves."""
+        self.app_stopped = True
         if self.app is not None and self.app.running:
             self.app.stop(timeout=60)
 
@@ -121,7 +123,7 @@ class ChaosStack:
             if not bridge.running:
                 restarted.append(f"bridge{slot} (exited {bridge.returncode})")
                 self.start_bridge(slot)
-        if self.app is not None and not self.app.running:
+        if self.app is not None and not self.app.running and not self.app_stopped:
             restarted.append(f"app (exited {self.app.returncode})")
             self.start_app()
         self.restarts += restarted
@@ -196,6 +198,7 @@ def wait_quiet(stack: ChaosStack, timeout: float) -> float:
     began = time.monotonic()
     zero = 0
     while time.monotonic() - began < timeout:
+        stack.supervise()
         lag = stack.lag()
         zero = zero + 1 if lag == 0 else 0
         if zero >= 2:
