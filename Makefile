@@ -29,9 +29,11 @@ test: $(STAMP)
 CHAOS_SEED ?= random
 CHAOS_BROKER ?= redis
 chaos: $(STAMP)
-	$(PY) -m pytest -q -m extended
+	@status=0; \
+	$(PY) -m pytest -q -m extended || status=1; \
 	CRR_CHAOS_PROFILE=long CRR_CHAOS_SEED=$(CHAOS_SEED) CRR_CHAOS_BROKER=$(CHAOS_BROKER) \
-		CRR_CHAOS_REPORT=$(CURDIR)/.chaos/long $(PY) -m pytest -q -s tests/test_chaos.py
+		CRR_CHAOS_REPORT=$(CURDIR)/.chaos/long $(PY) -m pytest -q -s tests/test_chaos.py || status=1; \
+	exit $$status
 
 ## soak: 500 writes/s for 30 minutes with a fault every minute or so; memory drift and latency per 5 minutes
 ## Report: .chaos/soak/chaos-report.md and .json
