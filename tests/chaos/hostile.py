@@ -192,6 +192,13 @@ def crlf_cases() -> Iterator[Case]:
                effect=(CRLF_KEY, CRLF_VALUE.encode()))
 
 
+def key_cases() -> Iterator[Case]:
+    """Kafka keys no producer of this package writes: the bridge reads only the value."""
+    yield Case("kafka_key_huge_binary", _op([["FLUSHALL"]]), "forbidden_command", key=bytes(range(256)) * 256)
+    yield Case("kafka_key_of_another_target_applied", _op([["SET", "hostile:keyed", "1"]]), None,
+               key=b"nowhere\x00hostile:other", effect=("hostile:keyed", b"1"))
+
+
 def odd_valid_cases() -> Iterator[Case]:
     """Values the schema accepts at the edge of their range: each op must be applied once, or refused."""
     def counter(name: str, amount: int = 1, **fields: Any) -> bytes:
@@ -200,9 +207,10 @@ def odd_valid_cases() -> Iterator[Case]:
     yield Case("odd_attempt_over_64_bits", counter("attempt").replace(b'"attempt":1', b'"attempt":%d' % 2**64),
                None, effect=("hostile:odd-attempt", b"1"))
     # Older than redis_retry_max_age: ends "expired", neither applied nor dead.
-    yield Case("odd_created_far_past", counter("past", created_at=-1e308), None)
-    # Its write stamp (microseconds) overflows: that op dies, the ops batched with it do not.
-    yield Case("odd_created_far_future", counter("future", created_at=1e308), "unexpected_error")
+    yield Case("odd_created_in_1970", counter("past", created_at=1.0), None)
+    # Its write stamp (microseconds) would overflow: refused by the reader.
+    yield Case("odd_created_far_future", counter("future", created_at=1e308), "malformed")
+    yield Case("odd_created_far_past_overflowing", counter("far-past", created_at=-1e308), "malformed")
     yield Case("odd_id_with_crlf_and_braces", counter("id", id="{x}\r\nFLUSHALL\r\n" + "i" * 200), None,
                effect=("hostile:odd-id", b"1"))
     yield Case("odd_argument_over_64_bits", _op([["INCRBY", "hostile:odd-big", 0]]).replace(
@@ -281,7 +289,8 @@ def corpus(random_count: int = 40) -> list[Case]:
     """Every fixed case, then ``random_count`` seeded ones (names are unique)."""
     cases = [
         *truncated_cases(), *nesting_cases(), *size_cases(), *tiny_cases(), *wrong_type_cases(),
-        *forbidden_cases(), *crlf_cases(), *odd_valid_cases(), *unknown_name_cases(), *random_cases(random_count),
+        *forbidden_cases(), *crlf_cases(), *key_cases(), *odd_valid_cases(), *unknown_name_cases(),
+        *random_cases(random_count),
     ]
     assert len({c.name for c in cases}) == len(cases), "case names must be unique"
     return cases
@@ -297,8 +306,8 @@ def class_of(case: Case) -> str:
     if case.name.startswith("forbidden_"):
         return "forbidden_" + (case.name.rsplit("_in_", 1)[1] if "_in_" in case.name else "single")
     for prefix in ("truncated", "unterminated", "deep", "over_limit", "tiny", "wrong_inside", "wrong_v",
-                   "other_version", "wrong", "crlf_in_command_name", "crlf_in_key", "odd", "unknown_target",
-                   "unknown_script", "signature", "random", "replayed"):
+                   "other_version", "wrong", "crlf_in_command_name", "crlf_in_key", "kafka_key", "odd",
+                   "unknown_target", "unknown_script", "signature", "random", "replayed"):
         if case.name.startswith(prefix):
             return prefix
     return case.name
