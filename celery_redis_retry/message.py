@@ -58,6 +58,7 @@ MAX_COMMANDS = 10_000  # commands in one pipeline
 MAX_ARGS = 100_000  # arguments in one command, or keys/args of a script
 MAX_NAME = 256  # ids, targets, script names, context keys
 MAX_TEXT = 4096  # context values, source, error messages
+MAX_TIME = 2**53 // 1_000_000  # created_at, in seconds (the year 2255): its stamp in microseconds stays exact
 
 # -- schema (what the decoder accepts) ---------------------------------------------------
 
@@ -275,6 +276,8 @@ def _check_shape(wire: _WireOp) -> None:
             raise DecodeError(f"a {wire.kind} op needs {'one command' if wire.kind == 'command' else 'commands'}")
     if not math.isfinite(wire.created_at) or (wire.deadline is not None and not math.isfinite(wire.deadline)):
         raise DecodeError("created_at and deadline must be finite numbers")
+    if not -MAX_TIME <= wire.created_at <= MAX_TIME:  # its write stamp, in microseconds, must be exact
+        raise DecodeError(f"created_at {wire.created_at!r} is outside +-{MAX_TIME:.0f} seconds")
 
 
 def _version_error(raw: bytes) -> DecodeError | None:

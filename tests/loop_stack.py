@@ -151,6 +151,7 @@ class LoopStack:
                 "redis_retry_consumer_group": env["CRR_GROUP"],
                 "redis_retry_scripts": SCRIPTS,
                 "redis_retry_spool_path": str(self.workdir / "test-producer-spool.sqlite3"),
+                "redis_retry_signing_keys": json.loads(env.get("CRR_SIGNING_KEYS", "{}")),
             }
         )
 

@@ -257,6 +257,16 @@ def test_run_many_gives_one_result_per_op_in_one_round_trip(executor: tuple[Exec
 
 
 @pytest.mark.slow
+def test_run_many_fails_only_the_op_that_cannot_be_prepared(executor: tuple[Executor, Any]) -> None:
+    run, r = executor
+    # A forged created_at far in the future: its write stamp (microseconds) is no integer.
+    hostile = msgspec.structs.replace(ops.incrby("hostile", 1), created_at=1e308)
+    results = run.run_many([ops.incrby("n", 1), hostile, ops.rpush("l", "x")])
+    assert [type(x).__name__ for x in results] == ["ReplayResult", "OverflowError", "ReplayResult"]
+    assert (r.get("n"), r.lrange("l", 0, -1), r.exists("hostile")) == (b"1", [b"x"], 0)
+
+
+@pytest.mark.slow
 def test_run_many_reports_a_retryable_reply_per_op(executor: tuple[Executor, Any], redis_server: RedisServer) -> None:
     run, r = executor
     r.config_set("min-replicas-to-write", 1)  # every write now gets NOREPLICAS: retryable

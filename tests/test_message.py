@@ -404,6 +404,13 @@ def test_non_finite_times_are_refused(field: str) -> None:
     assert f"Number out of range - at `$.{field}`" in str(decode_error(raw))
 
 
+@pytest.mark.parametrize("created_at", [1e308, -1e308, 9.1e9])
+def test_times_whose_write_stamp_would_not_be_exact_are_refused(created_at: float) -> None:
+    error = decode_error(raw_of(valid_document(created_at=created_at)))
+    assert "created_at" in str(error)
+    assert "outside" in str(error)
+
+
 def test_tagged_arguments_in_script_keys_name_their_place() -> None:
     document = valid_document(kind="script", script="s", keys=["a", {"b": "?"}])
     del document["cmds"]

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-import orjson
+import msgspec
 
 from celery_redis_retry import kafka
 from celery_redis_retry.config import Settings
@@ -259,7 +259,9 @@ def letter_for_failure(
 def decode_record(value: bytes) -> DeadLetter:
     """A :class:`DeadLetter` from the bytes of a DLQ record; :class:`DecodeError` if invalid."""
     try:
-        doc = orjson.loads(value)
+        # msgspec, not orjson: orjson reads an integer over 64 bits as a float, which would
+        # change an op's argument (the wire format carries integers of any size) or refuse it.
+        doc = msgspec.json.decode(value)
         op = decode(dumps(doc["op"])) if doc.get("op") is not None else None
         error = doc.get("error") or {}
         return DeadLetter(
@@ -281,7 +283,7 @@ def decode_record(value: bytes) -> DeadLetter:
         )
     except DecodeError:
         raise
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise DecodeError(f"not a DLQ record: {exc}") from None
 
 

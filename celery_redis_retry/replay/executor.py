@@ -35,7 +35,7 @@ from redis.exceptions import NoScriptError
 
 from celery_redis_retry import policy, stamps
 from celery_redis_retry.config import Settings
-from celery_redis_retry.errors import PermanentReplayError, RedisRetryError, UnknownScriptError
+from celery_redis_retry.errors import PermanentReplayError, UnknownScriptError
 from celery_redis_retry.ops import Arg, Command, RedisOp
 from celery_redis_retry.redis_commands import LUA_MAX_ARGS, is_idempotent, spec_for
 from celery_redis_retry.slots import group_by_slot, marker_key
@@ -193,7 +193,7 @@ class Executor:
                 results.append(exc)
         return results
 
-    def _queue(self, pipe: Any, op: RedisOp) -> tuple[str, int, _Call | RedisRetryError | None]:
+    def _queue(self, pipe: Any, op: RedisOp) -> tuple[str, int, _Call | Exception | None]:
         """Add ``op`` to the pipeline; return how to read its replies back."""
         mode = self._mode(op)
         if mode == "plain":
@@ -204,13 +204,15 @@ class Executor:
             return mode, 0, None  # runs on its own, one step per slot
         try:
             call = self._call(op)
-        except RedisRetryError as exc:  # too large, unknown script: this op's own failure
+        # Too large, unknown script, a created_at whose stamp overflows: this op's own failure,
+        # never its batch's (raised here, it would fail every op of the round trip).
+        except Exception as exc:  # noqa: BLE001
             return "refused", 0, exc
         pipe.execute_command("EVALSHA", _sha(call.source), len(call.keys), *call.keys, *call.args)
         return mode, 1, call
 
-    def _result(self, op: RedisOp, mode: str, detail: _Call | RedisRetryError | None, chunk: list[Any]) -> ReplayResult:
-        if isinstance(detail, RedisRetryError):
+    def _result(self, op: RedisOp, mode: str, detail: _Call | Exception | None, chunk: list[Any]) -> ReplayResult:
+        if isinstance(detail, Exception):
             raise detail
         if mode == "per_slot":
             return self.run(op)

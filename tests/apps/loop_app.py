@@ -18,6 +18,7 @@ CRR_KILL_AFTER_APPLY    probability of SIGKILLing a worker child after a replay 
 CRR_WORKER_METRICS_PORT where the worker serves Prometheus metrics
 CRR_COMMIT_AFTER   redis_retry_commit_after ("end" or "handover")
 CRR_REDELIVERY_TIMEOUT  redis_retry_redelivery_timeout, in seconds
+CRR_SIGNING_KEYS   JSON object of redis_retry_signing_keys (key id -> secret)
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ app.conf.update(
     redis_retry_backoff=float(env.get("CRR_BACKOFF", "0.5")),
     redis_retry_backoff_max=float(env.get("CRR_BACKOFF_MAX", "4")),
     redis_retry_scripts=SCRIPTS,
+    redis_retry_signing_keys=json.loads(env.get("CRR_SIGNING_KEYS", "{}")),
     redis_retry_batch_size=int(env.get("CRR_BATCH_SIZE", "100")),
     redis_retry_queue_high_water=int(env.get("CRR_HIGH_WATER", "500")),
     redis_retry_commit_after=env.get("CRR_COMMIT_AFTER", "end"),

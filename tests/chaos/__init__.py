@@ -1,0 +1,1 @@
+"""Chaos, hostile input and soak harness for the loop."""
