@@ -309,12 +309,20 @@ def _run_target(
             # Only an outage met here holds the target: ops parked untried must not extend
             # the hold, or under a steady flow it would never end and nothing would be tried.
             rt.circuit.opened(target)
-        parked = [Parked(m.encode(), op, Origin.from_wire(o), attempts=op.attempt) for m, o, op, _ in to_park]
-        if rt.park(parked, f"{type(outage).__name__}: {outage}"):
-            outcomes["waiting"] += len(to_park)
-            done.extend(here for _, _, _, here in to_park)  # the waiting topic holds them now
-        else:
-            retry_later += [(m, o, op, here, 1) for m, o, op, here in to_park]
+        _park(rt, to_park, outage, outcomes=outcomes, retry_later=retry_later, done=done)
+
+
+def _park(
+    rt: _Runtime, to_park: list[_Item], outage: BaseException | None, *, outcomes: Counter[str],
+    retry_later: list[_Retry], done: list[Position | None],
+) -> None:
+    """Park ops of one target in its waiting topic; if Kafka cannot take them, Celery retries them."""
+    parked = [Parked(m.encode(), op, Origin.from_wire(o), attempts=op.attempt) for m, o, op, _ in to_park]
+    if rt.park(parked, f"{type(outage).__name__}: {outage}"):
+        outcomes["waiting"] += len(to_park)
+        done.extend(here for _, _, _, here in to_park)  # the waiting topic holds them now
+    else:
+        retry_later += [(m, o, op, here, 1) for m, o, op, here in to_park]
 
 
 def _positions(positions: list[Any] | str | None, origins: list[Any]) -> list[Any]:
