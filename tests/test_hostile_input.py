@@ -209,7 +209,9 @@ def test_hostile_messages_unsigned_all_end_in_the_dlq_and_nothing_reaches_redis(
 ) -> None:
     started = time.monotonic()
     stack = make_loop()
-    run, bridge = run_corpus(stack, hostile.corpus())
+    generated = hostile.generated_cases(60, Reader(stack.settings()))
+    assert len(generated) == 60
+    run, bridge = run_corpus(stack, [*hostile.corpus(), *generated])
     pid = bridge.pid
     table = check_dead_letters(stack, run)
     check_valid_ops_applied_once(stack, run)

@@ -21,9 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from celery_redis_retry import message, ops
-from celery_redis_retry.message import Signer
+from celery_redis_retry.errors import DecodeError
+from celery_redis_retry.message import Reader, Signer
 from celery_redis_retry.redis_commands import COMMANDS
 
 #: The default ``redis_retry_max_message_bytes``: larger messages are never parsed.
@@ -277,6 +280,53 @@ def random_cases(count: int, seed: int = 20261204) -> Iterator[Case]:
             yield Case(f"random_{index}_wrong_{field}_{wrong}", _raw(document), "malformed")
 
 
+#: Any JSON value, nested a little: what a forger may put in any field.
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=24),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _forged(field: str, value: Any, at: int, junk: bytes, how: str) -> bytes:
+    document = valid_document("hostile:generated")
+    if how == "field":
+        document[field] = value
+        return _raw(document)
+    if how == "cmds":
+        document["cmds"] = [[value, "hostile:generated", value]]
+        return _raw(document)
+    raw = _raw(document)
+    at %= len(raw)
+    return raw[:at] + junk + raw[at:]
+
+
+def generated_cases(count: int, reader: Reader) -> list[Case]:
+    """``count`` messages drawn by hypothesis (any JSON in a field or a command of a valid op, junk
+    bytes spliced into one), each expected to end as ``reader`` (the bridge's settings, in this
+    process) refuses it: the bridge across Kafka must say the same. Drawn from a fixed seed
+    (``derandomize``); messages the reader accepts are left out."""
+    drawn: list[bytes] = []
+
+    @settings(max_examples=count * 4, database=None, derandomize=True, phases=[Phase.generate], deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(sorted(ACCEPTED)), _JSON, st.integers(0, 10_000), st.binary(min_size=1, max_size=6),
+           st.sampled_from(("field", "cmds", "splice")))
+    def draw(field: str, value: Any, at: int, junk: bytes, how: str) -> None:
+        drawn.append(_forged(field, value, at, junk, how))
+
+    draw()
+    cases: list[Case] = []
+    for raw in drawn:
+        try:
+            reader.read(raw)
+        except DecodeError as exc:
+            cases.append(Case(f"generated_{len(cases)}", raw, exc.reason))
+        if len(cases) == count:
+            break
+    return cases
+
+
 def _random_name(rng: random.Random) -> str:
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\r\n |*$"
     while True:
@@ -307,7 +357,7 @@ def class_of(case: Case) -> str:
         return "forbidden_" + (case.name.rsplit("_in_", 1)[1] if "_in_" in case.name else "single")
     for prefix in ("truncated", "unterminated", "deep", "over_limit", "tiny", "wrong_inside", "wrong_v",
                    "other_version", "wrong", "crlf_in_command_name", "crlf_in_key", "kafka_key", "odd",
-                   "unknown_target", "unknown_script", "signature", "random", "replayed"):
+                   "unknown_target", "unknown_script", "signature", "random", "replayed", "generated"):
         if case.name.startswith(prefix):
             return prefix
     return case.name
