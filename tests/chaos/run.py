@@ -170,16 +170,14 @@ class Run:
         return ("default", *self.stack.loop.extra_targets)
 
     def _recovered(self, markers: list[tuple[str, str]], injected: float, threshold: int) -> float | None:
+        """Seconds from ``injected`` until every marker is applied and the lag is at most ``threshold``
+        (None: not within the profile's recovery timeout). Restarts what exited by itself meanwhile."""
         deadline = time.time() + self.profile.recovery_timeout
-        applied: dict[tuple[str, str], float] = {}
+        applied: set[tuple[str, str]] = set()
         while time.time() < deadline:
             for what in self.stack.supervise():
                 print(f"           supervisor: {what} exited by itself, started again", flush=True)
-            for target, key in markers:
-                if (target, key) not in applied:
-                    value = self._get(target, key)
-                    if value is not None:
-                        applied[(target, key)] = float(value)
+            applied |= {marker for marker in markers if marker not in applied and self._get(*marker) is not None}
             lag = self.stack.lag()
             if len(applied) == len(markers) and lag is not None and lag <= threshold:
                 return round(time.time() - injected, 1)
