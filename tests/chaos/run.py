@@ -280,8 +280,13 @@ def memory_report(samples: list[tuple[float, str, int, float]]) -> dict[str, Any
         drift = None
         if end - start >= 600 and early and late:
             drift = round(100 * (statistics.median(late) / statistics.median(early) - 1), 1)
+        windows: dict[int, list[float]] = {}
+        for t, mb in longest:
+            windows.setdefault(int(t // 300), []).append(mb)
         report[role] = {"peak_mb": round(max(mb for s in by_pid.values() for _, mb in s), 1),
-                        "processes": len(by_pid), "drift_pct": drift}
+                        "processes": len(by_pid), "drift_pct": drift,
+                        # the longest-lived process's median per 5 minutes: a leak climbs, a warm-up levels off
+                        "median_mb_per_5min": [round(statistics.median(v), 1) for _, v in sorted(windows.items())]}
     return report
 
 
@@ -337,10 +342,11 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "## Memory (MiB)",
         "",
-        "| process | peak | processes (restarts + 1) | drift after warm-up |",
-        "| --- | --- | --- | --- |",
+        "| process | peak | processes (restarts + 1) | drift after warm-up | median per 5 min |",
+        "| --- | --- | --- | --- | --- |",
         *(f"| {role} | {m['peak_mb']} | {m['processes']} | "
-          f"{'-' if m['drift_pct'] is None else str(m['drift_pct']) + ' %'} |" for role, m in doc["memory"].items()),
+          f"{'-' if m['drift_pct'] is None else str(m['drift_pct']) + ' %'} | "
+          f"{' '.join(str(v) for v in m['median_mb_per_5min'])} |" for role, m in doc["memory"].items()),
     ]
     latency = doc.get("latency") or {}
     if latency:
