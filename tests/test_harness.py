@@ -40,6 +40,7 @@ from celery_redis_retry.testing import (
     read_topic,
     redis_server_binary,
     valkey_server_binary,
+    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -426,3 +427,32 @@ def test_celery_worker_runs_a_task_and_stops_cleanly(redis_server: RedisServer, 
     client.close()
     assert worker.returncode == 0
     assert "Warm shutdown" in worker.log_text()
+
+
+def _state(pid: int) -> str:
+    """The one-letter state of ``pid`` in /proc (``T``: stopped), or "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def test_a_process_with_a_child_is_listed_measured_paused_and_killed_without_it(tmp_path: Path) -> None:
+    # A parent that forks one child holding 50 MB, then both sleep: a prefork pool in small.
+    script = ("import os, time\nif os.fork() == 0:\n    ballast = bytearray(50 * 2**20)\n"
+              "    print('child ready', flush=True)\ntime.sleep(60)\n")
+    process = ManagedProcess([sys.executable, "-c", script], name="parent", log_dir=tmp_path).start()
+    try:
+        process.wait_for_log("child ready", timeout=30)
+        (child,) = process.children()
+        assert process.rss_kib() > 50 * 1024, "the child's memory counts"
+        process.pause()
+        wait_until(lambda: _state(process.pid or 0) == _state(child) == "T", 5, what="both stopped")
+        process.resume()
+        wait_until(lambda: _state(child) in ("S", "R"), 5, what="the child running again")
+        process.kill_leader()
+        assert not process.running
+        assert _state(child) not in ("", "Z"), "the child outlives its parent, an orphan"
+    finally:
+        process.kill()
+    wait_until(lambda: _state(child) in ("", "Z"), 5, what="the orphan killed with its group")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import random
 import re
@@ -258,14 +259,24 @@ class ManagedProcess:
             self._popen.wait()
 
     def children(self) -> list[int]:
-        """The pids of the process's direct children (a prefork pool's processes), from /proc."""
+        """The pids of the process's direct children (a prefork pool's processes), from /proc.
+
+        Every thread's list: a child forked by a thread other than the main one is listed
+        under that thread."""
         if not self.running:
             return []
-        try:
-            listed = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(pid) for pid in listed.split()]
+        found: list[int] = []
+        with contextlib.suppress(OSError):  # the process ended while being read
+            for thread in os.listdir(f"/proc/{self.pid}/task"):
+                with contextlib.suppress(OSError):
+                    found += [int(pid) for pid in Path(f"/proc/{self.pid}/task/{thread}/children").read_text().split()]
+        return sorted(set(found))
+
+    def rss_kib(self) -> int:
+        """Resident memory of the process and its direct children together, in KiB (0 once it ended)."""
+        if not self.running or self.pid is None:
+            return 0
+        return sum(_rss_kib(pid) for pid in (self.pid, *self.children()))
 
     def pause(self) -> None:
         """SIGSTOP the whole group: it holds its connections and sockets but answers nothing (a hung process)."""
@@ -314,6 +325,14 @@ class ManagedProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _rss_kib(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
 
 
 def _bindable(port: int) -> bool:

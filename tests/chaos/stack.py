@@ -169,20 +169,7 @@ class ChaosStack:
 
     def rss_mb(self) -> dict[str, float]:
         """Resident memory per role (a worker counts its pool processes too), in MiB."""
-        sizes: dict[str, float] = {}
-        for role, process in self.processes().items():
-            if process.running and process.pid is not None:
-                pids = [process.pid, *process.children()]
-                sizes[role] = sum(_rss_kib(pid) for pid in pids) / 1024
-        return sizes
-
-
-def _rss_kib(pid: int) -> int:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+        return {role: process.rss_kib() / 1024 for role, process in self.processes().items() if process.running}
 
 
 def extra_env() -> dict[str, str]:
