@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import Callable
 
-from celery_redis_retry.testing import RedisSentinel, wait_until
+from celery_redis_retry.testing import wait_until
 
 from .stack import VISIBILITY_S, ChaosStack
 
@@ -87,8 +87,8 @@ def sentinel_failover(stack: ChaosStack, rng: random.Random) -> str:
     took = time.monotonic() - began
     time.sleep(rng.uniform(0.0, 3.0))
     old.start()  # the Sentinel turns it into a replica of the new master
-    wait_until(lambda: RedisSentinel._role(old) == "slave" and RedisSentinel._in_sync(old), 60, interval=0.2,
-               what="the old master to rejoin as a replica")
+    wait_until(lambda: (old.replication() or {}).get("master_link_status") == "up", 60, interval=0.2,
+               what="the old master to rejoin as a replica in sync")
     return f"Sentinel master :{old.port} SIGKILLed, :{new.port} promoted in {took:.1f}s; the old one rejoined"
 
 
