@@ -13,8 +13,9 @@ is left out. Rows:
   ``execute_command`` on a per-process client.
 
 Workloads: ``set`` (a SET with PXAT of a ~140-byte value, the ``bench_publish`` ops: an
-idempotent command, run directly) and ``incrby`` (INCRBY, not idempotent: replay runs it
-through the ``apply_once`` Lua script with a dedupe marker; the raw task runs a bare INCRBY).
+idempotent command), ``incrby`` (INCRBY, not idempotent: replay applies it under a dedupe
+marker; the raw task runs a bare INCRBY) and ``rpush`` (RPUSH of one item to a list of its
+own, not idempotent either).
 Same worker settings for both rows: prefork, ``-c 2``, prefetch multiplier 4, ``-l INFO``
 (Celery logs two lines per task at INFO; ``--loglevel WARNING`` shows what that costs).
 
@@ -73,6 +74,10 @@ class Workload:
             items = build_ops(count)
             return cls(kind, [message.encode(op).decode() for op in items], [op.commands[0] for op in items],
                        "user:*:profile", count)
+        if kind == "rpush":
+            items = [ops.rpush(f"list:{n}", f"item-{n}") for n in range(count)]
+            return cls(kind, [message.encode(op).decode() for op in items], [op.commands[0] for op in items],
+                       "list:*", count)
         items = [ops.incrby(f"counter:{n}", INCRBY_AMOUNT) for n in range(count)]
         return cls(kind, [message.encode(op).decode() for op in items], [op.commands[0] for op in items],
                    "counter:*", count)
@@ -87,6 +92,12 @@ def _verify(client: redis.Redis, workload: Workload) -> dict[str, Any]:
         for start in range(0, len(keys), 5000):
             wrong += sum(1 for v in client.mget(keys[start:start + 5000]) if int(v or 0) != INCRBY_AMOUNT)
         out["wrong_values"] = wrong
+    if workload.kind == "rpush":
+        # One item per list: a list of two means an op ran twice.
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.llen(key)
+        out["wrong_values"] = sum(1 for length in pipe.execute() if length != 1)
     return out
 
 
@@ -282,7 +293,7 @@ def _report(
         "",
         "- `set`: SET key value PXAT t (~140-byte value), idempotent: replay runs it directly; `incrby`: INCRBY, "
         "not idempotent: replay runs it through the `apply_once` Lua script with a dedupe marker (EVALSHA), "
-        "the raw task runs a bare INCRBY",
+        "the raw task runs a bare INCRBY; `rpush`: RPUSH of one item to a list of its own, not idempotent either",
         "- CPU us/op: CPU time of the worker's main process and its pool children per op (from /proc); the "
         "main process consumes from the broker and feeds the children",
         "- every run's applied keys are counted at the end (and INCRBY values checked)",
@@ -330,7 +341,7 @@ def main(argv: Sequence[str] = ()) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", type=int, default=10_000, help="tasks per run (default 10,000)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each row (default 1)")
-    parser.add_argument("--workloads", default="set,incrby", help="set, incrby (default both)")
+    parser.add_argument("--workloads", default="set,incrby,rpush", help="set, incrby, rpush (default all)")
     parser.add_argument("--concurrency", type=int, default=2, help="worker -c (default 2)")
     parser.add_argument("--loglevel", default="INFO", help="worker -l (default INFO)")
     parser.add_argument("--batch-size", type=int, default=1,
@@ -339,8 +350,9 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--profile", action="store_true", help="run the first workload's replay row under py-spy")
     args = parser.parse_args(list(argv))
     kinds = [k.strip() for k in args.workloads.split(",") if k.strip()]
-    if args.ops < 100 or args.rounds < 1 or args.batch_size < 1 or not kinds or not set(kinds) <= {"set", "incrby"}:
-        parser.error("--ops >= 100, --rounds >= 1, --workloads among set,incrby")
+    known = {"set", "incrby", "rpush"}
+    if args.ops < 100 or args.rounds < 1 or args.batch_size < 1 or not kinds or not set(kinds) <= known:
+        parser.error("--ops >= 100, --rounds >= 1, --workloads among set,incrby,rpush")
     if args.profile:
         return profile(args.ops, args.concurrency, args.loglevel, kinds[0], args.batch_size)
     payload, markdown = run(args.ops, args.rounds, kinds, concurrency=args.concurrency, loglevel=args.loglevel,

@@ -183,8 +183,21 @@ def step(
     """KEYS and ARGV of one ``apply_once.lua`` replay step for ``commands`` (see the script's header).
 
     ``stamp`` None runs without stamps (neither checked nor written); ``marker`` None
-    without a dedupe marker.
+    without a dedupe marker. Every replay builds one: the common shape (one command on
+    one key, stamped whole) is built without parsing.
     """
+    if stamp is not None and len(commands) == 1:
+        command = commands[0]
+        kind = _WHOLE_KEY.get(command[0])
+        if kind is not None:
+            skey = stamp_key(command[1])
+            first_key = skey if marker is None else marker
+            # One unit, the whole key: its stamp key is KEYS[3], covering the whole command.
+            return (
+                [first_key, first_key if guard_key is None else guard_key, skey, command[1]],
+                [0 if marker is None else marker_ttl, *guard, mode, stamp, stamp_ttl, 1, len(command), kind, 1,
+                 3, b"", 0, 0, *command],
+            )
     stamp_keys: list[bytes] = []
     index_of: dict[bytes, int] = {}
     data_keys: list[Any] = []

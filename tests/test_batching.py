@@ -18,7 +18,8 @@ from celery_redis_retry.bridge.dispatch import Batcher
 from celery_redis_retry.bridge.offsets import Consumed, InFlight, OffsetTracker
 from celery_redis_retry.config import Settings
 from celery_redis_retry.errors import PermanentReplayError
-from celery_redis_retry.replay.executor import Executor, ReplayResult
+from celery_redis_retry.replay.executor import Executor
+from celery_redis_retry.replay.outcomes import ReplayResult
 from celery_redis_retry.testing import RedisServer
 
 
@@ -264,6 +265,20 @@ def test_run_many_fails_only_the_op_that_cannot_be_prepared(executor: tuple[Exec
     results = run.run_many([ops.incrby("n", 1), hostile, ops.rpush("l", "x")])
     assert [type(x).__name__ for x in results] == ["ReplayResult", "OverflowError", "ReplayResult"]
     assert (r.get("n"), r.lrange("l", 0, -1), r.exists("hostile")) == (b"1", [b"x"], 0)
+
+
+@pytest.mark.slow
+def test_a_lua_step_stopped_part_way_leaves_each_op_applied_once(executor: tuple[Executor, Any]) -> None:
+    run, r = executor
+    # The middle op's write-stamp key is not a hash: reading it stops the whole Lua step
+    # after the first op was applied. Every op then runs again on its own.
+    r.set(b"crr:{broken}:w", "not a hash")
+    results = run.run_many([ops.incrby("a", 1), ops.incrby("broken", 1), ops.rpush("b", "x")])
+    assert [type(x).__name__ for x in results] == ["ReplayResult", "ResponseError", "ReplayResult"]
+    assert "WRONGTYPE" in str(results[1])
+    # The first op was applied by the step that stopped: its marker says so when it runs again.
+    assert [x.outcome for x in results if isinstance(x, ReplayResult)] == ["duplicate", "applied"]
+    assert (r.get("a"), r.exists("broken"), r.lrange("b", 0, -1)) == (b"1", 0, [b"x"])
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from celery_redis_retry.config import Settings
 from celery_redis_retry.errors import ConfigurationError
 from celery_redis_retry.expiry import expired
 from celery_redis_retry.kafka.topics import plan
-from celery_redis_retry.replay.executor import ReplayResult
+from celery_redis_retry.replay.outcomes import ReplayResult
 
 
 class Target:

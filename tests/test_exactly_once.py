@@ -22,6 +22,7 @@ from celery_redis_retry.errors import CrossSlotError, EncodeError, PermanentRepl
 from celery_redis_retry.expiry import expired
 from celery_redis_retry.redis_commands import COMMANDS, DEFAULT_ALLOWED, LUA_MAX_ARGS, is_idempotent
 from celery_redis_retry.replay.executor import Executor
+from celery_redis_retry.replay.steps import STEP_OPS
 from celery_redis_retry.slots import marker_key
 from celery_redis_retry.testing import RedisCluster, RedisServer
 
@@ -103,6 +104,34 @@ def test_a_transaction_applies_once_and_atomically(target: tuple[Executor, Any])
     assert [executor.run(tx).outcome for _ in range(3)] == ["applied", "duplicate", "duplicate"]
     assert r.get("acct:{42}:balance") == b"-30"
     assert r.lrange("acct:{42}:history", 0, -1) == [b"debit 30"]
+
+
+def test_a_batch_applies_each_op_once_in_few_script_calls_however_often_it_runs(
+    target: tuple[Executor, Any],
+) -> None:
+    executor, r = target
+    count = 2 * STEP_OPS + 50  # more than one Lua step's worth
+    batch = [
+        op
+        for n in range(count // 3)
+        for op in (ops.incrby(f"n:{n}", n), ops.rpush(f"l:{n}", f"x{n}"), ops.set(f"s:{n}", f"v{n}"))
+    ]
+    single = not hasattr(r, "get_nodes")
+    if single:
+        executor.run_many([ops.incrby("warm", 1)])  # the script is loaded: no NOSCRIPT round below
+        r.config_resetstat()
+    outcomes = [[result.outcome for result in executor.run_many(batch)] for _ in range(3)]  # type: ignore[union-attr]
+    assert outcomes[0] == ["applied"] * len(batch)
+    # SET needs no marker (running it again changes nothing); the others are found done.
+    assert outcomes[1] == outcomes[2] == ["duplicate", "duplicate", "applied"] * (len(batch) // 3)
+    for n in range(count // 3):
+        assert (r.get(f"n:{n}"), r.lrange(f"l:{n}", 0, -1), r.get(f"s:{n}")) == (
+            str(n).encode(), [f"x{n}".encode()], f"v{n}".encode()
+        )
+    if single:
+        # Each run: one script call per STEP_OPS ops, not one per op.
+        calls = r.info("commandstats")["cmdstat_evalsha"]["calls"]
+        assert calls == 3 * -(-len(batch) // STEP_OPS), calls
 
 
 def test_a_registered_script_applies_once(target: tuple[Executor, Any]) -> None:

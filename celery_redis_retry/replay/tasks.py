@@ -49,10 +49,10 @@ from celery_redis_retry.message import Reader
 from celery_redis_retry.metrics import count_outcomes
 from celery_redis_retry.names import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 from celery_redis_retry.ops import RedisOp
-from celery_redis_retry.replay.executor import Executor, ReplayResult
+from celery_redis_retry.replay.executor import Executor
+from celery_redis_retry.replay.outcomes import ReplayResult
 
 logger = logging.getLogger(__name__)
-
 
 
 # Origins stay in their wire form (Origin.from_wire) until an op needs one: most never do.
