@@ -71,14 +71,15 @@ def run(args: argparse.Namespace, planned: list[Planned]) -> list[tuple[Planned,
     return runs
 
 
-def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Planned]:
+def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Point, list[Planned]]:
+    """The settings every drain starts from, and the drains."""
     try:
         base = Point(ops=args.ops, mix=parse_mix(args.mix), batch_linger_ms=args.batch_linger_ms,
                      concurrency=args.concurrency, loglevel=args.loglevel, kafka_extra=args.kafka_extra)
         if args.curve:
             values = [v.strip() for v in args.points.split(",") if v.strip()] if args.points else None
-            return plan(args.curve, base, values, args.repeat)
-        return default_plan(base, batch_sizes(args.batch_size), args.commit_after, args.repeat)
+            return base, plan(args.curve, base, values, args.repeat)
+        return base, default_plan(base, batch_sizes(args.batch_size), args.commit_after, args.repeat)
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -121,14 +122,14 @@ def main(argv: Sequence[str] = ()) -> int:
         parser.error("--ops >= 100, --concurrency >= 1, --repeat >= 1")
     if not set(args.commit_after) <= {"end", "handover"}:
         parser.error(f"--commit-after: 'end' and/or 'handover', comma-separated, not {','.join(args.commit_after)!r}")
-    planned = _plan(args, parser)
+    base, planned = _plan(args, parser)
     if any(p.point.ops < 100 for p in planned):
         parser.error("every backlog needs >= 100 ops")
     check_fits(args.kafka, (p.point for p in planned))
     runs = run(args, planned)
     name = f"{NAME}-{args.curve}" if args.curve else NAME
     title = CURVES[args.curve].title if args.curve else "batch size and commit mode"
-    payload, markdown = build(name, title, args.kafka, runs, {
+    payload, markdown = build(name, title, args.kafka, base, runs=runs, extra={
         "curve": args.curve, "ops": args.ops, "mix": parse_mix(args.mix), "repeat": args.repeat,
         "kafka_extra": args.kafka_extra, "batch_linger_ms": args.batch_linger_ms, "concurrency": args.concurrency,
         "loglevel": args.loglevel})

@@ -80,7 +80,11 @@ class Point:
 
     def producer_settings(self) -> dict[str, Any]:
         """What this point sets for the publishing ``RetryProducer``."""
-        settings: dict[str, Any] = {"redis_retry_durable_publish": self.durable_publish}
+        # The producer only checks that an op's target is configured; it never connects to one.
+        settings: dict[str, Any] = {
+            "redis_retry_durable_publish": self.durable_publish,
+            "redis_retry_targets": dict.fromkeys(target_names(self.targets), "redis://127.0.0.1:1/0"),
+        }
         if self.signing:
             settings["redis_retry_signing_keys"] = {"bench": SIGNING_KEY}
         return settings

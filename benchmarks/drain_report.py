@@ -10,20 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 from .curves import Planned, costs, describe_point
-from .drain_point import PROCESSES, RAW_PIPELINE, RSS_GOAL_PCT
+from .drain_point import PROCESSES, RAW_PIPELINE, RSS_GOAL_PCT, Point
 from .machine import code_under_test, describe_code, describe_machine, machine, server_versions
 from .output import markdown_table
 from .stack import kafka_description
 from .workload import describe_mix
 
 
-def build(name: str, title: str, kind: str, runs: list[tuple[Planned, dict[str, Any]]], extra: dict[str, Any],
-          ) -> tuple[dict[str, Any], str]:
-    """The payload and the markdown of a run named ``name`` (``bench_drain`` or ``bench_drain-<curve>``)."""
+def build(name: str, title: str, kind: str, base: Point, *, runs: list[tuple[Planned, dict[str, Any]]],
+          extra: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The payload and the markdown of a run named ``name`` (``bench_drain`` or ``bench_drain-<curve>``),
+    whose drains change ``base`` as their labels say."""
     info = machine()
     cost_rows = costs(runs)
     summary = _summary(title, kind, runs, cost_rows)
-    base = runs[0][0].point
     lines = [
         f"# {name}: {title}, {kind} Kafka",
         "",

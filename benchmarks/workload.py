@@ -64,7 +64,7 @@ def non_idempotent_mix(percent: float) -> dict[str, float]:
 
 def describe_mix(mix: dict[str, float]) -> str:
     """``"SET 20%, HSET 20%, ..."``."""
-    return ", ".join(f"{name.upper()} {100 * share:.0f}%" for name, share in mix.items() if share > 0)
+    return ", ".join(f"{name.upper()} {100 * share:.3g}%" for name, share in mix.items() if share > 0)
 
 
 def target_names(count: int) -> list[str]:
