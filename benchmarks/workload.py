@@ -188,7 +188,7 @@ class AppliedTracker:
     """
 
     CHUNK = 1000
-    BUDGET = 50_000
+    BUDGET = 20_000
 
     def __init__(self, clients: Sequence[redis.Redis], backlog: Backlog) -> None:
         self.clients = clients
