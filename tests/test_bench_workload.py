@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
+from benchmarks import bench_drain
 from benchmarks.curves import costs, plan
 from benchmarks.drain_point import Point, check_fits
 from benchmarks.workload import AppliedTracker, Backlog, non_idempotent_mix, parse_mix, raw_pipelined, seed
@@ -98,3 +101,21 @@ def test_a_backlog_too_big_for_the_embedded_broker_is_refused_before_anything_st
     with pytest.raises(SystemExit, match="embedded broker keeps only ~5 MiB per partition"):
         check_fits("embedded", [Point(ops=100_000, mix=parse_mix("set"))])
     check_fits("tansu", [Point(ops=1_000_000, mix=parse_mix("set"))])
+
+
+@pytest.mark.slow
+def test_a_drain_curve_runs_end_to_end_and_names_its_broker(tmp_path: Path) -> None:
+    """A real bridge and ``celery worker`` drain a 2-target backlog from the embedded broker."""
+    results = tmp_path / "bench_drain-targets.json"
+    status = bench_drain.main(["--kafka", "embedded", "--ops", "400", "--curve", "targets", "--points", "2",
+                               "--json", str(results)])
+    assert status == 0
+    document = json.loads(results.read_text())
+    (drain,) = document["drains"]
+    assert document["kafka"] == "embedded"
+    assert drain["all_applied"]
+    assert drain["point"]["targets"] == 2
+    assert drain["raw"]["applied"] == 400
+    assert set(drain["rss"]) == {"bridge", "worker main", "worker child"}
+    assert "| 2 targets | embedded |" in results.with_suffix(".md").read_text()
+    assert [row["goal"] for row in document["summary"]] == ["all applied", "<= 10% after the first op applied"]
