@@ -122,20 +122,25 @@ def check_fits(kind: str, points: Iterable[Point]) -> None:
     if kind != "embedded":
         return  # the others keep what they are sent
     for point in points:
-        check_embedded_capacity(kind, point.ops, point.backlog().mean_message_bytes(200))
+        signer = producer_config("unused", "unused", Path(), point.producer_settings()).signer
+        check_embedded_capacity(kind, point.ops, point.backlog().mean_message_bytes(200, signer))
 
 
-def publish(bootstrap: str, topic: str, ops: Iterable[RedisOp], workdir: Path,
-            settings: dict[str, Any] | None = None) -> tuple[int, float]:
-    """Publish ``ops`` with ``RetryProducer`` (``settings`` added to its config); return how many and the time."""
-    producer_settings = Settings.from_mapping({
+def producer_config(bootstrap: str, topic: str, workdir: Path, settings: dict[str, Any] | None = None) -> Settings:
+    """The settings of the publishing ``RetryProducer``: ``settings`` added to what reaches ``bootstrap``."""
+    return Settings.from_mapping({
         "redis_retry_kafka": {"bootstrap.servers": bootstrap},
         "redis_retry_targets": {"default": "redis://127.0.0.1:1/0"},
         "redis_retry_topic": topic,
         "redis_retry_spool_path": str(workdir / f"publish-{uuid.uuid4().hex[:8]}.sqlite3"),
         **(settings or {}),
     })
-    producer = RetryProducer(producer_settings, handle_sigterm=False)
+
+
+def publish(bootstrap: str, topic: str, ops: Iterable[RedisOp], workdir: Path,
+            settings: dict[str, Any] | None = None) -> tuple[int, float]:
+    """Publish ``ops`` with ``RetryProducer`` (``settings`` added to its config); return how many and the time."""
+    producer = RetryProducer(producer_config(bootstrap, topic, workdir, settings), handle_sigterm=False)
     count = 0
     start = time.perf_counter()
     for count, op in enumerate(ops, 1):

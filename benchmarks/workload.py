@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from celery_redis_retry import message, ops
+from celery_redis_retry.message import Signer
 from celery_redis_retry.ops import RedisOp
 
 #: The commands of the mixed workload, in the order of ``--mix``.
@@ -139,9 +140,9 @@ class Backlog:
     def deleted(self, n: int) -> bool:
         return self.kinds[n] == "del"
 
-    def mean_message_bytes(self, sample: int = 1000) -> float:
-        """Mean size of the encoded messages of the first ``sample`` ops (unsigned)."""
-        sizes = [len(message.encode(op)) for _, op in zip(range(sample), self.ops(), strict=False)]
+    def mean_message_bytes(self, sample: int = 1000, signer: Signer | None = None) -> float:
+        """Mean size of the encoded messages of the first ``sample`` ops (signed by ``signer`` if given)."""
+        sizes = [len(message.encode(op, signer)) for _, op in zip(range(sample), self.ops(), strict=False)]
         return sum(sizes) / len(sizes)
 
 

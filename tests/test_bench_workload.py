@@ -119,3 +119,10 @@ def test_a_drain_curve_runs_end_to_end_and_names_its_broker(tmp_path: Path) -> N
     assert set(drain["rss"]) == {"bridge", "worker main", "worker child"}
     assert "| 2 targets | embedded |" in results.with_suffix(".md").read_text()
     assert [row["goal"] for row in document["summary"]] == ["all applied", "<= 10% after the first op applied"]
+
+
+def test_signed_messages_count_toward_the_embedded_brokers_capacity() -> None:
+    backlog = Point(ops=34_000, mix=parse_mix("set"))
+    check_fits("embedded", [backlog])  # ~370-byte messages fit
+    with pytest.raises(SystemExit, match=r"34,000 ops of ~4\d\d bytes"):
+        check_fits("embedded", [backlog.with_(signing=True)])  # a signature adds ~95 bytes
