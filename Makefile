@@ -47,6 +47,8 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 ## bench: benchmarks against raw confluent-kafka, Celery and redis-py (never part of `make test`)
+## One drain curve: make bench BENCH_ARGS="--only bench_drain --kafka apache --curve size" (size, batch,
+## targets, non-idempotent, safety; see docs/performance.md "How to run")
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)
 

@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from celery_redis_retry import message
-from celery_redis_retry.capture.producer import RetryProducer
 from celery_redis_retry.config import Settings
 from celery_redis_retry.names import DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 from celery_redis_retry.testing import CeleryCommand
 
 from .bench_publish import build_ops
+from .drain_point import publish
 from .machine import code_under_test, describe_code, describe_machine, machine, server_versions
 from .output import RESULTS_DIR, markdown_table, publish_results
 from .processes import proc_status
@@ -128,27 +128,8 @@ class Stack:
 
 def prefill(bootstrap: str, topic: str, count: int, workdir: Path) -> tuple[list[str], float]:
     """Publish ``count`` ops with ``RetryProducer``; return their messages (as the bridge sends them) and the time."""
-    settings = Settings.from_mapping(
-        {
-            "redis_retry_kafka": {"bootstrap.servers": bootstrap},
-            "redis_retry_targets": {"default": "redis://127.0.0.1:1/0"},
-            "redis_retry_topic": topic,
-            "redis_retry_spool_path": str(workdir / "prefill-spool.sqlite3"),
-        }
-    )
     items = build_ops(count)
-    producer = RetryProducer(settings, handle_sigterm=False)
-    start = time.perf_counter()
-    for n, op in enumerate(items, 1):
-        producer.publish(op)
-        if n % 50_000 == 0:  # librdkafka queues 100k messages at most; beyond that the producer spools
-            producer.flush(120)
-    left = producer.flush(120)
-    elapsed = time.perf_counter() - start
-    spooled = producer.stats.spooled
-    producer.close(10)
-    if left or spooled:
-        raise SystemExit(f"pre-fill failed: {left} undelivered, {spooled} spooled")
+    _, elapsed = publish(bootstrap, topic, items, workdir)
     return [message.encode(op).decode() for op in items], elapsed
 
 

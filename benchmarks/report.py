@@ -29,16 +29,26 @@ make bench                                              # every benchmark, then 
 .venv/bin/python -m benchmarks.bench_wrap --calls 5000 --rounds 5   # wrap() vs plain redis-py, per write
 .venv/bin/python -m benchmarks.bench_bridge --ops 20000 --rounds 3 --brokers redis,amqp
 .venv/bin/python -m benchmarks.bench_worker --ops 10000 --rounds 3 --workloads set,incrby
-.venv/bin/python -m benchmarks.bench_drain --ops 100000 --kafka tansu --batch-size 1
-.venv/bin/python -m benchmarks.bench_drain --ops 100000 --batch-size 100   # batched replay, once it exists
+.venv/bin/python -m benchmarks.bench_drain --ops 100000 --kafka tansu --batch-size 1,default
+.venv/bin/python -m benchmarks.bench_drain --ops 100000 --mix set   # the SET-only backlog (default: 5 commands)
+.venv/bin/python -m benchmarks.bench_drain --kafka apache --curve size        # 10k, 100k, 1M ops
+.venv/bin/python -m benchmarks.bench_drain --kafka apache --curve batch       # batch size 1, 100, 1000, 5000
+.venv/bin/python -m benchmarks.bench_drain --kafka apache --curve targets     # 1, 2, 4 target redis-servers
+.venv/bin/python -m benchmarks.bench_drain --kafka apache --curve non-idempotent   # 0-100% INCRBY/RPUSH
+.venv/bin/python -m benchmarks.bench_drain --kafka apache --curve safety --repeat 3  # each feature ON vs OFF
 .venv/bin/python -m benchmarks.bench_bridge --profile --ops 6000   # py-spy on the bridge + per-piece costs
 .venv/bin/python -m benchmarks.bench_worker --profile --ops 4000   # py-spy on the worker's processes
 .venv/bin/python -m benchmarks.report                   # regenerate this page from the results
 ```
 
 `python -m benchmarks` hands every option other than `--only` to each benchmark it runs, so
-options one benchmark does not know (`--batch-size`) need `--only`. Profiling needs py-spy
-(`.venv/bin/pip install py-spy`). RabbitMQ rows need a RabbitMQ on 127.0.0.1:5672 (guest/guest,
+options one benchmark does not know (`--batch-size`, `--curve`) need `--only`, e.g.
+`make bench BENCH_ARGS="--only bench_drain --kafka apache --curve size"`. A curve writes
+`benchmarks/results/bench_drain-<curve>.json` (and `.md`); its table has one row per point, each a full drain
+of its own backlog in the same run, and every row names the Kafka broker (`--kafka embedded|tansu|apache`;
+`apache` is a 3-broker cluster, replication factor 3, min.insync.replicas 2). `--points` replaces a curve's
+values (`--curve size --points 5000,10000`); the embedded broker refuses backlogs over ~5 MiB per partition.
+Profiling needs py-spy (`.venv/bin/pip install py-spy`). RabbitMQ rows need a RabbitMQ on 127.0.0.1:5672 (guest/guest,
 or `CRR_BENCH_RABBITMQ_URL`); without one they are skipped and the results say so."""
 
 

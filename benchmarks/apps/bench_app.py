@@ -17,6 +17,9 @@ CRR_BENCH_BATCH_LINGER_MS -> ``redis_retry_batch_linger_ms`` (unset: the package
 CRR_BENCH_HIGH_WATER    -> ``redis_retry_queue_high_water`` (0: the bridge never pauses; unset: the default)
 CRR_BENCH_COMMIT_AFTER  -> ``redis_retry_commit_after`` ("end" or "handover"; unset: the default)
 CRR_BENCH_MAX_IN_FLIGHT -> ``redis_retry_max_in_flight`` (unset: the default)
+CRR_BENCH_TARGETS       JSON object of more targets (name -> URL) beside "default" (CRR_BENCH_TARGET_URL)
+CRR_BENCH_WRITE_STAMPS  "1"/"0" -> ``redis_retry_write_stamps`` (unset: the default, on)
+CRR_BENCH_SIGNING_KEY   a secret of >= 16 bytes -> ``redis_retry_signing_keys`` ``{"bench": key}`` (unset: none)
 
 Besides the package's own tasks it registers the "raw Celery" baselines, with the same
 task options as ``celery_redis_retry.replay`` (late ack, no result) and a per-process
@@ -59,7 +62,7 @@ def make_app(env: Mapping[str, str], name: str = "bench_app") -> Celery:
         redis_retry_kafka={
             "bootstrap.servers": env["CRR_BENCH_BOOTSTRAP"], **json.loads(env.get("CRR_BENCH_KAFKA_EXTRA", "{}"))
         },
-        redis_retry_targets={"default": env["CRR_BENCH_TARGET_URL"]},
+        redis_retry_targets={"default": env["CRR_BENCH_TARGET_URL"], **json.loads(env.get("CRR_BENCH_TARGETS", "{}"))},
         redis_retry_topic=env.get("CRR_BENCH_TOPIC", "redis-retry-queue"),
         redis_retry_consumer_group=env.get("CRR_BENCH_GROUP", "redis-retry-consumer-group"),
         redis_retry_queue=queue,
@@ -76,6 +79,10 @@ def make_app(env: Mapping[str, str], name: str = "bench_app") -> Celery:
         app.conf.redis_retry_commit_after = env["CRR_BENCH_COMMIT_AFTER"]
     if env.get("CRR_BENCH_MAX_IN_FLIGHT"):
         app.conf.redis_retry_max_in_flight = int(env["CRR_BENCH_MAX_IN_FLIGHT"])
+    if env.get("CRR_BENCH_WRITE_STAMPS") in ("0", "1"):
+        app.conf.redis_retry_write_stamps = env["CRR_BENCH_WRITE_STAMPS"] == "1"
+    if env.get("CRR_BENCH_SIGNING_KEY"):
+        app.conf.redis_retry_signing_keys = {"bench": env["CRR_BENCH_SIGNING_KEY"]}
     celery_redis_retry.install(app)
     target_url = env["CRR_BENCH_TARGET_URL"]
     clients: dict[int, redis.Redis] = {}
