@@ -96,7 +96,7 @@ def main(argv: Sequence[str] = ()) -> int:
                              "partition)")
     parser.add_argument("--curve", choices=tuple(CURVES),
                         help="one sweep, each point a full drain: " + "; ".join(
-                            f"{name}: {curve.help}" for name, curve in CURVES.items()))
+                            f"{name}: {curve.help}".replace("%", "%%") for name, curve in CURVES.items()))
     parser.add_argument("--points", help="a curve's values instead of its own, comma-separated (e.g. "
                                          "'2000,5000' for size, 'stamps,commit' for safety)")
     parser.add_argument("--batch-size", default="default",
