@@ -17,7 +17,7 @@ from .drain_point import Point
 from .workload import describe_mix, non_idempotent_mix
 
 #: Committing after end may cost at most this share of the throughput of committing at hand-over.
-COMMIT_COST_GOAL = 0.10
+COST_GOAL = 0.10
 
 
 @dataclass(frozen=True)
@@ -157,9 +157,14 @@ def costs(results: list[tuple[Planned, dict[str, Any]]]) -> list[dict[str, Any]]
         # Publish costs time: ON taking twice as long is a 50% cost in publish throughput.
         row["publish_cost_pct"] = _cost(row["off_publish_s"], row["on_publish_s"])
         row["pair_ratios"] = [round(a["ops_s"] / b["ops_s"], 3) for a, b in zip(on, off, strict=False) if b["ops_s"]]
-        goal = feature.startswith("commit")
-        row["goal"] = f"cost <= {100 * COMMIT_COST_GOAL:g}%" if goal else None
-        row["met"] = row["cost_pct"] is not None and row["cost_pct"] <= 100 * COMMIT_COST_GOAL if goal else None
+        # The steady drain (first to last applied) is what a feature slows; durable publish
+        # slows publishing only. Group joins, the same ON and OFF, are left out.
+        judged = "publish_cost_pct" if feature == "durable" else "cost_first_to_last_pct"
+        if row[judged] is None:
+            judged = "cost_pct"
+        row["judged"] = judged
+        row["goal"] = f"cost <= {100 * COST_GOAL:g}%"
+        row["met"] = row[judged] is not None and row[judged] <= 100 * COST_GOAL
         rows.append(row)
     return rows
 

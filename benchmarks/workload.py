@@ -24,6 +24,8 @@ KINDS = ("set", "hset", "del", "incrby", "rpush")
 #: Replaying these twice would change Redis twice: the replay guards them with a marker.
 NON_IDEMPOTENT = ("incrby", "rpush")
 IDEMPOTENT = tuple(k for k in KINDS if k not in NON_IDEMPOTENT)
+#: The default backlog: every command in an equal share.
+DEFAULT_MIX = {kind: 1 / len(KINDS) for kind in KINDS}
 
 # A cached user profile as a service would write it (the values of bench_publish's SET ops).
 _PROFILE = (
