@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import sizing
 from .output import RESULTS_DIR, markdown_table
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
@@ -220,6 +221,7 @@ def render(results: dict[str, dict[str, Any]], folder: Path = RESULTS_DIR) -> st
             lines += [_demoted("\n".join(body)), ""]
         else:
             lines += ["(no markdown beside the JSON)", ""]
+    lines += sizing.section(results)
     profiles = _profiles(folder)
     if profiles:
         lines += ["## Profiles", "", *profiles]

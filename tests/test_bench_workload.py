@@ -128,3 +128,30 @@ def test_signed_messages_count_toward_the_embedded_brokers_capacity() -> None:
     check_fits("embedded", [backlog])  # ~370-byte messages fit
     with pytest.raises(SystemExit, match=r"34,000 ops of ~4\d\d bytes"):
         check_fits("embedded", [backlog.with_(signing=True)])  # a signature adds ~95 bytes
+
+
+def test_the_sizing_guide_reads_cpu_per_op_from_a_default_drain() -> None:
+    from benchmarks import sizing
+
+    def samples(cpu_at_first: int, cpu_at_end: int) -> list[dict[str, float]]:
+        return [{"t": 0.0, "cpu_ms": 0}, {"t": 2.0, "cpu_ms": cpu_at_first}, {"t": 7.0, "cpu_ms": cpu_at_end}]
+
+    point = {"batch_size": None, "commit_after": "end", "write_stamps": True, "signing": False,
+             "durable_publish": False, "targets": 1, "mix": dict.fromkeys(("set", "hset", "del", "incrby", "rpush"),
+                                                                           0.2), "concurrency": 2}
+    drain = {"point": point, "all_applied": True, "applied": 100_000, "launch_to_first_s": 1.5,
+             "rss": {"bridge": {"samples": samples(400, 1_400)}, "worker main": {"samples": samples(500, 1_100)},
+                     "worker child": {"samples": samples(0, 1_000)}}}
+    worker = {"results": {"incrby": {"replay": [{"redis_us_per_op": 10.0}]}}}
+    found = sizing.costs({"bench_drain": {"drains": [drain]}, "bench_worker-batch1000": worker})
+    assert found is not None
+    # 1,000 ms of bridge CPU over 100,000 ops; the sampled child is one of two.
+    assert (found["bridge_us"], found["worker_main_us"], found["worker_child_us"], found["redis_us"]) == (
+        10.0, 6.0, 20.0, 10.0)
+    text = "\n".join(sizing.section({"bench_drain": {"drains": [drain]}, "bench_worker-batch1000": worker}))
+    assert "| bridge (consume, decode, hand over, commit)" in text
+    # 100,000 ops/s (x1.5) at 23 us per worker process: 4 of them; at 10 us per bridge: 2 bridges.
+    assert "| 50,000" in text
+    assert "|                       4 |              2 | 150%" in text
+    # A drain at other settings is no basis for the guide.
+    assert sizing.section({"bench_drain": {"drains": [{**drain, "point": {**point, "write_stamps": False}}]}}) == []
