@@ -278,14 +278,14 @@ class Executor:
             condition = strings([guard.kind, "" if guard.field is None else guard.field,
                                   "" if expected is None else expected])
             guard_key = strings([guard_key])[0]
-        commands = tuple(strings(command) for command in commands)  # type: ignore[misc]
-        for command in commands:
-            if len(command) > LUA_MAX_ARGS:
-                raise PermanentReplayError(
-                    f"{command[0]!s} has {len(command)} arguments: too many to apply atomically "
-                    f"(at most {LUA_MAX_ARGS}); split the op",
-                    reason="too_large",
-                )
+        commands = tuple([strings(command) for command in commands])  # type: ignore[misc]
+        if max(map(len, commands)) > LUA_MAX_ARGS:
+            command = max(commands, key=len)
+            raise PermanentReplayError(
+                f"{command[0]!s} has {len(command)} arguments: too many to apply atomically "
+                f"(at most {LUA_MAX_ARGS}); split the op",
+                reason="too_large",
+            )
         keys, argv = stamps.step(
             commands,
             mode="t" if op.transaction else "r",
