@@ -50,6 +50,7 @@ from celery_redis_retry.bridge.circuits import OPEN, RECOVERING, Circuits, Circu
 from celery_redis_retry.bridge.dispatch import Batcher, TaskSender
 from celery_redis_retry.bridge.ends import EndsReader
 from celery_redis_retry.bridge.offsets import Consumed, InFlight, OffsetTracker, Partition
+from celery_redis_retry.bridge.refetch import Refetcher
 from celery_redis_retry.bridge.waiting import Parked, ParkedHeaders, WaitingWriter
 from celery_redis_retry.config import confirm_task_publishing, settings_for, shown_broker_url, waiting_group
 from celery_redis_retry.dlq.record import DeadLetter, DeadLetterWriter, Origin
@@ -151,6 +152,7 @@ class Bridge:
         self._sender = TaskSender(app, self.settings.queue, one_task_per_op=self.batch_size == 1,
                                   with_positions=self.holds_until_end)
         self._ends = EndsReader(self.settings, self.group, self._overrides) if self.holds_until_end else None
+        self._refetcher = Refetcher(self.settings.kafka, self.group, self._overrides)
         self._to_store: set[Partition] = set()  # partitions whose commit point or metadata changed
         self._next_store = 0.0
         self._next_overdue_check = 0.0
@@ -328,6 +330,7 @@ class Bridge:
             consumer.close()
         if self._ends is not None:
             self._ends.close()
+        self._refetcher.close()
         self.circuits.stop()
         for target_probe in self._probes.values():
             target_probe.close()
@@ -652,15 +655,18 @@ class Bridge:
         self.stats.late = len(candidates) - len(overdue)
         if not overdue:
             return
-        self.stats.redelivered += len(overdue)
-        items = [self._consumed_again(record) for record in overdue]
+        items = self._consumed_again(overdue)
+        if not items:
+            return
+        self.stats.redelivered += len(items)
         first = items[0]
         logger.warning(
             "%d ops handed to Celery left its queue and did not end within redis_retry_redelivery_timeout "
             "(%g s): handing them over again (first: op %s at %s[%d]@%d)", len(items),
             self.settings.redelivery_timeout, first.op_id, first.topic, first.partition, first.offset,
         )
-        stubborn = [item for item, record in zip(items, overdue, strict=True) if record.handovers >= HANDOVERS_TO_ALERT]
+        handovers = {(r.topic, r.partition, r.offset): r.handovers for r in overdue}
+        stubborn = [i for i in items if handovers[(i.topic, i.partition, i.offset)] >= HANDOVERS_TO_ALERT]
         if stubborn:
             logger.error(
                 "%d ops were taken from Celery queue %s %d times or more and never reported ended (first: op %s "
@@ -674,15 +680,27 @@ class Bridge:
         size = self.batch_size
         self._send_all(batch[i:i + size] for batch in again.values() for i in range(0, len(batch), size))
 
-    def _consumed_again(self, record: InFlight) -> Consumed:
-        """An op in flight as it was read, to hand over again.
+    def _consumed_again(self, records: list[InFlight]) -> list[Consumed]:
+        """Ops in flight as they were read, read again from Kafka to hand over again.
 
-        The tracker keeps only the message, not the decoded op (see bridge/dispatch.py). The
-        message passed these very checks when it was read, with the same settings: read
-        again, it cannot be refused.
+        The tracker keeps neither the message nor the decoded op (see bridge/offsets.py):
+        Kafka holds the message until the op ends. It passed these very checks when it was
+        read, with the same settings: read again, it cannot be refused. One that cannot be
+        read now stays in flight and is looked for again at the next check.
         """
-        op = self._reader.read(record.message)
-        return Consumed(record.topic, record.partition, record.offset, record.message, op, record.first_origin)
+        found = self._refetcher.read((r.topic, r.partition, r.offset) for r in records)
+        if len(found) < len(records):
+            missing = next(r for r in records if (r.topic, r.partition, r.offset) not in found)
+            logger.warning("%d ops in flight to hand over again could not be read from Kafka now (first: %s[%d]@%d): "
+                           "looking again in a second", len(records) - len(found), missing.topic, missing.partition,
+                           missing.offset)
+        again = []
+        for record in records:
+            raw = found.get((record.topic, record.partition, record.offset))
+            if raw is not None:
+                again.append(Consumed(record.topic, record.partition, record.offset, raw.decode(),
+                                      self._reader.read(raw), record.first_origin))
+        return again
 
     # -- backpressure --------------------------------------------------------------------
 
