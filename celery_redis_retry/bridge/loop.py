@@ -419,7 +419,10 @@ class Bridge:
             self._ready.append(full)
 
     def _consumer_error(self, error: kafka.KafkaError) -> None:
-        if error.fatal():
+        # librdkafka hands a fatal error to the application as an error event of code
+        # _FATAL whose own fatal flag is not set: the consumer will never read again, so
+        # stop (a fenced static member, KIP-848's "instance ID still used") instead of idling.
+        if error.fatal() or error.code() == kafka.KafkaError._FATAL:
             raise kafka.KafkaException(error)
         if error.code() in kafka.UNKNOWN_TOPIC_CODES:
             self._topic_gone(error)
