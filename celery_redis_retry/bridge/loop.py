@@ -133,6 +133,7 @@ class Bridge:
         poll_timeout: float = 1.0,
         kafka_overrides: Mapping[str, Any] | None = None,
         max_stall: float = 30.0,
+        name: str | None = None,
     ) -> None:
         self.app = app
         self.settings = settings_for(app)
@@ -143,6 +144,8 @@ class Bridge:
         self.max_stall = max_stall
         self.stats = BridgeStats()
         self._overrides = dict(kafka_overrides or {})
+        #: Static membership of the two group consumers, for a bridge given a stable name.
+        self._membership = kafka.static_membership({**self.settings.kafka, **self._overrides}, name)
         self._stopping = False
         self._batcher = Batcher(self.batch_size, linger / 1000)
         #: Commit after end: Kafka keeps each op until a worker reports it ended (see bridge/ends.py).
@@ -234,7 +237,7 @@ class Bridge:
         consumer = kafka.new_consumer(
             self.settings.kafka,
             group,
-            **{**self._overrides, **kafka.FORCED_CONSUMER},
+            **{**self._overrides, **self._membership, **kafka.FORCED_CONSUMER},
         )
         try:
             # The lookups are also the reachability check: an unreachable Kafka raises here.
@@ -283,9 +286,10 @@ class Bridge:
                     f"cannot reach Kafka at {self.settings.kafka.get('bootstrap.servers')!r}: {exc}"
                 ) from exc
         self.circuits.start()
+        instance = self._membership.get("group.instance.id")
         logger.info(
-            "bridge consuming %s as group %s -> Celery queue %s",
-            self.settings.topic, self.group, self.settings.queue,
+            "bridge consuming %s as group %s%s -> Celery queue %s",
+            self.settings.topic, self.group, f" (static member {instance})" if instance else "", self.settings.queue,
         )
         fetch = max(500, self.batch_size)
         next_report = time.monotonic() + 30
