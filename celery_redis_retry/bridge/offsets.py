@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from celery_redis_retry.kafka import format_offsets
 from celery_redis_retry.ops import RedisOp
 
-#: Where an op is: read and not handed over yet, handed to Celery and not ended, ended.
-CONSUMED, IN_FLIGHT, ENDED = 0, 1, 2
+#: Where an op is: read and not handed over yet, or ended. An op handed to Celery and not
+#: ended is in flight: its state is then what the tracker keeps of it (a :data:`_Flight`).
+CONSUMED, ENDED = 0, 2
 
 Partition = tuple[str, int]
 
@@ -92,15 +93,19 @@ _Flight = tuple[tuple[str, int, int] | None, float, int, int, float]
 class _Log:
     """One partition's offsets read and not yet committed past, in the order read."""
 
-    __slots__ = ("ended_before", "ended_past_head", "flight", "order", "safe", "state")
+    __slots__ = ("ended_before", "ended_past_head", "order", "safe", "state")
 
     def __init__(self) -> None:
         self.order: deque[int] = deque()
-        self.state: dict[int, int] = {}
-        self.flight: dict[int, _Flight] = {}
+        #: CONSUMED, ENDED, or the op's _Flight while in flight: one dict entry per offset read.
+        self.state: dict[int, int | _Flight] = {}
         self.ended_past_head = 0  # ENDED offsets in ``order`` behind one that has not ended
         self.ended_before: set[int] = set()  # from the commit's metadata
         self.safe: int | None = None  # the committable offset, once known
+
+    def flights(self) -> Iterator[tuple[int, _Flight]]:
+        """The ops in flight: offset and what is kept of each."""
+        return ((offset, state) for offset, state in self.state.items() if type(state) is tuple)
 
 
 class OffsetTracker:
@@ -170,18 +175,17 @@ class OffsetTracker:
             return None  # the partition was revoked meanwhile, or its end came first
         if not self.hold_until_end or item is None:
             return self.ended(topic, partition, offset)
-        previous = log.flight.get(offset)
+        previous = state if type(state) is tuple else None
         handovers = 1 if previous is None else previous[2] + 1  # [2]: its hand-overs so far
         if previous is not None and previous[4]:
             self.retrying_ops -= 1  # a new hand-over: no longer known to wait for a retry
         if state == CONSUMED:
             self.in_flight += 1
-            log.state[offset] = IN_FLIGHT
         # Each hand-over that did not end waits twice as long for the next: ops no worker
         # can end (workers away, an ends topic they cannot write) do not flood the queue.
         backoff = min(2 ** (handovers - 1), MAX_REDELIVERY_BACKOFF)
         due = time.monotonic() + self.redelivery_timeout * backoff
-        log.flight[offset] = self._flight(item.first_origin, due, handovers, sent_mark)
+        log.state[offset] = self._flight(item.first_origin, due, handovers, sent_mark)
         self._earliest_due = min(self._earliest_due, due)
         return None
 
@@ -213,14 +217,14 @@ class OffsetTracker:
         log = self._logs.get((topic, partition))
         if log is None:
             return None
-        state, flight = log.state, log.flight
+        state = log.state
         for offset in offsets:
             was = state.get(offset)
             if was is None or was == ENDED:
                 continue
-            if was == IN_FLIGHT:
+            if type(was) is tuple:
                 self.in_flight -= 1
-                if flight.pop(offset)[4]:
+                if was[4]:
                     self.retrying_ops -= 1
             state[offset] = ENDED
             log.ended_past_head += 1
@@ -229,20 +233,20 @@ class OffsetTracker:
     def retrying(self, topic: str, partition: int, offset: int, due_in: float) -> None:
         """A worker scheduled the op again ``due_in`` seconds from now: wait for that too."""
         log = self._logs.get((topic, partition))
-        flight = None if log is None else log.flight.get(offset)
-        if log is not None and flight is not None:
+        flight = None if log is None else log.state.get(offset)
+        if log is not None and type(flight) is tuple:
             first_origin, due, handovers, sent_mark, since = flight
             now = time.monotonic()
             if not since:
                 since = now
                 self.retrying_ops += 1
             due = max(due, now + max(0.0, due_in) + self.redelivery_timeout)
-            log.flight[offset] = (first_origin, due, handovers, sent_mark, since)
+            log.state[offset] = (first_origin, due, handovers, sent_mark, since)
 
     def oldest_retrying(self, now: float | None = None) -> float | None:
         """Seconds since the longest-waiting op in flight was first scheduled for a retry (None: none is)."""
         now = time.monotonic() if now is None else now
-        since = min((f[4] for log in self._logs.values() for f in log.flight.values() if f[4]), default=None)
+        since = min((f[4] for log in self._logs.values() for _, f in log.flights() if f[4]), default=None)
         return None if since is None else now - since
 
     def _advance(self, log: _Log) -> int | None:
@@ -266,12 +270,12 @@ class OffsetTracker:
         now = time.monotonic() if now is None else now
         if now < self._earliest_due:
             return []
-        self._earliest_due = min((f[1] for log in self._logs.values() for f in log.flight.values()),
+        self._earliest_due = min((f[1] for log in self._logs.values() for _, f in log.flights()),
                                  default=float("inf"))
         return [
             InFlight(topic, partition, offset, first_origin, handovers)
             for (topic, partition), log in self._logs.items()
-            for offset, (first_origin, due, handovers, sent_mark, _) in log.flight.items()
+            for offset, (first_origin, due, handovers, sent_mark, _) in log.flights()
             if due <= now and (taken is None or sent_mark <= taken)
         ]
 
@@ -298,8 +302,9 @@ class OffsetTracker:
         """Drop a partition's bookkeeping (revoked)."""
         log = self._logs.pop((topic, partition), None)
         if log is not None:
-            self.in_flight -= len(log.flight)
-            self.retrying_ops -= sum(1 for f in log.flight.values() if f[4])
+            flights = [f for _, f in log.flights()]
+            self.in_flight -= len(flights)
+            self.retrying_ops -= sum(1 for f in flights if f[4])
 
     def __len__(self) -> int:
         return sum(len(log.state) for log in self._logs.values())
