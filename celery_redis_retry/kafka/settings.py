@@ -48,10 +48,12 @@ CONSUMER_DEFAULTS: Mapping[str, Any] = {
     # librdkafka's default (1000 ms) quarters consumer throughput on a backlog.
     "fetch.queue.backoff.ms": 20,
     # Bound the pre-fetch buffer (64 MiB by default): a bridge reads a backlog in
-    # batches; it never needs more than a few MiB ahead to stay busy.
-    "queued.max.messages.kbytes": 4096,
-    "fetch.max.bytes": 2 * 1024 * 1024,
-    "max.partition.fetch.bytes": 512 * 1024,
+    # batches; 1 MiB ahead (2,500 ops of 400 bytes) keeps it busy. Measured in a 100,000-op
+    # drain (bench_drain, Tansu): the bridge's peak RSS 92 MiB instead of 113 with 4 MiB
+    # (and 2 MiB / 512 KiB fetches), at the same rate.
+    "queued.max.messages.kbytes": 1024,
+    "fetch.max.bytes": 1024 * 1024,
+    "max.partition.fetch.bytes": 256 * 1024,
     # A bridge started before the first op was published must still find the topic
     # (librdkafka looks again only every 5 minutes by default).
     "allow.auto.create.topics": True,
