@@ -523,12 +523,13 @@ class Bridge:
 
     def _handed_over(self, items: list[Consumed]) -> None:
         """Ops Celery accepted: in flight until they end (or ended now, when committing at hand-over)."""
+        now, mark, tracker = time.monotonic(), self.stats.tasks, self._offsets
         for item in items:
-            key = (item.topic, item.partition)
-            self._failures.pop(key, None)
-            if self._offsets.handed_over(item.topic, item.partition, item.offset, item,
-                                         self.stats.tasks) is not None:
-                self._to_store.add(key)
+            if tracker.handed_over(item.topic, item.partition, item.offset, item, mark, now=now) is not None:
+                self._to_store.add((item.topic, item.partition))
+        if self._failures:
+            for key in {(item.topic, item.partition) for item in items}:
+                self._failures.pop(key, None)
         self._store_offsets(soon=True)
 
     def _ended(self, positions: Iterable[tuple[str, int, int]]) -> None:

@@ -163,8 +163,10 @@ class OffsetTracker:
         return True
 
     def handed_over(self, topic: str, partition: int, offset: int, item: Consumed | None = None,
-                    sent_mark: int = 0) -> int | None:
+                    sent_mark: int = 0, *, now: float | None = None) -> int | None:
         """An op went to Celery; return the offset to store if the committable point moved.
+
+        ``now`` (``time.monotonic()``) is read once per hand-over by a caller handing over many.
 
         ``sent_mark`` counts the tasks sent to the Celery queue up to and including this
         op's: once fewer tasks wait there than were sent after it, its task left the queue.
@@ -184,7 +186,7 @@ class OffsetTracker:
         # Each hand-over that did not end waits twice as long for the next: ops no worker
         # can end (workers away, an ends topic they cannot write) do not flood the queue.
         backoff = min(2 ** (handovers - 1), MAX_REDELIVERY_BACKOFF)
-        due = time.monotonic() + self.redelivery_timeout * backoff
+        due = (time.monotonic() if now is None else now) + self.redelivery_timeout * backoff
         log.state[offset] = self._flight(item.first_origin, due, handovers, sent_mark)
         self._earliest_due = min(self._earliest_due, due)
         return None
