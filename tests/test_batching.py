@@ -95,7 +95,7 @@ def test_ops_in_flight_too_long_are_due_again_and_retries_push_the_time() -> Non
     assert [(i.offset, i.handovers) for i in tracker.overdue(now + 75)] == [(0, 2), (1, 1)]
     for _ in range(6):
         tracker.handed_over("t", 0, 0, item(0, 0))
-    assert tracker.overdue(now + 79) == [InFlight("t", 0, 1, "{}", None, 1)]  # capped at 8 timeouts
+    assert tracker.overdue(now + 79) == [InFlight("t", 0, 1, None, 1)]  # capped at 8 timeouts
     assert [i.offset for i in tracker.overdue(now + 81)] == [0, 1]
 
 

@@ -50,6 +50,7 @@ from celery_redis_retry.bridge.circuits import OPEN, RECOVERING, Circuits, Circu
 from celery_redis_retry.bridge.dispatch import Batcher, TaskSender
 from celery_redis_retry.bridge.ends import EndsReader
 from celery_redis_retry.bridge.offsets import Consumed, InFlight, OffsetTracker, Partition
+from celery_redis_retry.bridge.refetch import Refetcher
 from celery_redis_retry.bridge.waiting import Parked, ParkedHeaders, WaitingWriter
 from celery_redis_retry.config import confirm_task_publishing, settings_for, shown_broker_url, waiting_group
 from celery_redis_retry.dlq.record import DeadLetter, DeadLetterWriter, Origin
@@ -132,6 +133,7 @@ class Bridge:
         poll_timeout: float = 1.0,
         kafka_overrides: Mapping[str, Any] | None = None,
         max_stall: float = 30.0,
+        name: str | None = None,
     ) -> None:
         self.app = app
         self.settings = settings_for(app)
@@ -142,6 +144,8 @@ class Bridge:
         self.max_stall = max_stall
         self.stats = BridgeStats()
         self._overrides = dict(kafka_overrides or {})
+        #: Static membership of the two group consumers, for a bridge given a stable name.
+        self._membership = kafka.static_membership({**self.settings.kafka, **self._overrides}, name)
         self._stopping = False
         self._batcher = Batcher(self.batch_size, linger / 1000)
         #: Commit after end: Kafka keeps each op until a worker reports it ended (see bridge/ends.py).
@@ -151,6 +155,7 @@ class Bridge:
         self._sender = TaskSender(app, self.settings.queue, one_task_per_op=self.batch_size == 1,
                                   with_positions=self.holds_until_end)
         self._ends = EndsReader(self.settings, self.group, self._overrides) if self.holds_until_end else None
+        self._refetcher = Refetcher(self.settings.kafka, self.group, self._overrides)
         self._to_store: set[Partition] = set()  # partitions whose commit point or metadata changed
         self._next_store = 0.0
         self._next_overdue_check = 0.0
@@ -232,7 +237,7 @@ class Bridge:
         consumer = kafka.new_consumer(
             self.settings.kafka,
             group,
-            **{**self._overrides, **kafka.FORCED_CONSUMER},
+            **{**self._overrides, **self._membership, **kafka.FORCED_CONSUMER},
         )
         try:
             # The lookups are also the reachability check: an unreachable Kafka raises here.
@@ -281,9 +286,10 @@ class Bridge:
                     f"cannot reach Kafka at {self.settings.kafka.get('bootstrap.servers')!r}: {exc}"
                 ) from exc
         self.circuits.start()
+        instance = self._membership.get("group.instance.id")
         logger.info(
-            "bridge consuming %s as group %s -> Celery queue %s",
-            self.settings.topic, self.group, self.settings.queue,
+            "bridge consuming %s as group %s%s -> Celery queue %s",
+            self.settings.topic, self.group, f" (static member {instance})" if instance else "", self.settings.queue,
         )
         fetch = max(500, self.batch_size)
         next_report = time.monotonic() + 30
@@ -328,6 +334,7 @@ class Bridge:
             consumer.close()
         if self._ends is not None:
             self._ends.close()
+        self._refetcher.close()
         self.circuits.stop()
         for target_probe in self._probes.values():
             target_probe.close()
@@ -416,7 +423,10 @@ class Bridge:
             self._ready.append(full)
 
     def _consumer_error(self, error: kafka.KafkaError) -> None:
-        if error.fatal():
+        # librdkafka hands a fatal error to the application as an error event of code
+        # _FATAL whose own fatal flag is not set: the consumer will never read again, so
+        # stop (a fenced static member, KIP-848's "instance ID still used") instead of idling.
+        if error.fatal() or error.code() == kafka.KafkaError._FATAL:
             raise kafka.KafkaException(error)
         if error.code() in kafka.UNKNOWN_TOPIC_CODES:
             self._topic_gone(error)
@@ -513,12 +523,13 @@ class Bridge:
 
     def _handed_over(self, items: list[Consumed]) -> None:
         """Ops Celery accepted: in flight until they end (or ended now, when committing at hand-over)."""
+        now, mark, tracker = time.monotonic(), self.stats.tasks, self._offsets
         for item in items:
-            key = (item.topic, item.partition)
-            self._failures.pop(key, None)
-            if self._offsets.handed_over(item.topic, item.partition, item.offset, item,
-                                         self.stats.tasks) is not None:
-                self._to_store.add(key)
+            if tracker.handed_over(item.topic, item.partition, item.offset, item, mark, now=now) is not None:
+                self._to_store.add((item.topic, item.partition))
+        if self._failures:
+            for key in {(item.topic, item.partition) for item in items}:
+                self._failures.pop(key, None)
         self._store_offsets(soon=True)
 
     def _ended(self, positions: Iterable[tuple[str, int, int]]) -> None:
@@ -652,15 +663,18 @@ class Bridge:
         self.stats.late = len(candidates) - len(overdue)
         if not overdue:
             return
-        self.stats.redelivered += len(overdue)
-        items = [self._consumed_again(record) for record in overdue]
+        items = self._consumed_again(overdue)
+        if not items:
+            return
+        self.stats.redelivered += len(items)
         first = items[0]
         logger.warning(
             "%d ops handed to Celery left its queue and did not end within redis_retry_redelivery_timeout "
             "(%g s): handing them over again (first: op %s at %s[%d]@%d)", len(items),
             self.settings.redelivery_timeout, first.op_id, first.topic, first.partition, first.offset,
         )
-        stubborn = [item for item, record in zip(items, overdue, strict=True) if record.handovers >= HANDOVERS_TO_ALERT]
+        handovers = {(r.topic, r.partition, r.offset): r.handovers for r in overdue}
+        stubborn = [i for i in items if handovers[(i.topic, i.partition, i.offset)] >= HANDOVERS_TO_ALERT]
         if stubborn:
             logger.error(
                 "%d ops were taken from Celery queue %s %d times or more and never reported ended (first: op %s "
@@ -674,15 +688,27 @@ class Bridge:
         size = self.batch_size
         self._send_all(batch[i:i + size] for batch in again.values() for i in range(0, len(batch), size))
 
-    def _consumed_again(self, record: InFlight) -> Consumed:
-        """An op in flight as it was read, to hand over again.
+    def _consumed_again(self, records: list[InFlight]) -> list[Consumed]:
+        """Ops in flight as they were read, read again from Kafka to hand over again.
 
-        The tracker keeps only the message, not the decoded op (see bridge/dispatch.py). The
-        message passed these very checks when it was read, with the same settings: read
-        again, it cannot be refused.
+        The tracker keeps neither the message nor the decoded op (see bridge/offsets.py):
+        Kafka holds the message until the op ends. It passed these very checks when it was
+        read, with the same settings: read again, it cannot be refused. One that cannot be
+        read now stays in flight and is looked for again at the next check.
         """
-        op = self._reader.read(record.message)
-        return Consumed(record.topic, record.partition, record.offset, record.message, op, record.first_origin)
+        found = self._refetcher.read((r.topic, r.partition, r.offset) for r in records)
+        if len(found) < len(records):
+            missing = next(r for r in records if (r.topic, r.partition, r.offset) not in found)
+            logger.warning("%d ops in flight to hand over again could not be read from Kafka now (first: %s[%d]@%d): "
+                           "looking again in a second", len(records) - len(found), missing.topic, missing.partition,
+                           missing.offset)
+        again = []
+        for record in records:
+            raw = found.get((record.topic, record.partition, record.offset))
+            if raw is not None:
+                again.append(Consumed(record.topic, record.partition, record.offset, raw.decode(),
+                                      self._reader.read(raw), record.first_origin))
+        return again
 
     # -- backpressure --------------------------------------------------------------------
 

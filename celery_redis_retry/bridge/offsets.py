@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from celery_redis_retry.kafka import format_offsets
 from celery_redis_retry.ops import RedisOp
 
-#: Where an op is: read and not handed over yet, handed to Celery and not ended, ended.
-CONSUMED, IN_FLIGHT, ENDED = 0, 1, 2
+#: Where an op is: read and not handed over yet, or ended. An op handed to Celery and not
+#: ended is in flight: its state is then what the tracker keeps of it (a :data:`_Flight`).
+CONSUMED, ENDED = 0, 2
 
 Partition = tuple[str, int]
 
@@ -67,38 +68,44 @@ MAX_REDELIVERY_BACKOFF = 8
 
 @dataclass(frozen=True)
 class InFlight:
-    """An op handed to Celery that has not ended: what it takes to hand it over again."""
+    """An op handed to Celery that has not ended: where to read it again from Kafka to hand it over again."""
 
     topic: str
     partition: int
     offset: int
-    message: str
     first_origin: tuple[str, int, int] | None
     #: Hand-overs so far that did not end.
     handovers: int
 
 
 # What the tracker keeps of an op in flight:
-# (message, first_origin, due, handovers, sent_mark, retrying_since).
-# A plain tuple of strings and numbers, on purpose: CPython stops tracking such tuples at
-# their first garbage collection, so 100,000 ops in flight add nothing to the full
-# collections that a Consumed (and its decoded op) per op made cost about 40% of the
-# bridge's CPU time during a drain.
-_Flight = tuple[str, tuple[str, int, int] | None, float, int, int, float]
+# (first_origin, due, handovers, sent_mark, retrying_since).
+# A plain tuple of numbers, on purpose: CPython stops tracking such tuples at their first
+# garbage collection, so 100,000 ops in flight add nothing to the full collections that a
+# Consumed (and its decoded op) per op made cost about 40% of the bridge's CPU time during
+# a drain. Not the op's message: Kafka holds it until the op ends (that is what committing
+# after end is for), and an op handed over again is read from there
+# (:mod:`celery_redis_retry.bridge.refetch`). Kept here, the messages were about 60% of
+# the bridge's growth in memory during a drain (some 440 bytes per op in flight).
+_Flight = tuple[tuple[str, int, int] | None, float, int, int, float]
 
 
 class _Log:
     """One partition's offsets read and not yet committed past, in the order read."""
 
-    __slots__ = ("ended_before", "ended_past_head", "flight", "order", "safe", "state")
+    __slots__ = ("ended_before", "ended_past_head", "order", "safe", "state")
 
     def __init__(self) -> None:
         self.order: deque[int] = deque()
-        self.state: dict[int, int] = {}
-        self.flight: dict[int, _Flight] = {}
+        #: CONSUMED, ENDED, or the op's _Flight while in flight: one dict entry per offset read.
+        self.state: dict[int, int | _Flight] = {}
         self.ended_past_head = 0  # ENDED offsets in ``order`` behind one that has not ended
         self.ended_before: set[int] = set()  # from the commit's metadata
         self.safe: int | None = None  # the committable offset, once known
+
+    def flights(self) -> Iterator[tuple[int, _Flight]]:
+        """The ops in flight: offset and what is kept of each."""
+        return ((offset, state) for offset, state in self.state.items() if type(state) is tuple)
 
 
 class OffsetTracker:
@@ -120,6 +127,7 @@ class OffsetTracker:
         self.redelivery_timeout = redelivery_timeout
         self._logs: dict[Partition, _Log] = {}
         self._earliest_due = float("inf")  # no op in flight is due before this
+        self._last_flight: _Flight | None = None  # shared by the ops of one hand-over (see handed_over)
         self.in_flight = 0
         #: Ops in flight that a worker scheduled again with a countdown (a retry), not ended since.
         self.retrying_ops = 0
@@ -155,8 +163,10 @@ class OffsetTracker:
         return True
 
     def handed_over(self, topic: str, partition: int, offset: int, item: Consumed | None = None,
-                    sent_mark: int = 0) -> int | None:
+                    sent_mark: int = 0, *, now: float | None = None) -> int | None:
         """An op went to Celery; return the offset to store if the committable point moved.
+
+        ``now`` (``time.monotonic()``) is read once per hand-over by a caller handing over many.
 
         ``sent_mark`` counts the tasks sent to the Celery queue up to and including this
         op's: once fewer tasks wait there than were sent after it, its task left the queue.
@@ -167,20 +177,34 @@ class OffsetTracker:
             return None  # the partition was revoked meanwhile, or its end came first
         if not self.hold_until_end or item is None:
             return self.ended(topic, partition, offset)
-        previous = log.flight.get(offset)
-        handovers = 1 if previous is None else previous[3] + 1  # [3]: its hand-overs so far
-        if previous is not None and previous[5]:
+        previous = state if type(state) is tuple else None
+        handovers = 1 if previous is None else previous[2] + 1  # [2]: its hand-overs so far
+        if previous is not None and previous[4]:
             self.retrying_ops -= 1  # a new hand-over: no longer known to wait for a retry
         if state == CONSUMED:
             self.in_flight += 1
-            log.state[offset] = IN_FLIGHT
         # Each hand-over that did not end waits twice as long for the next: ops no worker
         # can end (workers away, an ends topic they cannot write) do not flood the queue.
         backoff = min(2 ** (handovers - 1), MAX_REDELIVERY_BACKOFF)
-        due = time.monotonic() + self.redelivery_timeout * backoff
-        log.flight[offset] = (item.message, item.first_origin, due, handovers, sent_mark, 0.0)
+        due = (time.monotonic() if now is None else now) + self.redelivery_timeout * backoff
+        log.state[offset] = self._flight(item.first_origin, due, handovers, sent_mark)
         self._earliest_due = min(self._earliest_due, due)
         return None
+
+    def _flight(self, first_origin: tuple[str, int, int] | None, due: float, handovers: int,
+                sent_mark: int) -> _Flight:
+        """What to keep of an op in flight: the tuple of the op before when only ``due`` differs, by microseconds.
+
+        The ops of one hand-over share their sent mark, and their due times differ by the
+        microseconds between them: one tuple serves them all, and an op in flight costs
+        only its entries in the partition's dicts (about 140 bytes instead of 250).
+        """
+        last = self._last_flight
+        if (last is not None and last[3] == sent_mark and last[2] == handovers and last[0] == first_origin
+                and 0.0 <= due - last[1] < 1.0):
+            return last
+        self._last_flight = flight = (first_origin, due, handovers, sent_mark, 0.0)
+        return flight
 
     def ended(self, topic: str, partition: int, offset: int) -> int | None:
         """An op ended; return the offset to store if the committable point moved."""
@@ -195,14 +219,14 @@ class OffsetTracker:
         log = self._logs.get((topic, partition))
         if log is None:
             return None
-        state, flight = log.state, log.flight
+        state = log.state
         for offset in offsets:
             was = state.get(offset)
             if was is None or was == ENDED:
                 continue
-            if was == IN_FLIGHT:
+            if type(was) is tuple:
                 self.in_flight -= 1
-                if flight.pop(offset)[5]:
+                if was[4]:
                     self.retrying_ops -= 1
             state[offset] = ENDED
             log.ended_past_head += 1
@@ -211,20 +235,20 @@ class OffsetTracker:
     def retrying(self, topic: str, partition: int, offset: int, due_in: float) -> None:
         """A worker scheduled the op again ``due_in`` seconds from now: wait for that too."""
         log = self._logs.get((topic, partition))
-        flight = None if log is None else log.flight.get(offset)
-        if log is not None and flight is not None:
-            message, first_origin, due, handovers, sent_mark, since = flight
+        flight = None if log is None else log.state.get(offset)
+        if log is not None and type(flight) is tuple:
+            first_origin, due, handovers, sent_mark, since = flight
             now = time.monotonic()
             if not since:
                 since = now
                 self.retrying_ops += 1
             due = max(due, now + max(0.0, due_in) + self.redelivery_timeout)
-            log.flight[offset] = (message, first_origin, due, handovers, sent_mark, since)
+            log.state[offset] = (first_origin, due, handovers, sent_mark, since)
 
     def oldest_retrying(self, now: float | None = None) -> float | None:
         """Seconds since the longest-waiting op in flight was first scheduled for a retry (None: none is)."""
         now = time.monotonic() if now is None else now
-        since = min((f[5] for log in self._logs.values() for f in log.flight.values() if f[5]), default=None)
+        since = min((f[4] for log in self._logs.values() for _, f in log.flights() if f[4]), default=None)
         return None if since is None else now - since
 
     def _advance(self, log: _Log) -> int | None:
@@ -248,12 +272,12 @@ class OffsetTracker:
         now = time.monotonic() if now is None else now
         if now < self._earliest_due:
             return []
-        self._earliest_due = min((f[2] for log in self._logs.values() for f in log.flight.values()),
+        self._earliest_due = min((f[1] for log in self._logs.values() for _, f in log.flights()),
                                  default=float("inf"))
         return [
-            InFlight(topic, partition, offset, message, first_origin, handovers)
+            InFlight(topic, partition, offset, first_origin, handovers)
             for (topic, partition), log in self._logs.items()
-            for offset, (message, first_origin, due, handovers, sent_mark, _) in log.flight.items()
+            for offset, (first_origin, due, handovers, sent_mark, _) in log.flights()
             if due <= now and (taken is None or sent_mark <= taken)
         ]
 
@@ -280,8 +304,9 @@ class OffsetTracker:
         """Drop a partition's bookkeeping (revoked)."""
         log = self._logs.pop((topic, partition), None)
         if log is not None:
-            self.in_flight -= len(log.flight)
-            self.retrying_ops -= sum(1 for f in log.flight.values() if f[5])
+            flights = [f for _, f in log.flights()]
+            self.in_flight -= len(flights)
+            self.retrying_ops -= sum(1 for f in flights if f[4])
 
     def __len__(self) -> int:
         return sum(len(log.state) for log in self._logs.values())

@@ -64,6 +64,9 @@ redis_retry.add_command(topics)
 @click.option("--group", default=None, help="Consumer group (default: redis_retry_consumer_group).")
 @click.option("--metrics-port", default=None, type=click.IntRange(1, 65535),
               help="Serve Prometheus metrics on this port (default: redis_retry_bridge_metrics_port, else off).")
+@click.option("--name", default=None,
+              help="A name kept across restarts, unique among this host's bridges of the group: the bridge "
+                   "joins as static member <host>.<name> and a restart takes its partitions back at once.")
 @click.option("--loglevel", "-l", default="INFO", show_default=True, help="Logging level.")
 @click.option("--logfile", "-f", default=None, type=click.Path(dir_okay=False, writable=True),
               help="Log to this file (appended) instead of stderr.")
@@ -73,7 +76,7 @@ redis_retry.add_command(topics)
 @click.pass_context
 def bridge(  # noqa: PLR0917 - click passes every option
     ctx: click.Context, batch_size: int | None, linger_ms: int | None, poll_timeout: float, group: str | None,
-    metrics_port: int | None, loglevel: str, logfile: str | None, pidfile: str | None,
+    metrics_port: int | None, name: str | None, loglevel: str, logfile: str | None, pidfile: str | None,
 ) -> None:
     """Feed ops from Kafka to Celery replay tasks until SIGTERM/SIGINT.
 
@@ -87,7 +90,7 @@ def bridge(  # noqa: PLR0917 - click passes every option
     try:
         setup_logging(loglevel, logfile)
         _run_bridge(ctx, app, metrics_port, group=group, batch_size=batch_size, linger_ms=linger_ms,
-                    poll_timeout=poll_timeout)
+                    poll_timeout=poll_timeout, name=name)
     finally:
         if lock is not None:
             lock.release()

@@ -72,6 +72,7 @@ from celery_redis_retry.kafka.settings import (
     check_client_settings,
     consumer_config,
     producer_config,
+    static_membership,
 )
 
 __all__ = [
@@ -121,6 +122,7 @@ __all__ = [
     "read_to_end",
     "require_topic",
     "serve_dev_broker",
+    "static_membership",
     "topic_missing",
     "topic_partitions",
 ]
