@@ -138,6 +138,10 @@ class RetryProducer:
     ) -> None:
         self.settings = settings
         self.durable = settings.durable_publish
+        # What publish() reads of the settings for every op, taken once (settings are frozen).
+        self._check_op = settings.check_op
+        self._topic = settings.topic
+        self._max_message_bytes = settings.max_message_bytes
         self.spool = spool or Spool(settings.spool_path, max_bytes=settings.spool_max_bytes, fsync=self.durable)
         self.stats = ProducerStats()
         self._signer = settings.signer
@@ -207,19 +211,21 @@ class RetryProducer:
         :class:`~celery_redis_retry.errors.SpoolFullError` when Kafka cannot take it
         and the spool is full.
         """
-        settings = self.settings
-        settings.check_op(op)
+        self._check_op(op)
         raw = encode(op, self._signer)
-        if len(raw) > settings.max_message_bytes:
+        if len(raw) > self._max_message_bytes:
             raise EncodeError(
                 f"op {op.id} encodes to {len(raw)} bytes, over redis_retry_max_message_bytes "
-                f"({settings.max_message_bytes})"
+                f"({self._max_message_bytes})"
             )
         key = message_key(op)
-        if self.durable:
-            self._send_durable(settings.topic, key, raw)
+        state = self._state
+        if state is not None and not (state.diverting or self.durable):
+            self._produce(state, self._topic, key, raw)  # the common case: Kafka takes it
+        elif self.durable:
+            self._send_durable(self._topic, key, raw)
         else:
-            self._send(settings.topic, key, raw)
+            self._send(self._topic, key, raw)
         self.stats.published += 1
         return op.id
 
@@ -227,10 +233,13 @@ class RetryProducer:
         state = self._live_state()
         if state is None:
             self._to_spool([(topic, key, value)], "shutting_down")
-            return
-        if state.diverting:
+        elif state.diverting:
             self._to_spool([(topic, key, value)], "kafka_unavailable")
-            return
+        else:
+            self._produce(state, topic, key, value)
+
+    def _produce(self, state: _ProcessState, topic: str, key: bytes, value: bytes) -> None:
+        """Hand the message to librdkafka, or to the spool if the handle cannot take it."""
         with state.send_lock:
             if state.closed:
                 reason = "shutting_down"
