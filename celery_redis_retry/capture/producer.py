@@ -219,50 +219,43 @@ class RetryProducer:
                 f"({self._max_message_bytes})"
             )
         key = message_key(op)
-        state = self._state
-        if state is not None and not (state.diverting or self.durable):
-            self._produce(state, self._topic, key, raw)  # the common case: Kafka takes it
-        elif self.durable:
-            self._send_durable(self._topic, key, raw)
+        state = self._state or self._live_state()
+        if state is None or state.diverting or self.durable:
+            self._send_elsewhere(state, key, raw)
         else:
-            self._send(self._topic, key, raw)
+            # The common case, spelled out here because every op passes: librdkafka takes
+            # it. acquire()/release() rather than a with block: it costs half as much.
+            lock = state.send_lock
+            lock.acquire()
+            try:
+                if state.closed:
+                    reason: str | None = "shutting_down"
+                else:
+                    try:
+                        state.producer.produce(self._topic, raw, key)
+                        reason = None
+                    except BufferError:
+                        logger.warning("librdkafka's queue is full (%d messages): spooling", len(state.producer))
+                        state.diverting = True
+                        reason = "queue_full"
+                    except kafka.KafkaException as exc:
+                        logger.error("Kafka producer refused a message (%s): spooling", exc)
+                        state.diverting = True
+                        state.fatal = state.fatal or exc.args[0].fatal()
+                        reason = "producer_error"
+            finally:
+                lock.release()
+            if reason is not None:
+                self._to_spool([(self._topic, key, raw)], reason)
         self.stats.published += 1
         return op.id
 
-    def _send(self, topic: str, key: bytes, value: bytes) -> None:
-        state = self._live_state()
-        if state is None:
-            self._to_spool([(topic, key, value)], "shutting_down")
-        elif state.diverting:
-            self._to_spool([(topic, key, value)], "kafka_unavailable")
+    def _send_elsewhere(self, state: _ProcessState | None, key: bytes, value: bytes) -> None:
+        """Durable mode, or the process is shutting down (``state`` None), or Kafka cannot take ops now."""
+        if self.durable:
+            self._send_durable(self._topic, key, value)
         else:
-            self._produce(state, topic, key, value)
-
-    def _produce(self, state: _ProcessState, topic: str, key: bytes, value: bytes) -> None:
-        """Hand the message to librdkafka, or to the spool if the handle cannot take it."""
-        # acquire()/release() rather than a with block: every op passes here, and it
-        # costs half as much.
-        lock = state.send_lock
-        lock.acquire()
-        try:
-            if state.closed:
-                reason = "shutting_down"
-            else:
-                try:
-                    state.producer.produce(topic, value, key)
-                    return
-                except BufferError:
-                    logger.warning("librdkafka's queue is full (%d messages): spooling", len(state.producer))
-                    state.diverting = True
-                    reason = "queue_full"
-                except kafka.KafkaException as exc:
-                    logger.error("Kafka producer refused a message (%s): spooling", exc)
-                    state.diverting = True
-                    state.fatal = state.fatal or exc.args[0].fatal()
-                    reason = "producer_error"
-        finally:
-            lock.release()
-        self._to_spool([(topic, key, value)], reason)
+            self._to_spool([(self._topic, key, value)], "shutting_down" if state is None else "kafka_unavailable")
 
     def _send_durable(self, topic: str, key: bytes, value: bytes) -> None:
         state = self._live_state()
