@@ -227,10 +227,13 @@ def dumps(document: Any) -> bytes:
 def message_key(op: RedisOp) -> bytes:
     """The Kafka message key: target and first Redis key, so one key's ops share a partition."""
     key = op.first_key
-    if type(key) is str:  # most keys: no formatting needed
-        return (op.target + "\x00" + key).encode("utf-8", "surrogatepass")
     if type(key) is bytes:
         return op.target.encode() + b"\x00" + key
+    if type(key) is str:
+        try:
+            return f"{op.target}\x00{key}".encode()  # most keys: valid UTF-8 text
+        except UnicodeEncodeError:
+            pass  # a lone surrogate: written as it is, below
     return f"{op.target}\x00{key!s}".encode(errors="surrogatepass")
 
 
