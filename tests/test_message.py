@@ -555,6 +555,8 @@ def test_signer_refuses_no_keys_and_bad_key_ids() -> None:
         (builders.set(b"\xff\x00k", "v"), b"default\x00\xff\x00k"),
         (builders.set(42, "v"), b"default\x0042"),
         (builders.set("é", "v"), "default\x00é".encode()),
+        (builders.set("k\ud800", "v"), b"default\x00k\xed\xa0\x80"),  # a lone surrogate, as it is
+        (builders.set(1.5, "v"), b"default\x001.5"),
         (builders.set("k", "v").with_target("sessions"), b"sessions\x00k"),
         (builders.delete("a", "b"), b"default\x00a"),
         (builders.script("s", keys=["a", "b"]), b"default\x00a"),
