@@ -129,7 +129,6 @@ _fallback_encoder = msgspec.json.Encoder()
 # -- encoding ----------------------------------------------------------------------------
 
 _NON_FINITE = {math.inf: "inf", -math.inf: "-inf"}
-_INFINITIES = frozenset(_NON_FINITE)
 
 
 def _wire_arg(value: Arg) -> Any:
@@ -149,6 +148,15 @@ def _wire_args(values: tuple[Arg, ...]) -> Any:
     return values
 
 
+def _all_finite(values: tuple[Arg | None, ...]) -> bool:
+    """Whether no value is an infinite float. A loop on types, not a set lookup: that would
+    hash every argument, a cost that grows with the size of the values."""
+    for value in values:  # noqa: SIM110 - all() over a generator costs more per op
+        if type(value) is float and value in _NON_FINITE:
+            return False
+    return True
+
+
 def _untagged_document(op: RedisOp) -> tuple[dict[str, Any], bool]:
     """The op's wire document with its arguments and guard values as they are (not tagged
     yet), and whether none of them is an infinite float (those must be tagged before orjson
@@ -160,19 +168,19 @@ def _untagged_document(op: RedisOp) -> tuple[dict[str, Any], bool]:
             "v": VERSION, "id": op.id, "kind": kind, "created_at": op.created_at, "target": op.target,
             "cmds": op.commands,
         }
-        finite = _INFINITIES.isdisjoint(op.commands[0])
+        finite = _all_finite(op.commands[0])
     elif kind == "pipeline":
         doc = {
             "v": VERSION, "id": op.id, "kind": kind, "created_at": op.created_at, "target": op.target,
             "cmds": op.commands, "tx": op.transaction,
         }
-        finite = all(_INFINITIES.isdisjoint(command) for command in op.commands)
+        finite = all(_all_finite(command) for command in op.commands)
     else:
         doc = {
             "v": VERSION, "id": op.id, "kind": kind, "created_at": op.created_at, "target": op.target,
             "script": op.script, "keys": op.keys, "args": op.args,
         }
-        finite = _INFINITIES.isdisjoint(op.keys) and _INFINITIES.isdisjoint(op.args)
+        finite = _all_finite(op.keys) and _all_finite(op.args)
     if op.attempt:
         doc["attempt"] = op.attempt
     if op.max_retries is not None:
@@ -195,7 +203,7 @@ def _untagged_document(op: RedisOp) -> tuple[dict[str, Any], bool]:
             **({"expected": guard.expected} if guard.expected is not None else {}),
             **({"version": guard.version} if guard.version is not None else {}),
         }
-        finite = finite and _INFINITIES.isdisjoint((guard.key, guard.field, guard.expected))
+        finite = finite and _all_finite((guard.key, guard.field, guard.expected))
     return doc, finite
 
 
