@@ -44,7 +44,7 @@ from celery_redis_retry.errors import (
     SignatureError,
     UnsupportedVersionError,
 )
-from celery_redis_retry.ops import EMPTY_CONTEXT, Arg, Command, ErrorInfo, Guard, RedisOp
+from celery_redis_retry.ops import EMPTY_CONTEXT, FIRST_KEY_AT, Arg, Command, ErrorInfo, Guard, RedisOp
 from celery_redis_retry.redis_commands import COMMANDS, spec_for
 
 if TYPE_CHECKING:  # config imports this module: the settings are only a type here
@@ -234,7 +234,11 @@ def dumps(document: Any) -> bytes:
 
 def message_key(op: RedisOp) -> bytes:
     """The Kafka message key: target and first Redis key, so one key's ops share a partition."""
-    key = op.first_key
+    if op.kind != "script":  # RedisOp.first_key without a property call: every published op needs it
+        command = op.commands[0]
+        key: Arg | None = command[FIRST_KEY_AT[command[0]]]  # type: ignore[index]
+    else:
+        key = op.keys[0] if op.keys else None
     if type(key) is bytes:
         return op.target.encode() + b"\x00" + key
     if type(key) is str:

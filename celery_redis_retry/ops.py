@@ -39,7 +39,7 @@ Kind = Literal["command", "pipeline", "script"]
 EMPTY_CONTEXT: Mapping[str, str] = MappingProxyType({})
 _ARG_TYPES = frozenset((str, bytes, int, float))
 #: Command name -> where its first key is (every op's Kafka key is read from it).
-_FIRST_KEY_AT = {name: spec.first_key for name, spec in COMMANDS.items()}
+FIRST_KEY_AT = {name: spec.first_key for name, spec in COMMANDS.items()}
 
 
 # -- identity ----------------------------------------------------------------------------
@@ -246,7 +246,7 @@ class RedisOp(msgspec.Struct, frozen=True, kw_only=True):
             return self.keys[0] if self.keys else None
         command = self.commands[0]
         # Names are upper case once built or decoded: a plain lookup is enough here.
-        return command[_FIRST_KEY_AT[command[0]]]  # type: ignore[index]
+        return command[FIRST_KEY_AT[command[0]]]  # type: ignore[index]
 
 
 # -- validation helpers ------------------------------------------------------------------
