@@ -9,16 +9,20 @@ on the hot path: settings check, encoding, message key, its bookkeeping. Rows:
 * ``publish``: ``RetryProducer.publish(op)`` of the same ops, with its spool file present
   and empty (the normal case: the spool is idle unless Kafka is down);
 * ``encode only``: ``check_op`` + ``message.encode`` + ``message.message_key``, the Python
-  part of ``publish`` without Kafka (to show where the difference goes).
+  part of ``publish`` without Kafka (to show where the difference goes);
+* ``build + publish``: ``publish(ops.set(key, value, ex=3600).with_source(...)
+  .with_context(trace_id=...))``, the op built in the timed call the way a service's
+  capture path builds one when its write fails, from the same keys, values and trace ids.
 
-Rounds alternate (raw, publish, encode, raw, publish...) so that machine noise hits every
-row alike; each row reports its median round (by p50). The broker is an embedded Kafka in
-another process; queues are flushed between rounds so no round starts with a backlog.
+Rounds alternate (raw, publish, encode, build + publish, raw, publish...) so that machine
+noise hits every row alike; each row reports its median round (by p50). The broker is an
+embedded Kafka in another process; queues are flushed between rounds so no round starts
+with a backlog.
 
-Goal: publish p50 <= 10 us, and <= raw p50 + 5 us.
+Goals: publish p50 <= 3x raw p50 (same run); build + publish p50 <= 5 us.
 
-``--profile`` runs the publish path under pyinstrument instead and prints where the
-time goes, with a per-stage breakdown.
+``--profile`` runs the build + publish path under pyinstrument instead and prints where
+the time goes, with a per-stage breakdown.
 """
 
 from __future__ import annotations
@@ -46,8 +50,9 @@ from .stack import embedded_kafka
 from .timing import percentiles, timer_overhead_us
 
 NAME = "bench_publish"
-GOAL_P50_US = 10.0
-GOAL_OVER_RAW_US = 5.0
+GOAL_OVER_RAW_RATIO = 3.0
+GOAL_BUILD_PUBLISH_P50_US = 5.0
+SOURCE = "UserRepo.save"
 WARMUP = 5_000
 FLUSH_TIMEOUT = 120.0
 STAGE_REPEATS = 7
@@ -61,17 +66,23 @@ _PROFILE = (
 )
 
 
+Fields = tuple[str, str, str]
+
+
+def op_fields(count: int) -> list[Fields]:
+    """Key, value (a ~140-byte profile) and trace id of ``count`` realistic SETs."""
+    return [
+        (f"user:{n}:profile", _PROFILE.format(n=n, bio="x" * (20 + n % 17)), f"{n * 2654435761 % 2**128:032x}")
+        for n in range(count)
+    ]
+
+
 def build_ops(count: int) -> list[RedisOp]:
     """``count`` realistic ops: SET of a ~140-byte profile with EX, a source and a trace id."""
-    built = []
-    for n in range(count):
-        value = _PROFILE.format(n=n, bio="x" * (20 + n % 17))
-        built.append(
-            ops.set(f"user:{n}:profile", value, ex=3600)
-            .with_source("UserRepo.save")
-            .with_context(trace_id=f"{n * 2654435761 % 2**128:032x}")
-        )
-    return built
+    return [
+        ops.set(key, value, ex=3600).with_source(SOURCE).with_context(trace_id=trace)
+        for key, value, trace in op_fields(count)
+    ]
 
 
 # -- timed loops: one per row, so no row pays for an indirection the others do not -----------
@@ -101,6 +112,19 @@ def _time_publish(producer: RetryProducer, items: Sequence[RedisOp]) -> tuple[li
     for i, op in enumerate(items):
         t0 = clock()
         publish(op)
+        samples[i] = clock() - t0
+    return samples, clock() - start, 0
+
+
+def _time_build_publish(producer: RetryProducer, fields: Sequence[Fields]) -> tuple[list[int], int, int]:
+    # The build is spelled out here, not called through build_ops: a service's capture
+    # path pays for exactly these calls, and no more.
+    publish, set_, clock = producer.publish, ops.set, time.perf_counter_ns
+    samples = [0] * len(fields)
+    start = clock()
+    for i, (key, value, trace) in enumerate(fields):
+        t0 = clock()
+        publish(set_(key, value, ex=3600).with_source(SOURCE).with_context(trace_id=trace))
         samples[i] = clock() - t0
     return samples, clock() - start, 0
 
@@ -154,17 +178,20 @@ def _settle(*flushers: Callable[[], int]) -> None:
 
 @dataclass(frozen=True)
 class Workload:
-    """The ops of one round and their encodings, and a smaller set for the warm-up."""
+    """The ops of one round, their encodings and fields, and a smaller set for the warm-up."""
 
     items: list[RedisOp]
     pairs: list[tuple[bytes, bytes]]
+    fields: list[Fields]
     warm_items: list[RedisOp]
     warm_pairs: list[tuple[bytes, bytes]]
+    warm_fields: list[Fields]
 
     @classmethod
     def build(cls, count: int) -> Workload:
         items, warm_items = build_ops(count), build_ops(WARMUP)
-        return cls(items, _encode_all(items), warm_items, _encode_all(warm_items))
+        return cls(items, _encode_all(items), op_fields(count), warm_items, _encode_all(warm_items),
+                   op_fields(WARMUP))
 
 
 def _encode_all(items: Sequence[RedisOp]) -> list[tuple[bytes, bytes]]:
@@ -188,6 +215,7 @@ def _rounds(
     _time_raw(raw, topic, work.warm_pairs)
     _time_publish(producer, work.warm_items)
     _time_encode(settings, work.warm_items)
+    _time_build_publish(producer, work.warm_fields)
     _settle(flush_raw, flush_publish)
     spool_present = os.path.exists(producer.spool.path)
     spool_before = producer.spool.count()
@@ -197,6 +225,7 @@ def _rounds(
             ("raw produce", lambda: _time_raw(raw, topic, pairs), flush_raw),
             ("publish", lambda: _time_publish(producer, items), flush_publish),
             ("encode only", lambda: _time_encode(settings, items), None),
+            ("build + publish", lambda: _time_build_publish(producer, work.fields), flush_publish),
         ):
             samples, wall_ns, full = timed()
             flush_start = time.perf_counter_ns()
@@ -209,7 +238,8 @@ def _rounds(
         print(
             f"round {number}/{rounds}: p50 raw {rows.rounds['raw produce'][-1]['p50']:.2f} us, "
             f"publish {rows.rounds['publish'][-1]['p50']:.2f} us, "
-            f"encode {rows.rounds['encode only'][-1]['p50']:.2f} us",
+            f"encode {rows.rounds['encode only'][-1]['p50']:.2f} us, "
+            f"build + publish {rows.rounds['build + publish'][-1]['p50']:.2f} us",
             flush=True,
         )
     spool_after = producer.spool.count()
@@ -244,15 +274,17 @@ def run(count: int, rounds: int) -> tuple[dict[str, Any], str]:
             raw.flush(FLUSH_TIMEOUT)
 
     overhead = timer_overhead_us(100_000)
-    raw_row, pub_row, enc_row = (rows.median_round(r) for r in ("raw produce", "publish", "encode only"))
+    raw_row, pub_row, enc_row, built_row = (
+        rows.median_round(r) for r in ("raw produce", "publish", "encode only", "build + publish")
+    )
     ratio = pub_row["p50"] / raw_row["p50"]
     diff = pub_row["p50"] - raw_row["p50"]
     # Rounds run back to back, so a paired difference cancels slow machine noise.
     paired = statistics.median(
         p["p50"] - r["p50"] for p, r in zip(rows.rounds["publish"], rows.rounds["raw produce"], strict=True)
     )
-    goal_abs = pub_row["p50"] <= GOAL_P50_US
-    goal_rel = diff <= GOAL_OVER_RAW_US
+    goal_ratio = ratio <= GOAL_OVER_RAW_RATIO
+    goal_built = built_row["p50"] <= GOAL_BUILD_PUBLISH_P50_US
     spool_note = (
         f"spool file present ({spool_present}), {spool_before} messages before the rounds and {spool_after} after; "
         f"{spooled} ops spooled and {failures} delivery failures during the run"
@@ -266,7 +298,7 @@ def run(count: int, rounds: int) -> tuple[dict[str, Any], str]:
          round(r["delivered_ops_s"]) if "delivered_ops_s" in r else "-", rows.p50_range(row)]
         for label, row, r in (
             ("raw produce", "raw produce", raw_row), ("publish (spool idle)", "publish", pub_row),
-            ("encode only", "encode only", enc_row),
+            ("encode only", "encode only", enc_row), ("build + publish", "build + publish", built_row),
         )
     ]
     per_round = markdown_table(
@@ -284,9 +316,11 @@ def run(count: int, rounds: int) -> tuple[dict[str, Any], str]:
         "",
         f"- publish / raw p50: **{ratio:.2f}x**; publish - raw p50: **{diff:+.2f} us** (median of the per-round "
         f"differences: {paired:+.2f} us)",
-        f"- goal publish p50 <= {GOAL_P50_US:g} us: **{'met' if goal_abs else 'MISSED'}** ({pub_row['p50']:.2f} us)",
-        f"- goal publish p50 <= raw p50 + {GOAL_OVER_RAW_US:g} us: **{'met' if goal_rel else 'MISSED'}** "
-        f"({diff:+.2f} us)",
+        f"- goal publish p50 <= {GOAL_OVER_RAW_RATIO:g}x raw p50: **{'met' if goal_ratio else 'MISSED'}** "
+        f"({ratio:.2f}x)",
+        f"- goal build + publish p50 <= {GOAL_BUILD_PUBLISH_P50_US:g} us: **{'met' if goal_built else 'MISSED'}** "
+        f"({built_row['p50']:.2f} us: ops.set(..., ex=...).with_source(...).with_context(trace_id=...), "
+        "then published)",
         f"- every sample includes ~{overhead:.3f} us of clock reads (perf_counter_ns twice)",
         f"- {spool_note}",
         "- handoff ops/s: calls per second of the timed loop; delivered ops/s: including the flush until Kafka "
@@ -307,15 +341,24 @@ def run(count: int, rounds: int) -> tuple[dict[str, Any], str]:
         # The logger and the callbacks (stats_cb) are objects, not settings a reader compares.
         "librdkafka_settings": {k: v for k, v in kafka.producer_config(settings.kafka).items()
                                 if k != "logger" and not callable(v)} | {"delivery.report.only.error": True},
-        "median_round": {"raw produce": raw_row, "publish": pub_row, "encode only": enc_row},
+        "median_round": {"raw produce": raw_row, "publish": pub_row, "encode only": enc_row,
+                         "build + publish": built_row},
         "all_rounds": rows.rounds,
         "publish_over_raw_ratio_p50": ratio,
         "publish_minus_raw_p50_us": diff,
         "publish_minus_raw_p50_us_paired_median": paired,
         "goals": {
-            f"publish_p50_le_{GOAL_P50_US:g}us": goal_abs,
-            f"publish_p50_le_raw_plus_{GOAL_OVER_RAW_US:g}us": goal_rel,
+            f"publish_p50_le_{GOAL_OVER_RAW_RATIO:g}x_raw": goal_ratio,
+            f"build_publish_p50_le_{GOAL_BUILD_PUBLISH_P50_US:g}us": goal_built,
         },
+        "summary": [
+            {"what": "RetryProducer.publish latency p50", "unit": "us", "project": pub_row["p50"],
+             "raw": raw_row["p50"], "raw_what": "confluent-kafka produce()", "ratio": ratio,
+             "goal": f"<= {GOAL_OVER_RAW_RATIO:g}x raw", "met": goal_ratio},
+            {"what": "op built with context + publish latency p50", "unit": "us", "project": built_row["p50"],
+             "raw": raw_row["p50"], "raw_what": "confluent-kafka produce()", "ratio": built_row["p50"] / raw_row["p50"],
+             "goal": f"<= {GOAL_BUILD_PUBLISH_P50_US:g} us", "met": goal_built},
+        ],
         "timer_overhead_us": overhead,
         "spool": {"present": spool_present, "before": spool_before, "after": spool_after, "spooled": spooled,
                   "delivery_failures": failures},
@@ -328,7 +371,7 @@ def run(count: int, rounds: int) -> tuple[dict[str, Any], str]:
 
 
 def _stage_costs(
-    settings: Settings, items: Sequence[RedisOp], producer: RetryProducer, raw: kafka.Producer, topic: str
+    settings: Settings, fields: Sequence[Fields], producer: RetryProducer, raw: kafka.Producer, topic: str
 ) -> list[list[Any]]:
     """Mean ns per op of each step of ``publish``, each timed over the whole list (best of several).
 
@@ -336,6 +379,9 @@ def _stage_costs(
     them again and again, a cost ``publish`` itself never pays.
     """
     signer = settings.signer
+    items = [
+        ops.set(key, value, ex=3600).with_source(SOURCE).with_context(trace_id=trace) for key, value, trace in fields
+    ]
     documents = [message.op_document(op) for op in items]
     encoded = [(message.message_key(op), message.encode(op)) for op in items]
     check, document, dumps, encode, key_of, produce = (
@@ -375,15 +421,33 @@ def _stage_costs(
         for op in items:
             publish(op)
 
+    def sets() -> None:
+        set_ = ops.set
+        for key, value, _ in fields:
+            set_(key, value, ex=3600)
+
+    def builds() -> None:
+        set_ = ops.set
+        for key, value, trace in fields:
+            set_(key, value, ex=3600).with_source(SOURCE).with_context(trace_id=trace)
+
+    def builds_and_publishes() -> None:
+        publish, set_ = producer.publish, ops.set
+        for key, value, trace in fields:
+            publish(set_(key, value, ex=3600).with_source(SOURCE).with_context(trace_id=trace))
+
     stages: list[tuple[str, Callable[[], None]]] = [
         ("empty loop", empty),
         ("settings.check_op", checks),
         ("message.op_document", documents_only),
         ("message.dumps (orjson)", dumps_only),
-        ("message.encode (document + dumps)", encodes),
+        ("message.encode", encodes),
         ("message.message_key", keys),
         ("Producer.produce (pre-encoded, raw producer)", produces),
         ("RetryProducer.publish (all of it)", publishes),
+        ("ops.set(k, v, ex=...)", sets),
+        ("ops.set(k, v, ex=...).with_source(...).with_context(trace_id=...)", builds),
+        ("build + publish", builds_and_publishes),
     ]
 
     def settle() -> None:
@@ -398,7 +462,7 @@ def _stage_costs(
             best[name] = min(best[name], _timed_once(stage, settle))
     costs = {name: elapsed / len(items) for name, elapsed in best.items()}
     loop = costs["empty loop"]
-    parts = ("settings.check_op", "message.encode (document + dumps)", "message.message_key",
+    parts = ("settings.check_op", "message.encode", "message.message_key",
              "Producer.produce (pre-encoded, raw producer)")
     rest = costs["RetryProducer.publish (all of it)"] - sum(costs[p] - loop for p in parts) - loop
     rows: list[list[Any]] = [[name, cost, cost - loop] for name, cost in costs.items()]
@@ -416,10 +480,10 @@ def _timed_once(stage: Callable[[], None], settle: Callable[[], object]) -> int:
 
 
 def profile(count: int) -> int:
-    """The publish path under pyinstrument, then a per-stage breakdown; prints both."""
+    """Building and publishing ops under pyinstrument, then a per-stage breakdown; prints both."""
     from pyinstrument import Profiler
 
-    items = build_ops(count)
+    fields = op_fields(count)
     topic = f"bench-publish-profile-{uuid.uuid4().hex[:8]}"
     with embedded_kafka() as broker, tempfile.TemporaryDirectory(prefix="crr-bench-") as workdir:
         settings = Settings.from_mapping(
@@ -435,13 +499,13 @@ def profile(count: int) -> int:
         _time_publish(producer, build_ops(WARMUP))
         producer.flush(FLUSH_TIMEOUT)
         profiler = Profiler(interval=0.0001, async_mode="disabled")
-        publish = producer.publish
+        publish, set_ = producer.publish, ops.set
         profiler.start()
-        for op in items:
-            publish(op)
+        for key, value, trace in fields:
+            publish(set_(key, value, ex=3600).with_source(SOURCE).with_context(trace_id=trace))
         profiler.stop()
         producer.flush(FLUSH_TIMEOUT)
-        stages = _stage_costs(settings, items, producer, raw, topic)
+        stages = _stage_costs(settings, fields, producer, raw, topic)
         producer.close()
         raw.flush(FLUSH_TIMEOUT)
     print(profiler.output_text(unicode=True, color=False, show_all=True, timeline=False))

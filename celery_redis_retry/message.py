@@ -44,7 +44,7 @@ from celery_redis_retry.errors import (
     SignatureError,
     UnsupportedVersionError,
 )
-from celery_redis_retry.ops import EMPTY_CONTEXT, Arg, Command, ErrorInfo, Guard, RedisOp
+from celery_redis_retry.ops import EMPTY_CONTEXT, FIRST_KEY_AT, Arg, Command, ErrorInfo, Guard, RedisOp
 from celery_redis_retry.redis_commands import COMMANDS, spec_for
 
 if TYPE_CHECKING:  # config imports this module: the settings are only a type here
@@ -143,29 +143,44 @@ def _wire_args(values: tuple[Arg, ...]) -> Any:
     # Most commands carry only str and int: hand the tuple over untouched.
     for value in values:
         kind = type(value)
-        if kind is bytes or (kind is float and value in _NON_FINITE):
+        if kind is not str and (kind is bytes or (kind is float and value in _NON_FINITE)):
             return [_wire_arg(v) for v in values]
     return values
 
 
-def op_document(op: RedisOp) -> dict[str, Any]:
-    """The op as the JSON-ready dict of wire format v1 (also embedded in DLQ records)."""
-    doc: dict[str, Any] = {
-        "v": VERSION,
-        "id": op.id,
-        "kind": op.kind,
-        "created_at": op.created_at,
-        "target": op.target,
-    }
-    if op.kind == "script":
-        doc["script"] = op.script
-        doc["keys"] = _wire_args(op.keys)
-        doc["args"] = _wire_args(op.args)
-    elif op.kind == "command":
-        doc["cmds"] = [_wire_args(op.commands[0])]
+def _all_finite(values: tuple[Arg | None, ...]) -> bool:
+    """Whether no value is an infinite float. A loop on types, not a set lookup: that would
+    hash every argument, a cost that grows with the size of the values."""
+    for value in values:  # noqa: SIM110 - all() over a generator costs more per op
+        if type(value) is float and value in _NON_FINITE:
+            return False
+    return True
+
+
+def _untagged_document(op: RedisOp) -> tuple[dict[str, Any], bool]:
+    """The op's wire document with its arguments and guard values as they are (not tagged
+    yet), and whether none of them is an infinite float (those must be tagged before orjson
+    sees them: it would write them as ``null``)."""
+    kind = op.kind
+    # One dict literal per kind: every published op is encoded from here.
+    if kind == "command":
+        doc: dict[str, Any] = {
+            "v": VERSION, "id": op.id, "kind": kind, "created_at": op.created_at, "target": op.target,
+            "cmds": op.commands,
+        }
+        finite = _all_finite(op.commands[0])
+    elif kind == "pipeline":
+        doc = {
+            "v": VERSION, "id": op.id, "kind": kind, "created_at": op.created_at, "target": op.target,
+            "cmds": op.commands, "tx": op.transaction,
+        }
+        finite = all(_all_finite(command) for command in op.commands)
     else:
-        doc["cmds"] = [_wire_args(c) for c in op.commands]
-        doc["tx"] = op.transaction
+        doc = {
+            "v": VERSION, "id": op.id, "kind": kind, "created_at": op.created_at, "target": op.target,
+            "script": op.script, "keys": op.keys, "args": op.args,
+        }
+        finite = _all_finite(op.keys) and _all_finite(op.args)
     if op.attempt:
         doc["attempt"] = op.attempt
     if op.max_retries is not None:
@@ -183,11 +198,25 @@ def op_document(op: RedisOp) -> dict[str, Any]:
         guard = op.guard
         doc["guard"] = {
             "kind": guard.kind,
-            "key": _wire_arg(guard.key),
-            **({"field": _wire_arg(guard.field)} if guard.field is not None else {}),
-            **({"expected": _wire_arg(guard.expected)} if guard.expected is not None else {}),
+            "key": guard.key,
+            **({"field": guard.field} if guard.field is not None else {}),
+            **({"expected": guard.expected} if guard.expected is not None else {}),
             **({"version": guard.version} if guard.version is not None else {}),
         }
+        finite = finite and _all_finite((guard.key, guard.field, guard.expected))
+    return doc, finite
+
+
+def op_document(op: RedisOp) -> dict[str, Any]:
+    """The op as the JSON-ready dict of wire format v1 (also embedded in DLQ records)."""
+    doc, _ = _untagged_document(op)
+    if op.kind == "script":
+        doc["keys"] = _wire_args(op.keys)
+        doc["args"] = _wire_args(op.args)
+    else:
+        doc["cmds"] = [_wire_args(c) for c in op.commands]
+    if op.guard is not None:
+        doc["guard"] = {name: _wire_arg(value) for name, value in doc["guard"].items()}
     return doc
 
 
@@ -205,16 +234,44 @@ def dumps(document: Any) -> bytes:
 
 def message_key(op: RedisOp) -> bytes:
     """The Kafka message key: target and first Redis key, so one key's ops share a partition."""
-    key = op.first_key
+    if op.kind != "script":  # RedisOp.first_key without a property call: every published op needs it
+        command = op.commands[0]
+        key: Arg | None = command[FIRST_KEY_AT[command[0]]]  # type: ignore[index]
+    else:
+        key = op.keys[0] if op.keys else None
     if type(key) is bytes:
         return op.target.encode() + b"\x00" + key
+    if type(key) is str:
+        try:
+            return f"{op.target}\x00{key}".encode()  # most keys: valid UTF-8 text
+        except UnicodeEncodeError:
+            pass  # a lone surrogate: written as it is, below
     return f"{op.target}\x00{key!s}".encode(errors="surrogatepass")
 
 
 def encode(op: RedisOp, signer: Signer | None = None) -> bytes:
-    """The wire bytes of ``op``, signed when a :class:`Signer` is given."""
-    raw = dumps(op_document(op))
+    """The wire bytes of ``op``, signed when a :class:`Signer` is given.
+
+    The bytes of ``dumps(op_document(op))``, written in one pass for most ops: orjson
+    calls :func:`_tag_bytes` for each ``bytes`` value and so tags it where
+    :func:`op_document` would. It would write an infinite float as ``null``, though, and
+    stops at integers beyond 64 bits: ops with those are written from :func:`op_document`.
+    """
+    try:
+        doc, finite = _untagged_document(op)
+        raw = orjson.dumps(doc, default=_tag_bytes) if finite else None
+    except TypeError:  # orjson.JSONEncodeError is one: an integer beyond 64 bits, say
+        raw = None
+    if raw is None:
+        raw = dumps(op_document(op))
     return signer.sign(raw) if signer is not None else raw
+
+
+def _tag_bytes(value: Any) -> Any:
+    """orjson's hook for what it cannot write itself: ``bytes``, tagged as in :func:`op_document`."""
+    if type(value) is bytes:
+        return {"b": base64.b64encode(value).decode("ascii")}
+    raise TypeError(f"{type(value).__name__} is not a wire argument")
 
 
 # -- decoding ----------------------------------------------------------------------------

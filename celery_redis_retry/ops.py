@@ -38,6 +38,8 @@ Kind = Literal["command", "pipeline", "script"]
 
 EMPTY_CONTEXT: Mapping[str, str] = MappingProxyType({})
 _ARG_TYPES = frozenset((str, bytes, int, float))
+#: Command name -> where its first key is (every op's Kafka key is read from it).
+FIRST_KEY_AT = {name: spec.first_key for name, spec in COMMANDS.items()}
 
 
 # -- identity ----------------------------------------------------------------------------
@@ -145,9 +147,19 @@ class RedisOp(msgspec.Struct, frozen=True, kw_only=True):
         **extra: object,
     ) -> RedisOp:
         """Copy with context fields added (values are stored as strings)."""
-        named = {"trace_id": trace_id, "user_uuid": user_uuid, "device_id": device_id}
-        added = {k: str(v) for k, v in itertools.chain(named.items(), extra.items()) if v is not None}
-        return msgspec.structs.replace(self, context=MappingProxyType({**self.context, **added}))
+        # Spelled out rather than looped over: a capture path calls this for every op.
+        added: dict[str, str] = {}
+        if trace_id is not None:
+            added["trace_id"] = str(trace_id)
+        if user_uuid is not None:
+            added["user_uuid"] = str(user_uuid)
+        if device_id is not None:
+            added["device_id"] = str(device_id)
+        for name, value in extra.items():
+            if value is not None:
+                added[name] = str(value)
+        context = {**self.context, **added} if self.context else added
+        return msgspec.structs.replace(self, context=MappingProxyType(context))
 
     def with_source(self, source: str) -> RedisOp:
         """Copy naming the code that issued the write, e.g. ``"UserRepo.delete"``."""
@@ -234,7 +246,7 @@ class RedisOp(msgspec.Struct, frozen=True, kw_only=True):
             return self.keys[0] if self.keys else None
         command = self.commands[0]
         # Names are upper case once built or decoded: a plain lookup is enough here.
-        return command[COMMANDS[command[0]].first_key]  # type: ignore[index]
+        return command[FIRST_KEY_AT[command[0]]]  # type: ignore[index]
 
 
 # -- validation helpers ------------------------------------------------------------------
@@ -242,6 +254,16 @@ class RedisOp(msgspec.Struct, frozen=True, kw_only=True):
 
 def _checked_args(values: Iterable[Any], what: str) -> tuple[Arg, ...]:
     """The arguments as a tuple, refusing what redis-py could not send either."""
+    given = tuple(values)
+    for value in given:
+        kind = type(value)
+        if not (kind is str or kind is int or kind is bytes or (kind is float and not math.isnan(value))):
+            return _converted_args(given, what)
+    return given  # the common case: nothing to convert, no copy
+
+
+def _converted_args(values: tuple[Any, ...], what: str) -> tuple[Arg, ...]:
+    """``values`` with buffers turned into bytes; :class:`EncodeError` naming the first bad one."""
     out: list[Arg] = []
     for value in values:
         kind = type(value)
@@ -262,6 +284,10 @@ def _new(kind: Kind, **fields: Any) -> RedisOp:
     return RedisOp(id=new_op_id(), kind=kind, created_at=time.time(), **fields)
 
 
+def _command_op(command: Command, now: float) -> RedisOp:
+    return RedisOp(id=new_op_id(), kind="command", created_at=now, commands=(command,))
+
+
 # -- absolute expiries -------------------------------------------------------------------
 
 
@@ -274,21 +300,33 @@ def _as_int(value: Arg, what: str) -> int:
         raise EncodeError(f"{what} must be an integer, got {value!r}") from None
 
 
+def _set_pxat(flag: str, amount: Arg, now_ms: int) -> Arg:
+    """The ``PXAT`` of a SET expiry given as ``flag`` (EX, PX, EXAT or PXAT) and its amount."""
+    if flag == "EX":
+        return now_ms + _as_int(amount, "SET EX") * 1000
+    if flag == "PX":
+        return now_ms + _as_int(amount, "SET PX")
+    if flag == "EXAT":
+        return _as_int(amount, "SET EXAT") * 1000
+    return amount
+
+
+_SET_RELATIVE = frozenset(("EX", "PX", "EXAT"))
+
+
 def _absolute_expiry(command: Command, now_ms: int) -> Command:
     """Rewrite a relative expiry into an absolute one, so late replays stay true."""
     name = command[0]
     if name == "SET":
+        if len(command) < 5:  # no option followed by an amount
+            return command
         head, options = command[:3], list(command[3:])
         for i, option in enumerate(options[:-1]):
             # Redis reads flags given as bytes as well: b"EX" must not stay relative.
             word = option.decode("latin-1") if isinstance(option, bytes) else option
             flag = word.upper() if isinstance(word, str) else None
-            if flag == "EX":
-                options[i : i + 2] = ["PXAT", now_ms + _as_int(options[i + 1], "SET EX") * 1000]
-            elif flag == "PX":
-                options[i : i + 2] = ["PXAT", now_ms + _as_int(options[i + 1], "SET PX")]
-            elif flag == "EXAT":
-                options[i : i + 2] = ["PXAT", _as_int(options[i + 1], "SET EXAT") * 1000]
+            if flag in _SET_RELATIVE:
+                options[i : i + 2] = ["PXAT", _set_pxat(flag, options[i + 1], now_ms)]
         return (*head, *options)
     if name == "SETEX":
         return ("SET", command[1], command[3], "PXAT", now_ms + _as_int(command[2], "SETEX seconds") * 1000)
@@ -307,9 +345,11 @@ _RELATIVE_EXPIRY = frozenset(("SET", "SETEX", "PSETEX", "EXPIRE", "PEXPIRE", "EX
 
 
 def _build_command(name: str, args: Iterable[Any], now: float) -> Command:
-    if not isinstance(name, str):
-        raise EncodeError(f"command name must be a str, got {type(name).__name__}")
-    spec = spec_for(name)
+    spec = COMMANDS.get(name) if type(name) is str else None  # the common case: an upper-case name
+    if spec is None:
+        if not isinstance(name, str):
+            raise EncodeError(f"command name must be a str, got {type(name).__name__}")
+        spec = spec_for(name)
     command: Command = (spec.name, *_checked_args(args, spec.name))
     if not spec.check_arity(len(command)):
         raise EncodeError(f"wrong number of arguments for {spec.name}: {len(command) - 1}")
@@ -329,9 +369,7 @@ def command(name: str, *args: Any) -> RedisOp:
     arguments or arity.
     """
     now = time.time()
-    return RedisOp(
-        id=new_op_id(), kind="command", created_at=now, commands=(_build_command(name, args, now),)
-    )
+    return _command_op(_build_command(name, args, now), now)
 
 
 def set(
@@ -352,16 +390,25 @@ def set(
     ``if_value=old`` guards the replay: it applies only while the key still holds ``old``
     (see :meth:`RedisOp.if_value`).
     """
-    if sum(x is not None for x in (ex, px, exat, pxat)) + keepttl > 1:
+    # Built straight into its final form (what command("SET", ...) would make of it):
+    # services build one of these for every failed write.
+    if (ex is not None) + (px is not None) + (exat is not None) + (pxat is not None) + keepttl > 1:
         raise EncodeError("SET takes at most one of ex, px, exat, pxat, keepttl")
     if nx and xx:
         raise EncodeError("SET takes nx or xx, not both")
-    options: list[Arg] = []
-    for flag, amount in (("EX", ex), ("PX", px), ("EXAT", exat), ("PXAT", pxat)):
-        if amount is not None:
-            options += [flag, amount]
-    options += ["NX"] * nx + ["XX"] * xx + ["KEEPTTL"] * keepttl
-    op = command("SET", key, value, *options)
+    now = time.time()
+    if ex is None and px is None and exat is None and pxat is None:
+        written: Command = ("SET", *_checked_args((key, value), "SET"))
+    else:
+        flag, amount = (
+            ("EX", ex) if ex is not None else ("PX", px) if px is not None
+            else ("EXAT", exat) if exat is not None else ("PXAT", pxat)
+        )
+        checked = _checked_args((key, value, amount), "SET")
+        written = ("SET", checked[0], checked[1], "PXAT", _set_pxat(flag, checked[2], int(now * 1000)))
+    if nx or xx or keepttl:
+        written += (*["NX"] * nx, *["XX"] * xx, *["KEEPTTL"] * keepttl)
+    op = _command_op(written, now)
     return op if if_value is None else op.if_value(if_value)
 
 

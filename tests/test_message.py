@@ -91,6 +91,34 @@ def test_infinite_floats_travel_as_tags_and_big_ints_as_json_numbers() -> None:
     assert message.decode(message.encode(big)).commands[0][2] == 2**100
 
 
+@FAST
+@given(ops())
+def test_encode_writes_exactly_the_op_document(op: builders.RedisOp) -> None:
+    assert message.encode(op) == message.dumps(message.op_document(op))
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        builders.set("k", "null").with_source("null").with_context(trace_id="null"),
+        builders.set(b"\x00k", b"\xff").if_value(b"old"),
+        builders.set("k", "v").if_value(float("inf")),
+        builders.hset("h", "f", 1.5).if_value(float("-inf"), field="f"),
+        builders.set("k", float("inf")),
+        builders.pipeline([builders.set("a", b"\x01"), builders.zadd("z", {"m": float("-inf")})], transaction=False),
+        builders.script("s", keys=[b"k", "j"], args=[float("inf"), 2**70, b""]),
+        builders.command("INCRBY", "k", 2**64).if_version(2**65, field="v"),
+        builders.delete("k").with_error(RuntimeError("null")).with_max_retries(0).with_deadline(5),
+    ],
+    ids=lambda op: f"{op.kind}-{op.commands[:1] or op.script}",
+)
+def test_encode_tags_bytes_and_infinities_wherever_they_are(op: builders.RedisOp) -> None:
+    raw = message.encode(op)
+    assert raw == message.dumps(message.op_document(op))
+    assert b"null" not in raw.replace(b'"null"', b"")  # no argument was written as JSON null
+    assert exact(message.decode(raw)) == exact(op)
+
+
 def test_unicode_survives_including_nul() -> None:
     op = builders.hset("h", "\x00é€😀", "\u2028\ufeff")
     assert message.decode(message.encode(op)) == op
@@ -527,6 +555,8 @@ def test_signer_refuses_no_keys_and_bad_key_ids() -> None:
         (builders.set(b"\xff\x00k", "v"), b"default\x00\xff\x00k"),
         (builders.set(42, "v"), b"default\x0042"),
         (builders.set("é", "v"), "default\x00é".encode()),
+        (builders.set("k\ud800", "v"), b"default\x00k\xed\xa0\x80"),  # a lone surrogate, as it is
+        (builders.set(1.5, "v"), b"default\x001.5"),
         (builders.set("k", "v").with_target("sessions"), b"sessions\x00k"),
         (builders.delete("a", "b"), b"default\x00a"),
         (builders.script("s", keys=["a", "b"]), b"default\x00a"),

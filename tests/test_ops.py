@@ -117,6 +117,46 @@ def test_relative_expiries_become_absolute(name: str, args: tuple[Any, ...], exp
     assert only(ops.command(name, *args)) == expected
 
 
+_SET_EXPIRIES: list[dict[str, Any]] = [
+    {}, {"ex": 10}, {"px": 1500}, {"exat": 1_800_000_000}, {"pxat": 1_800_000_000_123}, {"ex": "10"},
+    {"px": b"5"}, {"exat": 7.0}, {"pxat": 9.5}, {"ex": bytearray(b"3")}, {"keepttl": True},
+]
+_SET_FLAGS: list[dict[str, Any]] = [{}, {"nx": True}, {"xx": True}, {"nx": 2}]
+
+
+def _redis_py_options(options: dict[str, Any]) -> list[Any]:
+    """``ops.set``'s keyword options as the words a SET command carries, in its order."""
+    words: list[Any] = []
+    for name in ("ex", "px", "exat", "pxat"):
+        if name in options:
+            words += [name.upper(), options[name]]
+    for name in ("nx", "xx", "keepttl"):
+        words += [name.upper()] * options.get(name, 0)
+    return words
+
+
+@pytest.mark.parametrize("expiry", _SET_EXPIRIES)
+@pytest.mark.parametrize("flags", _SET_FLAGS)
+@pytest.mark.parametrize(("key", "value"), [("k", "v"), (b"\xff", bytearray(b"v")), (1, 2.5), ("k", "EX")])
+def test_set_builds_what_the_set_command_builds(expiry: dict[str, Any], flags: dict[str, Any], key: Any,
+                                                value: Any) -> None:
+    options = {**expiry, **flags}
+    op = ops.set(key, value, **options)
+    assert only(op) == only(ops.command("SET", key, value, *_redis_py_options(options)))
+    assert op.created_at == NOW
+
+
+@pytest.mark.parametrize(
+    "options", [{"ex": 1.5}, {"px": "soon"}, {"exat": math.nan}, {"pxat": True}, {"ex": None, "px": [1]}]
+)
+def test_set_refuses_a_bad_expiry_as_the_set_command_does(options: dict[str, Any]) -> None:
+    with pytest.raises(EncodeError) as built:
+        ops.set("k", "v", **options)
+    with pytest.raises(EncodeError) as commanded:
+        ops.command("SET", "k", "v", *_redis_py_options({k: v for k, v in options.items() if v is not None}))
+    assert str(built.value) == str(commanded.value)
+
+
 def test_expiry_is_taken_at_capture_time(monkeypatch: pytest.MonkeyPatch) -> None:
     first = ops.expire("k", 60)
     monkeypatch.setattr(ops, "time", types.SimpleNamespace(time=lambda: NOW + 30))

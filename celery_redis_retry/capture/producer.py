@@ -138,6 +138,10 @@ class RetryProducer:
     ) -> None:
         self.settings = settings
         self.durable = settings.durable_publish
+        # What publish() reads of the settings for every op, taken once (settings are frozen).
+        self._check_op = settings.check_op
+        self._topic = settings.topic
+        self._max_message_bytes = settings.max_message_bytes
         self.spool = spool or Spool(settings.spool_path, max_bytes=settings.spool_max_bytes, fsync=self.durable)
         self.stats = ProducerStats()
         self._signer = settings.signer
@@ -207,47 +211,51 @@ class RetryProducer:
         :class:`~celery_redis_retry.errors.SpoolFullError` when Kafka cannot take it
         and the spool is full.
         """
-        settings = self.settings
-        settings.check_op(op)
+        self._check_op(op)
         raw = encode(op, self._signer)
-        if len(raw) > settings.max_message_bytes:
+        if len(raw) > self._max_message_bytes:
             raise EncodeError(
                 f"op {op.id} encodes to {len(raw)} bytes, over redis_retry_max_message_bytes "
-                f"({settings.max_message_bytes})"
+                f"({self._max_message_bytes})"
             )
         key = message_key(op)
-        if self.durable:
-            self._send_durable(settings.topic, key, raw)
+        state = self._state or self._live_state()
+        if state is None or state.diverting or self.durable:
+            self._send_elsewhere(state, key, raw)
         else:
-            self._send(settings.topic, key, raw)
+            # The common case, spelled out here because every op passes: librdkafka takes
+            # it. acquire()/release() rather than a with block: it costs half as much.
+            lock = state.send_lock
+            lock.acquire()
+            try:
+                if state.closed:
+                    reason: str | None = "shutting_down"
+                else:
+                    try:
+                        state.producer.produce(self._topic, raw, key)
+                        reason = None
+                    except BufferError:
+                        logger.warning("librdkafka's queue is full (%d messages): spooling", len(state.producer))
+                        state.diverting = True
+                        reason = "queue_full"
+                    except kafka.KafkaException as exc:
+                        logger.error("Kafka producer refused a message (%s): spooling", exc)
+                        state.diverting = True
+                        state.fatal = state.fatal or exc.args[0].fatal()
+                        reason = "producer_error"
+            finally:
+                lock.release()
+            if reason is not None:
+                self._to_spool([(self._topic, key, raw)], reason)
         self.stats.published += 1
         return op.id
 
-    def _send(self, topic: str, key: bytes, value: bytes) -> None:
-        state = self._live_state()
-        if state is None:
-            self._to_spool([(topic, key, value)], "shutting_down")
-            return
-        if state.diverting:
-            self._to_spool([(topic, key, value)], "kafka_unavailable")
-            return
-        with state.send_lock:
-            if state.closed:
-                reason = "shutting_down"
-            else:
-                try:
-                    state.producer.produce(topic, value, key)
-                    return
-                except BufferError:
-                    logger.warning("librdkafka's queue is full (%d messages): spooling", len(state.producer))
-                    state.diverting = True
-                    reason = "queue_full"
-                except kafka.KafkaException as exc:
-                    logger.error("Kafka producer refused a message (%s): spooling", exc)
-                    state.diverting = True
-                    state.fatal = state.fatal or exc.args[0].fatal()
-                    reason = "producer_error"
-        self._to_spool([(topic, key, value)], reason)
+    def _send_elsewhere(self, state: _ProcessState | None, key: bytes, value: bytes) -> None:
+        """Durable mode, or the process is shutting down (``state`` None), or Kafka cannot take ops now."""
+        if self.durable:
+            self._send_durable(self._topic, key, value)
+        else:
+            self._to_spool([(self._topic, key, value)], "shutting_down" if state is None else "kafka_unavailable")
 
     def _send_durable(self, topic: str, key: bytes, value: bytes) -> None:
         state = self._live_state()
