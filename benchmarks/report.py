@@ -68,26 +68,11 @@ def load_results(folder: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _publish_summary(document: dict[str, Any]) -> list[dict[str, Any]]:
-    # bench_publish predates the "summary" convention: derive its rows.
-    median = document["median_round"]
-    publish, raw = median["publish"], median["raw produce"]
-    goals = document.get("goals", {})
-    return [{
-        "what": "RetryProducer.publish latency p50", "unit": "us", "project": publish["p50"], "raw": raw["p50"],
-        "raw_what": "confluent-kafka produce()", "ratio": publish["p50"] / raw["p50"],
-        "goal": "<= 10 us and <= raw + 5 us", "met": all(goals.values()) if goals else None,
-    }]
-
-
 def summary_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
     rows: list[list[Any]] = []
     for name in _ordered(results):
         document = results[name]
-        entries = document.get("summary")
-        if entries is None and name == "bench_publish":
-            entries = _publish_summary(document)
-        for entry in entries or []:
+        for entry in document.get("summary") or []:
             met = entry.get("met")
             rows.append([
                 name, entry["what"], _number(entry.get("project")), _number(entry.get("raw")),
