@@ -40,8 +40,12 @@ from .workload import AppliedTracker, Backlog, raw_pipelined, seed, target_names
 
 #: The raw baseline's redis-py pipelines hold this many commands.
 RAW_PIPELINE = 1000
-#: "Flat after warm-up": RSS after the first applied op stays within this many % of it.
+#: "Flat after warm-up": RSS after warm-up stays within this many % of it.
 RSS_GOAL_PCT = 10.0
+#: Warm-up ends once this share of the backlog is applied: by then Kafka's prefetch, the
+#: bridge's ops in flight, the Celery queue and the worker's prefetch have filled, and what
+#: grows after it is what would keep growing.
+WARM_SHARE = 0.2
 POLL_INTERVAL = 0.1
 #: The secret of ``redis_retry_signing_keys`` when a point signs its messages.
 SIGNING_KEY = "bench-signing-key-0123456789abcdef"
@@ -271,6 +275,7 @@ def _wait_applied(
     """Poll until every op is applied: progress once a second, (time, count) of the first applied, the end."""
     progress: list[dict[str, Any]] = []
     first: tuple[float, int] | None = None
+    warm = False
     next_progress = 0.0
     deadline = time.monotonic() + timeout
     while True:
@@ -278,6 +283,8 @@ def _wait_applied(
         now = time.perf_counter()
         if applied and first is None:
             first = (now, applied)
+        if not warm and applied >= WARM_SHARE * tracker.total:
+            warm = True
             sampler.mark_warm()
         if now >= next_progress or tracker.done:
             progress.append({"t": round(now - launched, 2), "applied": applied,

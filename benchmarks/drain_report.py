@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .curves import Planned, costs, describe_point
-from .drain_point import PROCESSES, RAW_PIPELINE, RSS_GOAL_PCT, Point
+from .drain_point import PROCESSES, RAW_PIPELINE, RSS_GOAL_PCT, WARM_SHARE, Point
 from .machine import code_under_test, describe_code, describe_machine, machine, server_versions
 from .output import markdown_table
 from .stack import kafka_description
@@ -18,7 +18,8 @@ from .workload import DEFAULT_MIX, describe_mix
 
 #: The drain goal at the package defaults: this share of raw redis-py's rate, first to last applied.
 DRAIN_GOAL = 0.5
-#: The drain rate at 1M ops stays within this share of the rate at 100k.
+#: The drain rate at 1M ops is at most this share below the rate at 100k (a backlog ten
+#: times larger must not drain slower per op).
 SIZE_GOAL = 0.10
 #: The package defaults, as a point (its ``ops`` is set to each run's).
 DEFAULT_POINT = Point(ops=100_000, mix=DEFAULT_MIX)
@@ -44,7 +45,8 @@ def build(name: str, title: str, kind: str, base: Point, *, runs: list[tuple[Pla
                         "ops/s from launch", "ops/s first to last", "raw ops/s", "/ raw", "Celery queue peak"],
                        [_row(kind, p, r) for p, r in runs]),
         "",
-        f"Memory (VmRSS, MiB) at warm-up (the first op applied), peak, and late growth (the second half's peak over "
+        f"Memory (VmRSS, MiB) at warm-up ({100 * WARM_SHARE:g}% of the backlog applied: buffers have filled), peak, "
+        "and late growth (the second half's peak over "
         f"the first half's, %); flat: every process stayed within {RSS_GOAL_PCT:g}% of its warm-up RSS:",
         "",
         markdown_table(["drain", "Kafka", *(f"{p} {what}" for p in PROCESSES for what in ("warm", "peak", "late %")),
@@ -110,7 +112,7 @@ def _summary(title: str, kind: str, runs: list[tuple[Planned, dict[str, Any]]],
          "ratio": slowest[1]["ratio"], "goal": "all applied", "met": all(r["all_applied"] for _, r in runs)},
         {"what": f"RSS growth after warm-up, {title}, {kind} Kafka: bridge, worker main and child at every point "
                  "(worst)", "unit": "%", "project": worst, "raw": None, "raw_what": None, "ratio": None,
-         "goal": f"<= {RSS_GOAL_PCT:g}% after the first op applied",
+         "goal": f"<= {RSS_GOAL_PCT:g}% after warm-up ({100 * WARM_SHARE:g}% applied)",
          "met": all(r["flat"].startswith("met") for _, r in runs)},
     ]
     defaults = [r for p, r in runs if p.point.with_(ops=DEFAULT_POINT.ops) == DEFAULT_POINT]
@@ -126,8 +128,8 @@ def _summary(title: str, kind: str, runs: list[tuple[Planned, dict[str, Any]]],
         small, large = by_size[100_000]["ops_s_first_to_last"], by_size[1_000_000]["ops_s_first_to_last"]
         rows.append({"what": f"drain rate at 1M ops vs at 100k ops, first to last applied, {kind} Kafka",
                      "unit": "ops/s", "project": large, "raw": small, "raw_what": "the same drain of 100k ops",
-                     "ratio": large / small, "goal": f"within {100 * SIZE_GOAL:g}%",
-                     "met": abs(1 - large / small) <= SIZE_GOAL})
+                     "ratio": large / small, "goal": f"no more than {100 * SIZE_GOAL:g}% slower",
+                     "met": large / small >= 1 - SIZE_GOAL})
     for cost in cost_rows:
         judged = cost.get("judged", "cost_pct")
         on, off = (("on_publish_s", "off_publish_s") if judged == "publish_cost_pct" else

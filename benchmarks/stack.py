@@ -128,17 +128,6 @@ def redis_server() -> Iterator[Any]:
         yield server
 
 
-def keys_applied(client: Any, expected: int, pattern: str) -> int:
-    """Data keys in the target: DBSIZE while it is below ``expected`` (cheap), then a SCAN of ``pattern``.
-
-    A replay also records a write stamp beside each key it writes (``crr:{<key>}:w``), so
-    DBSIZE counts up to twice the data keys: below ``expected`` it is an upper bound, good
-    for progress; only the SCAN says the work is done.
-    """
-    size = int(client.dbsize())
-    if size < expected:
-        return size
-    return sum(1 for _ in client.scan_iter(match=pattern, count=10_000))
 
 
 def rabbitmq_reachable(url: str = RABBITMQ_URL) -> str | None:
