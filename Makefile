@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-## chaos: the extended scenarios (`-m extended`, ~4 minutes), then the long chaos profile: >= 104 faults
+## chaos: the extended scenarios (`-m extended`, ~6 minutes), then the long chaos profile: >= 104 faults
 ## of 13 kinds, >= 200,000 writes, every one accounted for (45-60 minutes on two cores; stops by itself).
 ## Report: .chaos/long/chaos-report.md and .json
 CHAOS_SEED ?= random

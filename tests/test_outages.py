@@ -121,6 +121,7 @@ def _applied(r: redis.Redis, keys: list[str], expected: list[bytes]) -> bool:
 # -- 1. a long outage, default settings --------------------------------------------------------
 
 
+@pytest.mark.extended  # the chaos run's kill_target plays this fault with full accounting in make test
 def test_a_120_s_outage_at_default_settings_kills_no_op(make_loop: Callable[..., LoopStack]) -> None:
     stack = make_loop(**DEFAULTS)
     stack.start_worker(concurrency=2)
