@@ -1,13 +1,14 @@
 -- Replay an op at most once, if its guard holds, and only where no newer write is
 -- stamped (celery_redis_retry). This file defines apply_once(KEYS, ARGV) for one op;
--- apply_batch.lua, appended to it, runs it for each op of a batch in one script call. The stamps are written by write_stamped.lua, which sends
--- the application's own writes, and by this script for what it applies.
+-- apply_batch.lua, appended to it, runs it for each op of a batch in one script call.
+-- The stamps are written by write_stamped.lua, which sends the application's own
+-- writes, and by this script for what it applies.
 --
--- The op's KEYS and ARGV:
+-- The op's KEYS and ARGV (its own, not the script call's):
 -- KEYS[1]   the op's dedupe marker (any key of the slot when ARGV[1] is 0: no marker)
 -- KEYS[2]   the guard's key (KEYS[1] again when the op has no guard)
--- KEYS[3..] the write-stamp keys, then the op's own keys, all declared so that Redis
---           Cluster routes the script to their slot (the marker, guard and stamps share it)
+-- KEYS[3..] the write-stamp keys, then the op's own keys; the marker, guard and stamps
+--           share the op's Redis Cluster slot, and so do all the ops of one script call
 -- ARGV[1]   marker TTL in milliseconds, 0 for no marker
 -- ARGV[2]   guard kind: '' (none), 'value', 'absent' or 'version'
 -- ARGV[3]   guard hash field, '' to guard the key itself
