@@ -34,6 +34,7 @@ def test_a_name_that_cannot_be_an_instance_id_is_refused_naming_it(name: str) ->
         static_membership({}, name)
 
 
+@pytest.mark.slow
 def test_a_named_bridge_joins_as_that_static_member_and_hands_ops_over(make_loop: Callable[..., LoopStack]) -> None:
     stack = make_loop()
     stack.publish_all([ops.set("static:1", "v")])
@@ -43,6 +44,7 @@ def test_a_named_bridge_joins_as_that_static_member_and_hands_ops_over(make_loop
     stack.wait_for(lambda: stack.client().get("static:1") == b"v", 60, "the op applied")
 
 
+@pytest.mark.slow
 def test_the_bridge_refuses_a_bad_name_with_the_configuration_exit_code(make_loop: Callable[..., LoopStack]) -> None:
     stack = make_loop()
     result = stack.cli("redis-retry", "bridge", "--name", "no spaces please")

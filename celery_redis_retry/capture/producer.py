@@ -224,10 +224,9 @@ class RetryProducer:
             self._send_elsewhere(state, key, raw)
         else:
             # The common case, spelled out here because every op passes: librdkafka takes
-            # it. acquire()/release() rather than a with block: it costs half as much.
-            lock = state.send_lock
-            lock.acquire()
-            try:
+            # it. A with block, not acquire()/try: a Ctrl-C landing between acquire() and
+            # try would leave the lock held, and the exit's flush would wait on it forever.
+            with state.send_lock:
                 if state.closed:
                     reason: str | None = "shutting_down"
                 else:
@@ -243,8 +242,6 @@ class RetryProducer:
                         state.diverting = True
                         state.fatal = state.fatal or exc.args[0].fatal()
                         reason = "producer_error"
-            finally:
-                lock.release()
             if reason is not None:
                 self._to_spool([(self._topic, key, raw)], reason)
         self.stats.published += 1
