@@ -46,7 +46,7 @@ CANARY = "canary:before-the-run"
 #: write_stamped.lua, the registered test scripts).
 PLUMBING = (
     "ping", "role", "client|setname", "evalsha", "script|load", "script|exists",
-    "exists", "hexists", "get", "hget", "hlen", "time",
+    "exists", "hexists", "get", "hget", "hmget", "hlen", "time",
 )
 
 #: Commands a hostile message might have reached Redis with, as ``INFO commandstats`` names them.

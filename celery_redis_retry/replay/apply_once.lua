@@ -33,62 +33,115 @@
 -- newer write to what it overwrites; a write that builds on the value (INCRBY, LPUSH)
 -- only by a newer overwrite, so increments made before and after an outage all count.
 -- The helpers are made once per script call, not per op: they read the op's stamp here.
+-- Each stamp unit reads every stamp it needs in one HMGET (unit.seen) and writes what it
+-- raises in one HSET, so a plain op costs five calls: SET NX of its marker, HMGET, the
+-- command, HSET and PEXPIRE of its stamps.
 local stamp, stamp_arg, stamp_ttl
 
-local function newer(key, name)
-  local seen = redis.call('HGET', key, name)
-  return seen and tonumber(seen) > stamp
+-- The stamps a unit's decision and record need: '=' and '+' of the whole key, and of
+-- its field or member when it has one.
+local function read_stamps(unit)
+  local name = unit.name
+  if name == '' then
+    local values = redis.call('HMGET', unit.key, '=', '+')
+    unit.seen = { ['='] = tonumber(values[1] or nil), ['+'] = tonumber(values[2] or nil) }
+  else
+    local values = redis.call('HMGET', unit.key, '=', '+', '=' .. name, '+' .. name)
+    unit.seen = { ['='] = tonumber(values[1] or nil), ['+'] = tonumber(values[2] or nil),
+                  ['=' .. name] = tonumber(values[3] or nil), ['+' .. name] = tonumber(values[4] or nil) }
+  end
+end
+
+local function newer(unit, name)
+  local seen = unit.seen[name]
+  return seen ~= nil and seen > stamp
 end
 
 local function superseded(unit, write_kind)
-  if unit.name ~= '' and newer(unit.key, '=') then return true end
-  if write_kind == '=' then return newer(unit.key, '+' .. unit.name) end
-  return newer(unit.key, '=' .. unit.name)
+  read_stamps(unit)
+  if unit.name ~= '' and newer(unit, '=') then return true end
+  if write_kind == '=' then return newer(unit, '+' .. unit.name) end
+  return newer(unit, '=' .. unit.name)
 end
 
-local function raise(key, name)
-  local seen = redis.call('HGET', key, name)
-  if not seen or tonumber(seen) < stamp then redis.call('HSET', key, name, stamp_arg) end
-end
-
+-- Stamps read before this op's own earlier commands wrote theirs can only be older than
+-- or equal to the op's stamp, so deciding from them raises nothing a fresh read would not.
 local function record(unit, write_kind)
-  if unit.name == '' and write_kind == '=' and not newer(unit.key, '+') then
+  if unit.name == '' and write_kind == '=' and not newer(unit, '+') then
     -- A whole-key overwrite makes every older field stamp meaningless: start afresh.
     redis.call('DEL', unit.key)
     redis.call('HSET', unit.key, '=', stamp_arg, '+', stamp_arg)
   else
-    raise(unit.key, '+' .. unit.name)
-    if write_kind == '=' then raise(unit.key, '=' .. unit.name) end
-    if unit.name ~= '' then raise(unit.key, '+') end
+    local raised = {}
+    local function raise(name)
+      local seen = unit.seen[name]
+      if not seen or seen < stamp then
+        raised[#raised + 1] = name
+        raised[#raised + 1] = stamp_arg
+      end
+    end
+    raise('+' .. unit.name)
+    if write_kind == '=' then raise('=' .. unit.name) end
+    if unit.name ~= '' then raise('+') end
+    if #raised > 0 then redis.call('HSET', unit.key, unpack(raised)) end
   end
   redis.call('PEXPIRE', unit.key, stamp_ttl)
 end
 
-local function apply_once(KEYS, ARGV)
-  local marker_ttl, kind, field, condition = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
-  local mode = ARGV[5]
-  stamp_arg, stamp_ttl = ARGV[6], ARGV[7]
-  stamp = tonumber(stamp_arg)
-
-  if marker_ttl > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
-    return {0}
+-- A command's result for apply_once, once it ran: 1, or its error. What it wrote is
+-- stamped; SET NX/XX that did not set, SETNX, HSETNX... that found the key wrote nothing.
+local function ran(reply, name, units, write_kind)
+  local failed = type(reply) == 'table' and reply.err
+  if failed then return reply.err end
+  local unwritten = reply == false or (reply == 0 and string.sub(name, -2) == 'NX')
+  if not unwritten and stamp then
+    for _, unit in ipairs(units) do record(unit, write_kind) end
   end
+  return 1
+end
+
+-- The common op: one command, no guard, and at most one stamp unit, which covers the
+-- whole command. Same rules and replies as the general path below, without building
+-- its tables (they were half of a replay's time in Redis).
+local function apply_plain(KEYS, ARGV, marked)
+  local units, items_at = {}, 12
+  if tonumber(ARGV[11]) == 1 then
+    items_at = 16
+    if stamp then
+      units[1] = { key = KEYS[tonumber(ARGV[12])], name = ARGV[13] }
+      local read, stale = pcall(superseded, units[1], ARGV[10])
+      if not read or stale then
+        if marked then redis.call('DEL', KEYS[1]) end
+        if not read then error(stale) end
+        return {2}
+      end
+    end
+  end
+  local reply = redis.pcall(unpack(ARGV, items_at, items_at + tonumber(ARGV[9]) - 1))
+  return {1, ran(reply, ARGV[items_at], units, ARGV[10])}
+end
+
+-- What runs: {reply = r} when nothing does (r is what apply_once returns), else the
+-- commands and, per command, the items and stamp units that still run. Reads only.
+local function decide(KEYS, ARGV)
+  local kind, field, condition, mode = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 
   if kind == 'absent' then
     local present
     if field == '' then present = redis.call('EXISTS', KEYS[2]) else present = redis.call('HEXISTS', KEYS[2], field) end
-    if present == 1 then return {2} end
+    if present == 1 then return {reply = {2}} end
   elseif kind ~= '' then
     local current
     if field == '' then current = redis.call('GET', KEYS[2]) else current = redis.call('HGET', KEYS[2], field) end
     if kind == 'value' then
-      if current ~= condition then return {2} end
+      if current ~= condition then return {reply = {2}} end
     elseif current then
       local stored = tonumber(current)
       if not stored then
-        return redis.error_reply('ERR celery_redis_retry version guard: ' .. KEYS[2] .. ' does not hold a number')
+        return {reply = redis.error_reply('ERR celery_redis_retry version guard: ' .. KEYS[2]
+                                          .. ' does not hold a number')}
       end
-      if stored >= tonumber(condition) then return {2} end
+      if stored >= tonumber(condition) then return {reply = {2}} end
     end
   end
 
@@ -134,14 +187,36 @@ local function apply_once(KEYS, ARGV)
     runs[i] = keep
   end
 
-  if not any_runs then return {2} end
+  if not any_runs then return {reply = {2}} end
   if mode == 't' then
     for i = 1, #commands do
-      if not runs[i] then return {2} end
+      if not runs[i] then return {reply = {2}} end
     end
   end
+  return {commands = commands, runs = runs}
+end
 
-  if marker_ttl > 0 then redis.call('SET', KEYS[1], '1', 'PX', marker_ttl) end
+local function apply_once(KEYS, ARGV)
+  local marker_ttl, kind, field, condition = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+  stamp_arg, stamp_ttl = ARGV[6], ARGV[7]
+  stamp = tonumber(stamp_arg)
+
+  -- The marker is taken first, in the call that also tells whether it was there; an op
+  -- that then runs nothing (or meets an error before any command) gives it back, so the
+  -- marker exists exactly when the op's commands ran.
+  local marked = marker_ttl > 0
+  if marked and not redis.call('SET', KEYS[1], '1', 'NX', 'PX', marker_ttl) then return {0} end
+  local units = tonumber(ARGV[11])
+  if kind == '' and tonumber(ARGV[8]) == 1 and (units == 0 or (units == 1 and tonumber(ARGV[14]) == 0)) then
+    return apply_plain(KEYS, ARGV, marked)
+  end
+  local read, decision = pcall(decide, KEYS, ARGV)
+  if not read or decision.reply then
+    if marked then redis.call('DEL', KEYS[1]) end
+    if not read then error(decision) end
+    return decision.reply
+  end
+  local commands, runs = decision.commands, decision.runs
 
   local results = {1}
   for i, command in ipairs(commands) do
@@ -158,14 +233,7 @@ local function apply_once(KEYS, ARGV)
           if not keep.dropped[p] then items[#items + 1] = ARGV[command.first + p - 1] end
         end
       end
-      local reply = redis.pcall(unpack(items))
-      local failed = type(reply) == 'table' and reply.err
-      -- SET NX/XX that did not set, SETNX, HSETNX... that found the key: nothing was written.
-      local unwritten = reply == false or (reply == 0 and string.sub(items[1], -2) == 'NX')
-      if not failed and not unwritten and stamp then
-        for _, unit in ipairs(keep.units) do record(unit, command.kind) end
-      end
-      results[#results + 1] = failed and reply.err or 1
+      results[#results + 1] = ran(redis.pcall(unpack(items)), items[1], keep.units, command.kind)
     end
   end
 
