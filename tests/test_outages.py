@@ -254,7 +254,9 @@ def _one_target_down(make_loop: Callable[..., LoopStack], other: RedisServer) ->
     with stack.client() as r:
         r.set("a:string", "not a list")
 
-    def phase(name: str, seconds: float, rate: float = 40.0) -> list[RedisOp]:
+    rate = 80.0  # ops/s to each target: enough samples for a p99 in phases of seconds
+
+    def phase(name: str, seconds: float) -> list[RedisOp]:
         """Publish to both targets at ``rate`` ops/s each; return the healthy target's ops."""
         healthy: list[RedisOp] = []
         begun = time.monotonic()
@@ -273,20 +275,20 @@ def _one_target_down(make_loop: Callable[..., LoopStack], other: RedisServer) ->
             stack.wait_for(lambda: all(v is not None for v in r.mget(keys)), 60, "the healthy target's ops applied")
             return [float(v) - op.created_at for v, op in zip(r.mget(keys), healthy, strict=True)]
 
-    both_up = latencies(phase("up", 20))
+    both_up = latencies(phase("up", 10))
     other.kill()
     wrong_type = ops.lpush("a:string", "x")
     short_lived = ops.set("b:deadline", "v").with_target("b").with_deadline(20)
     phase("warmup", 3)  # the circuit opens in the first second: not measured
     stack.publish_all([wrong_type, short_lived])
-    during = phase("down", 55)
+    during = phase("down", 25)  # past the op's 20 s deadline and far past the 7 s of its retries
     [letter] = stack.dead_letters(count=1, timeout=10, idle=0.5)
     dead_after = letter.last_failure_at - wrong_type.created_at  # when the worker wrote its record
     one_down = latencies(during)
 
     other.start()
     with other.client() as b:
-        stack.wait_for(lambda: data_keys(b) >= (20 + 3 + 55) * 40, 120, "the other target's ops applied after it")
+        stack.wait_for(lambda: data_keys(b) >= (10 + 3 + 25) * rate, 120, "the other target's ops applied after it")
         time.sleep(2)
         assert b.get("b:deadline") is None, "an op past its deadline was applied"
     stack.wait_for(lambda: stack.bridge_log_count(rf"op {short_lived.id} expired") == 1, 30,
