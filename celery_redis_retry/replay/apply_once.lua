@@ -38,54 +38,123 @@
 -- command, HSET and PEXPIRE of its stamps.
 local stamp, stamp_arg, stamp_ttl
 
--- The stamps a unit's decision and record need: '=' and '+' of the whole key, and of
--- its field or member when it has one.
-local function read_stamps(unit)
-  local name = unit.name
-  if name == '' then
-    local values = redis.call('HMGET', unit.key, '=', '+')
-    unit.seen = { ['='] = tonumber(values[1] or nil), ['+'] = tonumber(values[2] or nil) }
+-- A stamp read from Redis: a number, or nil when there is none.
+local function stamp_of(value)
+  if value then return tonumber(value) end
+  return nil
+end
+
+-- Read the stamps of the units of one stamp key (`group`) in one HMGET: '=' and '+' of
+-- the whole key (unit.key_eq, unit.key_plus), and of the unit's field or member when it
+-- has one (unit.eq, unit.plus; else the whole key's).
+local function read_group(key, group)
+  local values
+  if #group == 1 and group[1].name == '' then
+    values = redis.call('HMGET', key, '=', '+')
   else
-    local values = redis.call('HMGET', unit.key, '=', '+', '=' .. name, '+' .. name)
-    unit.seen = { ['='] = tonumber(values[1] or nil), ['+'] = tonumber(values[2] or nil),
-                  ['=' .. name] = tonumber(values[3] or nil), ['+' .. name] = tonumber(values[4] or nil) }
+    local names = {'=', '+'}
+    for _, unit in ipairs(group) do
+      if unit.name ~= '' then
+        names[#names + 1] = unit.eq_name
+        names[#names + 1] = unit.plus_name
+      end
+    end
+    values = redis.call('HMGET', key, unpack(names))
+  end
+  local key_eq, key_plus, at = stamp_of(values[1]), stamp_of(values[2]), 3
+  for _, unit in ipairs(group) do
+    unit.key_eq, unit.key_plus, unit.eq, unit.plus = key_eq, key_plus, key_eq, key_plus
+    if unit.name ~= '' then
+      unit.eq, unit.plus = stamp_of(values[at]), stamp_of(values[at + 1])
+      at = at + 2
+    end
   end
 end
 
-local function newer(unit, name)
-  local seen = unit.seen[name]
+-- Units by stamp key: the keys in order, and each key's units.
+local function by_key(units)
+  local groups, keys = {}, {}
+  for _, unit in ipairs(units) do
+    local group = groups[unit.key]
+    if not group then
+      group = {}
+      groups[unit.key] = group
+      keys[#keys + 1] = unit.key
+    end
+    group[#group + 1] = unit
+  end
+  return keys, groups
+end
+
+-- Read the stamps the decisions and records of a command's units need: one HMGET per
+-- stamp key (a command of many fields, like HSET, has one stamp key for all of them).
+local function read_stamps(units)
+  for _, unit in ipairs(units) do
+    if unit.name == '' then
+      unit.eq_name, unit.plus_name = '=', '+'
+    else
+      unit.eq_name, unit.plus_name = '=' .. unit.name, '+' .. unit.name
+    end
+  end
+  if #units == 1 then return read_group(units[1].key, units) end
+  local keys, groups = by_key(units)
+  for _, key in ipairs(keys) do read_group(key, groups[key]) end
+end
+
+local function newer(seen)
   return seen ~= nil and seen > stamp
 end
 
-local function superseded(unit, write_kind)
-  read_stamps(unit)
-  if unit.name ~= '' and newer(unit, '=') then return true end
-  if write_kind == '=' then return newer(unit, '+' .. unit.name) end
-  return newer(unit, '=' .. unit.name)
+local function older(seen)
+  return seen == nil or seen < stamp
 end
 
--- Stamps read before this op's own earlier commands wrote theirs can only be older than
--- or equal to the op's stamp, so deciding from them raises nothing a fresh read would not.
-local function record(unit, write_kind)
-  if unit.name == '' and write_kind == '=' and not newer(unit, '+') then
+-- Whether a newer write supersedes the unit (its stamps are read already).
+local function superseded(unit, write_kind)
+  if unit.name ~= '' and newer(unit.key_eq) then return true end
+  if write_kind == '=' then return newer(unit.plus) end
+  return newer(unit.eq)
+end
+
+local function raise(fields, name)
+  fields[#fields + 1] = name
+  fields[#fields + 1] = stamp_arg
+end
+
+-- Raise the stamps of the units of one stamp key (`group`) that a command wrote: one
+-- HSET and one PEXPIRE. Stamps read before this op's own earlier commands wrote theirs
+-- can only be older than or equal to the op's stamp, so deciding from them raises
+-- nothing a fresh read would not.
+local function record_group(key, group, write_kind)
+  local unit = group[1]
+  if #group == 1 and unit.name == '' and write_kind == '=' and not newer(unit.key_plus) then
     -- A whole-key overwrite makes every older field stamp meaningless: start afresh.
-    redis.call('DEL', unit.key)
-    redis.call('HSET', unit.key, '=', stamp_arg, '+', stamp_arg)
-  else
-    local raised = {}
-    local function raise(name)
-      local seen = unit.seen[name]
-      if not seen or seen < stamp then
-        raised[#raised + 1] = name
-        raised[#raised + 1] = stamp_arg
-      end
-    end
-    raise('+' .. unit.name)
-    if write_kind == '=' then raise('=' .. unit.name) end
-    if unit.name ~= '' then raise('+') end
-    if #raised > 0 then redis.call('HSET', unit.key, unpack(raised)) end
+    redis.call('DEL', key)
+    redis.call('HSET', key, '=', stamp_arg, '+', stamp_arg)
+    redis.call('PEXPIRE', key, stamp_ttl)
+    return
   end
-  redis.call('PEXPIRE', unit.key, stamp_ttl)
+  local fields = {}
+  for _, unit in ipairs(group) do
+    if unit.name == '' and write_kind == '=' and not newer(unit.key_plus) then
+      -- The same, for a key a command names more than once (MSET k 1 k 2).
+      redis.call('DEL', key)
+      raise(fields, '=')
+      raise(fields, '+')
+    else
+      if older(unit.plus) then raise(fields, unit.plus_name) end
+      if write_kind == '=' and older(unit.eq) then raise(fields, unit.eq_name) end
+      if unit.name ~= '' and older(unit.key_plus) then raise(fields, '+') end
+    end
+  end
+  if #fields > 0 then redis.call('HSET', key, unpack(fields)) end
+  redis.call('PEXPIRE', key, stamp_ttl)
+end
+
+local function record(units, write_kind)
+  if #units == 1 then return record_group(units[1].key, units, write_kind) end
+  local keys, groups = by_key(units)
+  for _, key in ipairs(keys) do record_group(key, groups[key], write_kind) end
 end
 
 -- A command's result for apply_once, once it ran: 1, or its error. What it wrote is
@@ -95,7 +164,7 @@ local function ran(reply, name, units, write_kind)
   if failed then return reply.err end
   local unwritten = reply == false or (reply == 0 and string.sub(name, -2) == 'NX')
   if not unwritten and stamp then
-    for _, unit in ipairs(units) do record(unit, write_kind) end
+    record(units, write_kind)
   end
   return 1
 end
@@ -109,10 +178,11 @@ local function apply_plain(KEYS, ARGV, marked)
     items_at = 16
     if stamp then
       units[1] = { key = KEYS[tonumber(ARGV[12])], name = ARGV[13] }
-      local read, stale = pcall(superseded, units[1], ARGV[10])
+      local read, failure = pcall(read_stamps, units)
+      local stale = read and superseded(units[1], ARGV[10])
       if not read or stale then
         if marked then redis.call('DEL', KEYS[1]) end
-        if not read then error(stale) end
+        if not read then error(failure) end
         return {2}
       end
     end
@@ -164,6 +234,7 @@ local function decide(KEYS, ARGV)
   -- Decide, per command, which items still run: all, some (fields superseded), or none.
   local runs, any_runs = {}, false
   for i, command in ipairs(commands) do
+    if stamp then read_stamps(command.units) end
     local keep = { units = {}, dropped = {} }
     local whole_superseded, partial_left = false, false
     for _, unit in ipairs(command.units) do
