@@ -134,7 +134,7 @@ local function record_group(key, group, write_kind)
     redis.call('PEXPIRE', key, stamp_ttl)
     return
   end
-  local fields = {}
+  local fields, key_plus_raised = {}, false
   for _, unit in ipairs(group) do
     if unit.name == '' and write_kind == '=' and not newer(unit.key_plus) then
       -- The same, for a key a command names more than once (MSET k 1 k 2).
@@ -144,7 +144,10 @@ local function record_group(key, group, write_kind)
     else
       if older(unit.plus) then raise(fields, unit.plus_name) end
       if write_kind == '=' and older(unit.eq) then raise(fields, unit.eq_name) end
-      if unit.name ~= '' and older(unit.key_plus) then raise(fields, '+') end
+      if unit.name ~= '' and not key_plus_raised and older(unit.key_plus) then
+        raise(fields, '+')
+        key_plus_raised = true
+      end
     end
   end
   if #fields > 0 then redis.call('HSET', key, unpack(fields)) end
@@ -169,26 +172,34 @@ local function ran(reply, name, units, write_kind)
   return 1
 end
 
--- The common op: one command, no guard, and at most one stamp unit, which covers the
--- whole command. Same rules and replies as the general path below, without building
--- its tables (they were half of a replay's time in Redis).
+-- The common op: one command and no guard. Same rules and replies as the general path
+-- below, without building its tables (they were half of a replay's time in Redis).
+-- Returns nil, having written nothing, when a newer write supersedes some of the
+-- command's fields but not all: the general path then drops those.
 local function apply_plain(KEYS, ARGV, marked)
-  local units, items_at = {}, 12
-  if tonumber(ARGV[11]) == 1 then
-    items_at = 16
-    if stamp then
-      units[1] = { key = KEYS[tonumber(ARGV[12])], name = ARGV[13] }
-      local read, failure = pcall(read_stamps, units)
-      local stale = read and superseded(units[1], ARGV[10])
-      if not read or stale then
+  local count, write_kind, unit_count = tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11])
+  local items_at = 12 + 4 * unit_count
+  local units = {}
+  if stamp and unit_count > 0 then
+    for u = 1, unit_count do
+      local at = 8 + 4 * u
+      units[u] = { key = KEYS[tonumber(ARGV[at])], name = ARGV[at + 1], first = tonumber(ARGV[at + 2]) }
+    end
+    local read, failure = pcall(read_stamps, units)
+    if not read then
+      if marked then redis.call('DEL', KEYS[1]) end
+      error(failure)
+    end
+    for _, unit in ipairs(units) do
+      if superseded(unit, write_kind) then
+        if unit_count > 1 and unit.first ~= 0 then return nil end
         if marked then redis.call('DEL', KEYS[1]) end
-        if not read then error(failure) end
         return {2}
       end
     end
   end
-  local reply = redis.pcall(unpack(ARGV, items_at, items_at + tonumber(ARGV[9]) - 1))
-  return {1, ran(reply, ARGV[items_at], units, ARGV[10])}
+  local reply = redis.pcall(unpack(ARGV, items_at, items_at + count - 1))
+  return {1, ran(reply, ARGV[items_at], units, write_kind)}
 end
 
 -- What runs: {reply = r} when nothing does (r is what apply_once returns), else the
@@ -277,9 +288,9 @@ local function apply_once(KEYS, ARGV)
   -- marker exists exactly when the op's commands ran.
   local marked = marker_ttl > 0
   if marked and not redis.call('SET', KEYS[1], '1', 'NX', 'PX', marker_ttl) then return {0} end
-  local units = tonumber(ARGV[11])
-  if kind == '' and tonumber(ARGV[8]) == 1 and (units == 0 or (units == 1 and tonumber(ARGV[14]) == 0)) then
-    return apply_plain(KEYS, ARGV, marked)
+  if kind == '' and tonumber(ARGV[8]) == 1 then
+    local reply = apply_plain(KEYS, ARGV, marked)
+    if reply then return reply end
   end
   local read, decision = pcall(decide, KEYS, ARGV)
   if not read or decision.reply then
