@@ -21,7 +21,7 @@ from .output import RESULTS_DIR, markdown_table
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 
 #: Benchmarks in the order of the flow; others found in the results follow, alphabetically.
-ORDER = ("bench_wrap", "bench_publish", "bench_bridge", "bench_worker", "bench_drain")
+ORDER = ("bench_wrap", "bench_publish", "bench_bridge", "bench_worker", "bench_replay_step", "bench_drain")
 
 HOW_TO_RUN = """\
 ```sh
