@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -154,3 +155,54 @@ def test_status_and_metrics_show_the_ops_waiting_for_a_retry(make_loop: Callable
                              "the bridge to count the 5 ops its workers reported retrying")
     assert samples["crr_bridge_oldest_retrying_seconds"] >= 0
     assert samples["crr_bridge_ops_in_flight"] == 5
+
+
+def _probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    """The status and JSON body of ``GET path`` on a bridge's health port."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_readyz_fails_while_the_celery_broker_is_down_and_recovers_with_it(
+    make_loop: Callable[..., LoopStack],
+) -> None:
+    health_port = free_port()
+    stack = make_loop()
+    assert stack.broker is not None
+    bridge = stack.start_bridge("--health-port", str(health_port))
+    stack.wait_assigned(bridge)
+    stack.wait_for(lambda: _probe(health_port, "/readyz")[0] == 200, 30, "the bridge to be ready")
+    status, body = _probe(health_port, "/readyz")
+    assert body == {"status": "ok", "kafka": "ok", "celery_broker": "ok", "partitions": "ok"}
+    status, body = _probe(health_port, "/healthz")
+    assert (status, body["status"], body["loop"]) == (200, "ok", "turning")
+    assert body["seconds_since_last_turn"] < 5
+
+    stack.broker.kill()
+    status, body = stack.wait_for(lambda: (r := _probe(health_port, "/readyz"))[0] == 503 and r, 30,
+                                  "/readyz to fail with the Celery broker down")
+    assert (body["status"], body["celery_broker"], body["kafka"]) == ("failing", "no answer", "ok")
+    assert _probe(health_port, "/healthz")[0] == 200, "a bridge whose broker is down is not hung"
+
+    stack.broker.start()
+    stack.wait_for(lambda: _probe(health_port, "/readyz")[0] == 200, 60, "/readyz to recover with the broker")
+    assert _probe(health_port, "/nope")[0] == 404
+
+
+def test_a_loop_that_stopped_turning_is_not_alive() -> None:
+    from types import SimpleNamespace
+
+    from celery_redis_retry.bridge.health import BridgeHealth
+
+    bridge = SimpleNamespace(app=None, settings=SimpleNamespace(queue="q"), last_turn=None)
+    health = BridgeHealth(bridge, stalled_after=60)  # type: ignore[arg-type]
+    assert health.liveness() == (True, {"loop": "starting"})
+    bridge.last_turn = time.monotonic() - 5
+    assert health.liveness()[0] is True
+    bridge.last_turn = time.monotonic() - 61
+    alive, checks = health.liveness()
+    assert (alive, checks["loop"]) == (False, "stalled")
+    assert checks["seconds_since_last_turn"] >= 61

@@ -166,6 +166,8 @@ class Bridge:
         self._held = False  # reading paused: too many tasks wait in the Celery queue
         self._next_depth_check = 0.0
         self._last_depth = 0  # tasks in the Celery queue when last looked at
+        #: When the loop last began a turn (``time.monotonic()``; None before it starts): /healthz.
+        self.last_turn: float | None = None
         self._sent_since_check = 0
         self._stalled: dict[Partition, _Stall] = {}
         self._failures: dict[Partition, int] = {}  # consecutive, per partition
@@ -295,6 +297,7 @@ class Bridge:
         next_report = time.monotonic() + 30
         try:
             while not self._stopping:
+                self.last_turn = time.monotonic()
                 self._resume_due()
                 self._apply_backpressure()
                 wait = self._batcher.seconds_to_next()

@@ -64,6 +64,8 @@ redis_retry.add_command(topics)
 @click.option("--group", default=None, help="Consumer group (default: redis_retry_consumer_group).")
 @click.option("--metrics-port", default=None, type=click.IntRange(1, 65535),
               help="Serve Prometheus metrics on this port (default: redis_retry_bridge_metrics_port, else off).")
+@click.option("--health-port", default=None, type=click.IntRange(1, 65535),
+              help="Serve /healthz and /readyz on this port (default: redis_retry_bridge_health_port, else off).")
 @click.option("--name", default=None,
               help="A name kept across restarts, unique among this host's bridges of the group: the bridge "
                    "joins as static member <host>.<name> and a restart takes its partitions back at once.")
@@ -76,7 +78,8 @@ redis_retry.add_command(topics)
 @click.pass_context
 def bridge(  # noqa: PLR0917 - click passes every option
     ctx: click.Context, batch_size: int | None, linger_ms: int | None, poll_timeout: float, group: str | None,
-    metrics_port: int | None, name: str | None, loglevel: str, logfile: str | None, pidfile: str | None,
+    metrics_port: int | None, health_port: int | None, name: str | None, loglevel: str, logfile: str | None,
+    pidfile: str | None,
 ) -> None:
     """Feed ops from Kafka to Celery replay tasks until SIGTERM/SIGINT.
 
@@ -89,7 +92,7 @@ def bridge(  # noqa: PLR0917 - click passes every option
     lock = _pidlock(ctx, pidfile) if pidfile else None
     try:
         setup_logging(loglevel, logfile)
-        _run_bridge(ctx, app, metrics_port, group=group, batch_size=batch_size, linger_ms=linger_ms,
+        _run_bridge(ctx, app, metrics_port, health_port, group=group, batch_size=batch_size, linger_ms=linger_ms,
                     poll_timeout=poll_timeout, name=name)
     finally:
         if lock is not None:
@@ -109,7 +112,8 @@ def _pidlock(ctx: click.Context, pidfile: str) -> Any:
     return lock.acquire()
 
 
-def _run_bridge(ctx: click.Context, app: Any, metrics_port: int | None, **options: Any) -> None:
+def _run_bridge(ctx: click.Context, app: Any, metrics_port: int | None, health_port: int | None,
+                **options: Any) -> None:
     from celery_redis_retry.bridge.loop import Bridge
     from celery_redis_retry.errors import BridgeUnavailableError, ConfigurationError
     from celery_redis_retry.kafka import TopicMissingError
@@ -122,6 +126,12 @@ def _run_bridge(ctx: click.Context, app: Any, metrics_port: int | None, **option
 
             serve_bridge_metrics(runner, port)
             logging.getLogger(__name__).info("serving Prometheus metrics on :%d/metrics", port)
+        health_port = health_port or runner.settings.bridge_health_port
+        if health_port is not None:
+            from celery_redis_retry.bridge.health import serve_health
+
+            serve_health(runner, health_port)
+            logging.getLogger(__name__).info("serving health checks on :%d/healthz and /readyz", health_port)
         runner.install_signal_handlers()
         runner.run()
     except ConfigurationError as exc:

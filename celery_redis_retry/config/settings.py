@@ -109,6 +109,7 @@ class Settings:
     max_in_flight: int = 100_000
     #: Ports on which the bridge and the worker serve Prometheus metrics (None: off).
     bridge_metrics_port: int | None = None
+    bridge_health_port: int | None = None
     worker_metrics_port: int | None = None
 
     def __post_init__(self) -> None:
@@ -423,6 +424,7 @@ def _read(reader: _Reader) -> Settings:
         redelivery_timeout=reader.number("redis_retry_redelivery_timeout"),
         max_in_flight=reader.integer("redis_retry_max_in_flight", 1),
         bridge_metrics_port=_port(reader, "redis_retry_bridge_metrics_port"),
+        bridge_health_port=_port(reader, "redis_retry_bridge_health_port"),
         worker_metrics_port=_port(reader, "redis_retry_worker_metrics_port"),
     )
 
