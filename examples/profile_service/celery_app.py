@@ -32,5 +32,8 @@ app.conf.update(
     redis_retry_max_retries=int(env.get("REDIS_RETRY_MAX_RETRIES", "14")),
     redis_retry_backoff=1.0,
     redis_retry_backoff_max=30.0,
+    # Where each worker serves its replay outcomes to Prometheus (unset: not served).
+    redis_retry_worker_metrics_port=int(env["REDIS_RETRY_WORKER_METRICS_PORT"])
+    if env.get("REDIS_RETRY_WORKER_METRICS_PORT") else None,
 )
 celery_redis_retry.install(app)
