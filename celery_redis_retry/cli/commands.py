@@ -70,6 +70,8 @@ redis_retry.add_command(topics)
               help="A name kept across restarts, unique among this host's bridges of the group: the bridge "
                    "joins as static member <host>.<name> and a restart takes its partitions back at once.")
 @click.option("--loglevel", "-l", default="INFO", show_default=True, help="Logging level.")
+@click.option("--log-format", default=None, type=click.Choice(["text", "json"]),
+              help="text (for people) or json (one object per line; default: redis_retry_log_format).")
 @click.option("--logfile", "-f", default=None, type=click.Path(dir_okay=False, writable=True),
               help="Log to this file (appended) instead of stderr.")
 @click.option("--pidfile", default=None, type=click.Path(dir_okay=False, writable=True),
@@ -78,8 +80,8 @@ redis_retry.add_command(topics)
 @click.pass_context
 def bridge(  # noqa: PLR0917 - click passes every option
     ctx: click.Context, batch_size: int | None, linger_ms: int | None, poll_timeout: float, group: str | None,
-    metrics_port: int | None, health_port: int | None, name: str | None, loglevel: str, logfile: str | None,
-    pidfile: str | None,
+    metrics_port: int | None, health_port: int | None, name: str | None, loglevel: str, log_format: str | None,
+    logfile: str | None, pidfile: str | None,
 ) -> None:
     """Feed ops from Kafka to Celery replay tasks until SIGTERM/SIGINT.
 
@@ -91,12 +93,23 @@ def bridge(  # noqa: PLR0917 - click passes every option
     app = celery_app(ctx)
     lock = _pidlock(ctx, pidfile) if pidfile else None
     try:
-        setup_logging(loglevel, logfile)
+        setup_logging(loglevel, logfile, log_format or _settings_log_format(app))
         _run_bridge(ctx, app, metrics_port, health_port, group=group, batch_size=batch_size, linger_ms=linger_ms,
                     poll_timeout=poll_timeout, name=name)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _settings_log_format(app: Any) -> str:
+    """``redis_retry_log_format``, or "text" when the settings are bad (the bridge then reports them)."""
+    from celery_redis_retry.config import settings_for
+    from celery_redis_retry.errors import ConfigurationError
+
+    try:
+        return settings_for(app).log_format
+    except ConfigurationError:
+        return "text"
 
 
 def _pidlock(ctx: click.Context, pidfile: str) -> Any:

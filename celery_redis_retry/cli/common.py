@@ -22,14 +22,18 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 KAFKA_TIMEOUT = 10.0
 
 
-def setup_logging(level: str, logfile: str | None = None) -> None:
-    """Log at ``level`` to stderr, or to ``logfile`` (appended) when given."""
+def setup_logging(level: str, logfile: str | None = None, log_format: str = "text") -> None:
+    """Log at ``level`` to stderr, or to ``logfile`` (appended) when given; ``log_format``
+    "json" writes one JSON object per line (see :mod:`celery_redis_retry.logs`)."""
+    from celery_redis_retry.logs import use_format
+
     handler = logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
     logging.basicConfig(
         level=level.upper(),
         format="[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s",
         handlers=[handler],
     )
+    use_format(log_format)
 
 
 def timeout_option(default: float = KAFKA_TIMEOUT, what: str = "each request") -> Callable[[_F], _F]:

@@ -28,6 +28,7 @@ from celery_redis_retry.errors import (
     UnknownScriptError,
     UnknownTargetError,
 )
+from celery_redis_retry.logs import check_format
 from celery_redis_retry.message import Signer
 from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.policy import Backoff
@@ -110,6 +111,8 @@ class Settings:
     #: Ports on which the bridge and the worker serve Prometheus metrics (None: off).
     bridge_metrics_port: int | None = None
     bridge_health_port: int | None = None
+    #: "text" (for people) or "json" (one object per line; see celery_redis_retry.logs).
+    log_format: str = "text"
     worker_metrics_port: int | None = None
 
     def __post_init__(self) -> None:
@@ -425,6 +428,7 @@ def _read(reader: _Reader) -> Settings:
         max_in_flight=reader.integer("redis_retry_max_in_flight", 1),
         bridge_metrics_port=_port(reader, "redis_retry_bridge_metrics_port"),
         bridge_health_port=_port(reader, "redis_retry_bridge_health_port"),
+        log_format=check_format(reader.string("redis_retry_log_format", "text"), "redis_retry_log_format"),
         worker_metrics_port=_port(reader, "redis_retry_worker_metrics_port"),
     )
 

@@ -45,6 +45,7 @@ from celery_redis_retry.errors import (
     RetriesExhaustedError,
 )
 from celery_redis_retry.expiry import ends_expired
+from celery_redis_retry.logs import op_fields
 from celery_redis_retry.message import Reader
 from celery_redis_retry.metrics import count_outcomes
 from celery_redis_retry.names import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
@@ -131,13 +132,14 @@ def final_error(op: RedisOp, exc: BaseException, retries: int, limit: int) -> Ba
 
 
 def _log_outcome(op: RedisOp, outcome: str) -> None:
+    fields = op_fields(op, outcome)
     if outcome == "duplicate":
-        logger.info("op %s was already applied (dedupe marker found)", op.id)
+        logger.info("op %s was already applied (dedupe marker found)", op.id, extra=fields)
     elif outcome == "superseded":
         why = f"its {op.guard.kind} guard failed" if op.guard else "a newer write is stamped on its keys"
-        logger.info("op %s superseded: %s, the newer write stays; nothing written", op.id, why)
+        logger.info("op %s superseded: %s, the newer write stays; nothing written", op.id, why, extra=fields)
     else:
-        logger.debug("op %s %s", op.id, outcome)
+        logger.debug("op %s %s", op.id, outcome, extra=fields)
 
 
 _TASK_OPTIONS: dict[str, Any] = {
@@ -187,10 +189,8 @@ def replay(
                 if error is not None:
                     raise error from exc
                 countdown = rt.settings.backoff.countdown(spent)
-                logger.info(
-                    "op %s attempt %d/%d failed (%s); retrying in %.2f s",
-                    op.id, spent + 1, limit + 1, type(exc).__name__, countdown,
-                )
+                logger.info("op %s attempt %d/%d failed (%s); retrying in %.2f s", op.id, spent + 1, limit + 1,
+                            type(exc).__name__, countdown, extra=op_fields(op, "retrying"))
                 count_outcomes({"retrying": 1})
                 # Before: retry() raises. Should the broker refuse it, the op is only due later.
                 rt.ends.report((), [(here, time.time() + countdown)])

@@ -17,6 +17,7 @@ from typing import Any
 import click
 from celery import bootsteps
 from celery.bin.base import CeleryCommandException
+from celery.signals import after_setup_logger, after_setup_task_logger
 from kombu.entity import Queue
 
 from celery_redis_retry.config import Settings, pending_settings, settings_for
@@ -24,6 +25,7 @@ from celery_redis_retry.errors import (
     ConfigurationError,
     SettingsRefusedError,
 )
+from celery_redis_retry.logs import use_format
 from celery_redis_retry.metrics import serve_worker_metrics
 from celery_redis_retry.names import EXIT_CONFIG
 
@@ -91,6 +93,7 @@ def attach(app: Any) -> None:
     for step in (_ValidateSettings, _ServeMetrics):
         if step not in app.steps["worker"]:
             app.steps["worker"].add(step)
+    install_worker_logging(app)
     command = _celery_command()
     if app.configured:
         try:
@@ -112,6 +115,25 @@ def attach(app: Any) -> None:
     app.on_after_configure.connect(on_configured, weak=False)
     if not command:
         _check_given_settings(app)
+
+
+def install_worker_logging(app: Any) -> None:
+    """Have Celery's worker and task loggers write ``app``'s ``redis_retry_log_format``.
+
+    Connected when the app is installed; read when Celery sets its loggers up (in the
+    worker, before its boot steps), so settings given after ``install()`` count. Bad
+    settings leave the loggers as they are: the worker's boot step reports them.
+    """
+
+    def formatted(logger: logging.Logger, **_: Any) -> None:
+        try:
+            log_format = settings_for(app).log_format
+        except ConfigurationError:
+            return
+        use_format(log_format, logger)
+
+    after_setup_logger.connect(formatted, weak=False)
+    after_setup_task_logger.connect(formatted, weak=False)
 
 
 def _add_queue(app: Any, settings: Settings) -> None:

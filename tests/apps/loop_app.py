@@ -19,6 +19,7 @@ CRR_WORKER_METRICS_PORT where the worker serves Prometheus metrics
 CRR_COMMIT_AFTER   redis_retry_commit_after ("end" or "handover")
 CRR_REDELIVERY_TIMEOUT  redis_retry_redelivery_timeout, in seconds
 CRR_SIGNING_KEYS   JSON object of redis_retry_signing_keys (key id -> secret)
+CRR_LOG_FORMAT     redis_retry_log_format ("text" or "json")
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ app.conf.update(
     redis_retry_commit_after=env.get("CRR_COMMIT_AFTER", "end"),
     redis_retry_redelivery_timeout=float(env.get("CRR_REDELIVERY_TIMEOUT", "300")),
     redis_retry_worker_metrics_port=int(env["CRR_WORKER_METRICS_PORT"]) if env.get("CRR_WORKER_METRICS_PORT") else None,
+    redis_retry_log_format=env.get("CRR_LOG_FORMAT", "text"),
 )
 celery_redis_retry.install(app)
 
