@@ -10,13 +10,16 @@ to the paths that publish and replay ops.
 - **Bridge**: ``celery -A proj redis-retry bridge --metrics-port N`` (or
   ``redis_retry_bridge_metrics_port``) serves ``crr_bridge_*`` on ``:N/metrics``.
 - **Worker**: with ``redis_retry_worker_metrics_port`` set, the worker's main process
-  serves ``crr_replay_ops_total{outcome=...}`` on that port. The prefork children count
+  serves ``crr_replay_ops_total{outcome=...}`` and the ``crr_replay_latency_seconds``
+  histogram (capture to outcome) on that port. The prefork children count
   into shared memory created before they fork, so the figures survive a child being
   replaced (``--max-tasks-per-child``) and need no ``PROMETHEUS_MULTIPROC_DIR``.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import multiprocessing
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -135,9 +138,24 @@ def serve_bridge_metrics(bridge: Bridge, port: int) -> Any:
         yield _family("gauge", "crr_bridge_ops_late",
                       "Ops past redis_retry_redelivery_timeout whose task still waits in the Celery queue",
                       stats.late)
+        yield _lag_family(bridge)
         yield from _circuit_families(bridge)
 
     return serve(port, _Collector(families))
+
+
+def _lag_family(bridge: Bridge) -> Any:
+    from prometheus_client.core import GaugeMetricFamily
+
+    lag = GaugeMetricFamily(
+        "crr_bridge_partition_lag",
+        "Ops in each owned partition of the retry topic past the bridge's commit point (not ended yet), "
+        "as Kafka consumer-lag exporters count them",
+        labels=["topic", "partition"],
+    )
+    for (topic, partition), ops in sorted(bridge.partition_lag.items()):
+        lag.add_metric([topic, str(partition)], ops)
+    return lag
 
 
 def _circuit_families(bridge: Bridge) -> Iterator[Any]:
@@ -160,6 +178,10 @@ def _circuit_families(bridge: Bridge) -> Iterator[Any]:
 # -- worker --------------------------------------------------------------------------------
 
 _outcome_counts: Any = None  # a shared multiprocessing.Array, once the worker serves metrics
+#: Upper bounds (seconds) of the capture-to-outcome histogram's buckets: from an op replayed
+#: at once to one that waited out an hour-long outage.
+LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
+_latencies: Any = None  # shared: a count per bucket (the last one: above every bound), then the sum
 
 
 def count_outcomes(outcomes: dict[str, int]) -> None:
@@ -172,14 +194,27 @@ def count_outcomes(outcomes: dict[str, int]) -> None:
             counts[OUTCOMES.index(outcome)] += n
 
 
+def observe_latency(seconds: float) -> None:
+    """Count how long an op took from capture to its outcome on the target; nothing unless metrics are served."""
+    latencies = _latencies
+    if latencies is None:
+        return
+    bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+    with latencies.get_lock():
+        latencies[bucket] += 1
+        latencies[-1] += seconds
+
+
 def serve_worker_metrics(port: int) -> Any:
-    """In the worker's main process, before it forks: count outcomes and serve them."""
-    global _outcome_counts
+    """In the worker's main process, before it forks: count outcomes and latencies, and serve them."""
+    global _outcome_counts, _latencies
     _client()  # fail at start, not at the first scrape, when prometheus_client is missing
-    counts = _outcome_counts = multiprocessing.get_context("fork").Array("q", len(OUTCOMES))
+    context = multiprocessing.get_context("fork")
+    counts = _outcome_counts = context.Array("q", len(OUTCOMES))
+    latencies = _latencies = context.Array("d", len(LATENCY_BUCKETS) + 2)
 
     def families() -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
         family = CounterMetricFamily("crr_replay_ops", "Ops replayed by this worker, by outcome", labels=["outcome"])
         with counts.get_lock():
@@ -187,5 +222,15 @@ def serve_worker_metrics(port: int) -> Any:
         for outcome, value in zip(OUTCOMES, values, strict=True):
             family.add_metric([outcome], value)
         yield family
+        with latencies.get_lock():
+            *per_bucket, total = latencies[:]
+        cumulative = list(itertools.accumulate(per_bucket))
+        yield HistogramMetricFamily(
+            "crr_replay_latency_seconds",
+            "Seconds from an op's capture to its outcome on the target (applied, duplicate or superseded)",
+            buckets=[*((f"{bound:g}", n) for bound, n in zip(LATENCY_BUCKETS, cumulative, strict=False)),
+                     ("+Inf", cumulative[-1])],
+            sum_value=total,
+        )
 
     return serve(port, _Collector(families))

@@ -206,3 +206,43 @@ def test_a_loop_that_stopped_turning_is_not_alive() -> None:
     alive, checks = health.liveness()
     assert (alive, checks["loop"]) == (False, "stalled")
     assert checks["seconds_since_last_turn"] >= 61
+
+
+def test_a_scrape_shows_lag_latency_and_outcomes_moving_as_driven(make_loop: Callable[..., LoopStack]) -> None:
+    """Lag while no worker runs, then the capture-to-outcome histogram and the outcomes
+    applied, duplicate, superseded and dead, each by exactly what was driven."""
+    worker_port, bridge_port = free_port(), free_port()
+    stack = make_loop(extra_env={"CRR_WORKER_METRICS_PORT": str(worker_port)})
+    bridge = stack.start_bridge("--metrics-port", str(bridge_port))
+    stack.wait_assigned(bridge)
+    with stack.client() as r:
+        r.set("a-string", "x")
+        r.set("guarded", "current")
+    counted = [ops.incrby(f"n{i}", 1) for i in range(200)]
+    twice = ops.incrby("twice", 1)
+    stale = ops.set("guarded", "stale").if_value("old")  # its guard fails: superseded
+    dead = ops.sadd("a-string", "m")  # WRONGTYPE: dead at once
+    stack.publish_all([*counted, twice, twice, stale, dead])
+
+    def lag() -> float:
+        return sum(v for k, v in _scrape(bridge_port).items() if k.startswith("crr_bridge_partition_lag{"))
+
+    # No worker yet: every op is handed over, none has ended.
+    stack.wait_for(lambda: lag() >= 204, 30, "the lag to count the ops not ended")
+    stack.start_worker(concurrency=2)
+
+    def worker_figures() -> dict[str, float] | None:
+        samples = _scrape(worker_port)
+        ended = sum(samples[f'crr_replay_ops_total{{outcome="{o}"}}'] for o in ("applied", "duplicate", "superseded"))
+        return samples if ended == 203 and samples['crr_replay_ops_total{outcome="dead"}'] == 1 else None
+
+    samples = stack.wait_for(worker_figures, 60, "the worker's metrics to count every op")
+    assert samples['crr_replay_ops_total{outcome="applied"}'] == 201
+    assert samples['crr_replay_ops_total{outcome="duplicate"}'] == 1
+    assert samples['crr_replay_ops_total{outcome="superseded"}'] == 1
+    assert samples['crr_replay_ops_total{outcome="dead"}'] == 1
+    assert samples["crr_replay_latency_seconds_count"] == 203  # every op that reached its target
+    assert samples['crr_replay_latency_seconds_bucket{le="+Inf"}'] == 203
+    assert samples["crr_replay_latency_seconds_sum"] > 0
+    assert samples['crr_replay_latency_seconds_bucket{le="0.01"}'] == 0, "nothing waited for a worker that fast"
+    stack.wait_for(lambda: lag() == 0, 30, "the lag to fall to 0 once every op ended")

@@ -160,6 +160,9 @@ class Bridge:
         self._next_store = 0.0
         self._next_overdue_check = 0.0
         self._oldest_retrying: float | None = None
+        #: Per owned partition of the retry topic: ops past the commit point (read by the metrics thread).
+        self.partition_lag: dict[Partition, int] = {}
+        self._next_lag_check = 0.0
         self._full = False  # reading paused: redis_retry_max_in_flight ops are in flight
         self._ready: list[list[Consumed]] = []  # full batches, sent at the end of the loop
         self.high_water = self.settings.queue_high_water
@@ -316,6 +319,7 @@ class Bridge:
                 self._read_ends()
                 self._hand_over_overdue()
                 self._store_offsets()
+                self._measure_lag()
                 if time.monotonic() >= next_report:
                     self._report()
                     next_report = time.monotonic() + 30
@@ -324,6 +328,23 @@ class Bridge:
         finally:
             self._close()
         return self.stats
+
+    def _measure_lag(self) -> None:
+        """Once a second: how many ops each owned partition of the retry topic holds past the
+        commit point (Kafka's high watermark, as last fetched, minus it), for the metrics."""
+        now = time.monotonic()
+        if now < self._next_lag_check or self._consumer is None:
+            return
+        self._next_lag_check = now + 1.0
+        lag: dict[Partition, int] = {}
+        for topic, partition in sorted(self._assigned):
+            if topic != self.settings.topic:
+                continue
+            high = self._consumer.get_watermark_offsets(kafka.TopicPartition(topic, partition), cached=True)[1]
+            point = self._offsets.commit_point(topic, partition)
+            if high >= 0 and point is not None:
+                lag[(topic, partition)] = max(0, high - point[0])
+        self.partition_lag = lag  # replaced whole: the metrics thread reads one or the other
 
     def install_signal_handlers(self) -> None:
         """Stop gracefully on SIGTERM and SIGINT."""

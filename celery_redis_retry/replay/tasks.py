@@ -6,8 +6,7 @@ is not the op's fault: the op is parked in the target's waiting topic in Kafka, 
 attempt, and the task ends (``waiting``); the bridge hands it over again once the target
 is back. Any other retryable Redis error reschedules it with ``self.retry(countdown=...)``
 (never a sleep inside the task); a permanent one, or the last failed attempt, makes the
-task fail with a
-:class:`~celery_redis_retry.errors.ReplayError` whose ``reason`` says why. The bridge
+task fail with a :class:`~celery_redis_retry.errors.ReplayError` whose ``reason`` says why. The bridge
 attaches ``celery_redis_retry.dead_letter`` as the error callback (``link_error``): Celery
 calls it in the worker with the failed request, and it writes the DLQ record.
 
@@ -47,7 +46,7 @@ from celery_redis_retry.errors import (
 from celery_redis_retry.expiry import ends_expired
 from celery_redis_retry.logs import op_fields
 from celery_redis_retry.message import Reader
-from celery_redis_retry.metrics import count_outcomes
+from celery_redis_retry.metrics import count_outcomes, observe_latency
 from celery_redis_retry.names import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.replay.executor import Executor
@@ -131,7 +130,8 @@ def final_error(op: RedisOp, exc: BaseException, retries: int, limit: int) -> Ba
     return error
 
 
-def _log_outcome(op: RedisOp, outcome: str) -> None:
+def _report_outcome(op: RedisOp, outcome: str) -> None:  # of an op that reached its target
+    observe_latency(time.time() - op.created_at)
     fields = op_fields(op, outcome)
     if outcome == "duplicate":
         logger.info("op %s was already applied (dedupe marker found)", op.id, extra=fields)
@@ -198,7 +198,7 @@ def replay(
             rt.circuit.opened(op.target)
             outage = exc
         else:
-            _log_outcome(op, result.outcome)
+            _report_outcome(op, result.outcome)
             count_outcomes({result.outcome: 1})
             rt.ends.report([here])
             return result.outcome
@@ -293,7 +293,7 @@ def _run_target(
     for (message, origin, op, here), result in zip(items, results, strict=False):
         if isinstance(result, ReplayResult):
             outcomes[result.outcome] += 1
-            _log_outcome(op, result.outcome)
+            _report_outcome(op, result.outcome)
             done.append(here)
         elif policy.is_outage(result):
             to_park.append((message, origin, op, here))
