@@ -258,6 +258,8 @@ def dlq_replay(  # noqa: PLR0917 - click passes every option
     4 when Kafka does not answer within --timeout, 5 when the DLQ or retry topic does
     not exist.
     """
+    import time
+
     from celery_redis_retry.cli.progress import ReplayProgress
     from celery_redis_retry.kafka import TopicMissingError
     from celery_redis_retry.words import counted
@@ -267,6 +269,7 @@ def dlq_replay(  # noqa: PLR0917 - click passes every option
     queue = selection.queue
     if dry_run:
         _preview(ctx, selection)
+    started = time.monotonic()
     try:
         with ReplayProgress(len(selection.chosen)) as progress:
             result = require_kafka_answer(
@@ -281,9 +284,10 @@ def dlq_replay(  # noqa: PLR0917 - click passes every option
         click.echo(f"replayed {stored.ref} as op {new_id}")
     for stored, why in result.refused:
         click.echo(f"error: not replayed {stored.ref}: {why}", err=True)
+    took = time.monotonic() - started
     left = queue.advance(selection.records, [s for s, _ in result.republished])
-    click.echo(f"{len(result.republished)} replayed to {queue.settings.topic}, {len(result.refused)} refused, "
-               f"{counted(left, 'record')} pending in {queue.topic}")
+    click.echo(f"{len(result.republished)} replayed to {queue.settings.topic} in {took:.2f} s, "
+               f"{len(result.refused)} refused, {counted(left, 'record')} pending in {queue.topic}")
     ctx.exit(EXIT_FAILURE if result.refused or selection.unknown else EXIT_OK)
 
 
