@@ -20,7 +20,7 @@ import celery_redis_retry
 from celery_redis_retry import ops
 from celery_redis_retry.config import Settings
 from celery_redis_retry.dlq.admin import DeadLetterQueue, StoredLetter
-from celery_redis_retry.dlq.preview import ALREADY_APPLIED, SUPERSEDED, WOULD_APPLY, preview
+from celery_redis_retry.dlq.preview import ALREADY_APPLIED, SUPERSEDED, WOULD_APPLY, WOULD_FAIL, preview
 from celery_redis_retry.dlq.record import DeadLetter
 from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.replay.executor import Executor
@@ -63,6 +63,8 @@ CASES: list[tuple[str, Callable[[Any], Any], RedisOp, str]] = [
     ("a version guard behind", lambda w: w.set("ver", 7), ops.set("doc", "v").if_version(5, key="ver"), SUPERSEDED),
     ("a version guard ahead", lambda w: w.set("ver2", 3), ops.set("doc2", "v").if_version(5, key="ver2"),
      WOULD_APPLY),
+    ("a version guard on text", lambda w: w.set("ver3", "abc"), ops.set("doc3", "v").if_version(5, key="ver3"),
+     WOULD_FAIL),
 ]
 
 
@@ -78,6 +80,10 @@ def test_the_preview_says_what_the_replay_then_does(
     assert _snapshot(r) == before, "the preview wrote to the target"
     assert said == verdict, (case, detail)
     [(_, copy, _raw)], _ = DeadLetterQueue(settings).check([stored])
+    if verdict == WOULD_FAIL:
+        with pytest.raises(redis.ResponseError, match="does not hold a number"):
+            Executor(settings).run(copy)
+        return
     outcome = Executor(settings).run(copy).outcome
     assert outcome == ("superseded" if verdict == SUPERSEDED else "applied"), (case, detail)
 

@@ -249,8 +249,8 @@ def dlq_replay(  # noqa: PLR0917 - click passes every option
     chunks: a replay stopped half-way and run again loses none and applies none twice.
 
     --dry-run says per record "would apply", "would be superseded" (a newer write or a
-    failed guard), "already applied", "expired", "refused" or "unknown (target down)",
-    reading the targets without writing to them.
+    failed guard), "already applied", "expired", "would fail", "refused" or "unknown
+    (target down)", reading the targets without writing to them.
 
     Exits 0 when every selected record was replayed (or would be, with --dry-run; also
     when no record matches the filters), 1 when a REF names no pending record or a

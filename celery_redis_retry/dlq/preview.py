@@ -10,6 +10,8 @@
   replay of this record ran, and its record was not marked handled);
 * ``expired``: past its deadline, ``redis_retry_max_age`` or an absolute expiry it sets
   (:func:`celery_redis_retry.expiry.expired`, the rule the replay tasks apply);
+* ``would fail``: the replay would meet an error it cannot get past (a version guard's
+  key that holds no number);
 * ``refused``: the replay would not publish it (rejected, undecodable, refused by these
   settings: :meth:`DeadLetterQueue.check`);
 * ``unknown (target down: <error>)``: its target did not answer.
@@ -38,6 +40,7 @@ ALREADY_APPLIED = "already applied"
 EXPIRED = "expired"
 REFUSED = "refused"
 UNKNOWN = "unknown"
+WOULD_FAIL = "would fail"
 
 
 def preview(
@@ -46,11 +49,12 @@ def preview(
 ) -> list[tuple[StoredLetter, str, str]]:
     """``(record, verdict, detail)`` for each record, in order: what a replay would do now."""
     clients = clients if clients is not None else TargetClients(settings.targets)
+    records = list(records)
     ready, refused = DeadLetterQueue(settings).check(records)
     verdicts = {id(stored): (REFUSED, why) for stored, why in refused}
     for stored, op, _raw in ready:
         verdicts[id(stored)] = _verdict(settings, clients, op, now)
-    return [(stored, *verdicts[id(stored)]) for stored in [*(s for s, _o, _r in ready), *(s for s, _ in refused)]]
+    return [(stored, *verdicts[id(stored)]) for stored in records]
 
 
 def _verdict(settings: Settings, clients: TargetClients, op: RedisOp, now: float | None) -> tuple[str, str]:
@@ -71,9 +75,9 @@ def _verdict_on_target(settings: Settings, client: Any, op: RedisOp) -> tuple[st
     if client.exists(marker_key(op)) == 1:
         return ALREADY_APPLIED, f"marker of op {op.id} exists"
     if op.guard is not None:
-        failed = _guard_fails(client, op.guard)
+        failed = _guard_verdict(client, op.guard)
         if failed is not None:
-            return SUPERSEDED, failed
+            return failed
     if not settings.write_stamps:
         return WOULD_APPLY, "write stamps are off"
     stamp = stamps.stamp_of(op.created_at)
@@ -87,18 +91,25 @@ def _verdict_on_target(settings: Settings, client: Any, op: RedisOp) -> tuple[st
     return WOULD_APPLY, "no newer write stamped on its keys"
 
 
-def _guard_fails(client: Any, guard: Guard) -> str | None:
-    """Why ``guard`` fails on the target now (apply_once.lua's guard block), or None if it holds."""
+def _guard_verdict(client: Any, guard: Guard) -> tuple[str, str] | None:
+    """The verdict when ``guard`` fails on the target now (apply_once.lua's guard block), or None if it holds."""
     key, field = guard.key, guard.field
     if guard.kind == "absent":
         present = client.exists(key) if field is None else client.hexists(key, field)
-        return f"guard: {_name(key, field)} exists" if present else None
+        return (SUPERSEDED, f"guard: {_name(key, field)} exists") if present else None
     current = client.get(key) if field is None else client.hget(key, field)
     if guard.kind == "value":
         expected = None if guard.expected is None else to_bytes(guard.expected)
-        return None if current == expected else f"guard: {_name(key, field)} no longer holds {guard.expected!r}"
-    if current is not None and guard.version is not None and _number(current) >= guard.version:
-        return f"guard: {_name(key, field)} holds version {current.decode()}, not below {guard.version}"
+        return None if current == expected else (SUPERSEDED, f"guard: {_name(key, field)} no longer holds "
+                                                             f"{guard.expected!r}")
+    if current is None or guard.version is None:
+        return None
+    try:
+        stored = float(current)
+    except ValueError:
+        return WOULD_FAIL, f"version guard: {_name(key, field)} does not hold a number"
+    if stored >= guard.version:
+        return SUPERSEDED, f"guard: {_name(key, field)} holds version {current.decode()}, not below {guard.version}"
     return None
 
 
@@ -129,13 +140,6 @@ def _unit_superseded(stamps_of_key: Mapping[bytes, bytes], unit: bytes, kind: st
     if unit and newer(b"="):
         return True
     return newer(b"+" + unit) if kind == "=" else newer(b"=" + unit)
-
-
-def _number(value: bytes) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        return float("inf")  # the replay would fail on it: nothing it would write
 
 
 def _name(key: Any, field: Any) -> str:
