@@ -30,12 +30,13 @@ from celery_redis_retry.testing import free_port
 pytestmark = pytest.mark.slow
 
 
-def _bury(stack: LoopStack, ops_by_reason: Iterable[tuple[str, RedisOp]]) -> None:
-    """Write a DLQ record for each op, as a worker does when it gives an op up."""
+def _bury(stack: LoopStack, ops_by_reason: Iterable[tuple[str, RedisOp]], *, spacing: float = 0.0) -> None:
+    """Write a DLQ record for each op, as a worker does when it gives an op up (``spacing`` s apart)."""
     writer = DeadLetterWriter(stack.settings())
     try:
         for reason, op in ops_by_reason:
             writer.write(DeadLetter(outcome="dead", reason=reason, op=op, attempts=4), message_key(op))
+            time.sleep(spacing)
     finally:
         writer.close()
 
@@ -103,7 +104,8 @@ def test_dry_run_reads_the_target_and_says_what_each_replay_would_do(make_loop: 
     guarded = ops.set("flag", "v2").if_value("v1")
     late = ops.set("user:late", "v").with_deadline(0.01)
     elsewhere = ops.set("user:far", "v").with_target("down")
-    _bury(stack, [*(("retries_exhausted", op) for op in [*stale, *fresh, guarded, late, elsewhere])])
+    # A few ms apart: record times (ms) tell the oldest records apart for --limit.
+    _bury(stack, [*(("retries_exhausted", op) for op in [*stale, *fresh, guarded, late, elsewhere])], spacing=0.005)
     time.sleep(0.05)
     wrapped = celery_redis_retry.wrap(stack.client(), producer=stack.producer)
     for op in stale:  # the app writes these keys again: stamped, as every wrapped write is
@@ -128,6 +130,26 @@ def test_dry_run_reads_the_target_and_says_what_each_replay_would_do(make_loop: 
         assert "nothing published" in dry.stdout
         assert {k: r.dump(k) for k in r.keys("*")} == before, "the preview wrote to the target"
     assert DeadLetterQueue(stack.settings()).pending_count() == 8
+
+    # Bad filters are refused naming the value and what is allowed; the others combine.
+    unknown = stack.cli("redis-retry", "dlq", "replay", "--target", "nowhere")
+    assert unknown.returncode == 2
+    assert "'nowhere' is no target in redis_retry_targets; the choices are: default, down" in unknown.stderr
+    vague = stack.cli("redis-retry", "dlq", "list", "--older-than", "soon")
+    assert vague.returncode == 2
+    assert "'soon' is no duration" in vague.stderr
+    typo = stack.cli("redis-retry", "dlq", "purge", "--command", "SETT", "--yes")
+    assert typo.returncode == 2
+    assert "'SETT' is no Redis write command" in typo.stderr
+    recent = stack.cli("redis-retry", "dlq", "list", "--key", "user:*", "--newer-than", "1h", "--command", "set")
+    assert len(_refs(recent.stdout)) == 7  # every op but the guarded one
+    assert _refs(stack.cli("redis-retry", "dlq", "list", "--older-than", "1h").stdout) == []
+    oldest = stack.cli("redis-retry", "dlq", "purge", "--key", "user:*", "--limit", "2", "--yes")
+    assert "2 purged, 6 records pending" in oldest.stdout, oldest.stdout
+    listed = stack.cli("redis-retry", "dlq", "list", "--json").stdout.splitlines()
+    left = {json.loads(line)["op"]["id"] for line in listed}
+    assert stale[0].id not in left
+    assert stale[1].id not in left  # the two oldest records of user:* keys
 
 
 def test_a_replay_killed_half_way_and_run_again_applies_each_record_once(
