@@ -65,6 +65,8 @@ CASES: list[tuple[str, Callable[[Any], Any], RedisOp, str]] = [
      WOULD_APPLY),
     ("a version guard on text", lambda w: w.set("ver3", "abc"), ops.set("doc3", "v").if_version(5, key="ver3"),
      WOULD_FAIL),
+    ("a value guard on a hash", lambda w: w.hset("hh", "f", "v"), ops.set("doc4", "v").if_value("v1", key="hh"),
+     WOULD_FAIL),
 ]
 
 
@@ -81,7 +83,7 @@ def test_the_preview_says_what_the_replay_then_does(
     assert said == verdict, (case, detail)
     [(_, copy, _raw)], _ = DeadLetterQueue(settings).check([stored])
     if verdict == WOULD_FAIL:
-        with pytest.raises(redis.ResponseError, match="does not hold a number"):
+        with pytest.raises(redis.ResponseError, match=r"does not hold a number|WRONGTYPE"):
             Executor(settings).run(copy)
         return
     outcome = Executor(settings).run(copy).outcome

@@ -11,7 +11,7 @@
 * ``expired``: past its deadline, ``redis_retry_max_age`` or an absolute expiry it sets
   (:func:`celery_redis_retry.expiry.expired`, the rule the replay tasks apply);
 * ``would fail``: the replay would meet an error it cannot get past (a version guard's
-  key that holds no number);
+  key that holds no number, a guard's key of another type);
 * ``refused``: the replay would not publish it (rejected, undecodable, refused by these
   settings: :meth:`DeadLetterQueue.check`);
 * ``unknown (target down: <error>)``: its target did not answer.
@@ -25,6 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from celery_redis_retry import stamps
 from celery_redis_retry.config import Settings
@@ -63,8 +67,10 @@ def _verdict(settings: Settings, clients: TargetClients, op: RedisOp, now: float
         return EXPIRED, why
     try:
         return _verdict_on_target(settings, clients.get(op.target), op)
-    except Exception as exc:  # noqa: BLE001 - any failure to read the target is "unknown", never a crash
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:  # "unknown", never a crash
         return f"{UNKNOWN} (target down: {exc})", f"target {op.target!r} did not answer"
+    except RedisError as exc:  # e.g. WRONGTYPE reading a guard: the replay's reads would meet it too
+        return WOULD_FAIL, f"reading its keys: {exc}"
 
 
 def _verdict_on_target(settings: Settings, client: Any, op: RedisOp) -> tuple[str, str]:
