@@ -100,11 +100,11 @@ def test_dlq_list_show_replay_purge_through_the_real_cli(make_loop: Callable[...
     assert "--all" in unselected.stderr
     dry = stack.cli("redis-retry", "dlq", "replay", "--outcome", "dead", "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.count("would replay") == 15
+    assert dry.stdout.count("would apply:") == 15
     assert "dry run: 15 would be replayed" in dry.stdout
     dry_rejected = stack.cli("redis-retry", "dlq", "replay", "--outcome", "rejected", "--dry-run")
     assert dry_rejected.returncode == 1  # the real replay would refuse it, and exit 1
-    assert "would not replay" in dry_rejected.stdout
+    assert "refused: " in dry_rejected.stdout
     assert "was rejected (malformed)" in dry_rejected.stdout
     assert "dry run: 0 would be replayed" in dry_rejected.stdout
     for command in ("replay", "purge"):

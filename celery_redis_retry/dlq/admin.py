@@ -17,12 +17,30 @@ A republished op has its attempts reset and an id derived from the DLQ record it
 from (``<op id>.dlq-<partition>-<offset>``): it is a new life for the op, not a duplicate
 of the one that died (whose dedupe marker may exist), yet republishing the same record
 twice applies it once, since both copies carry the same id.
+
+A replay is crash-safe ("copy, confirm, then mark handled"): :meth:`DeadLetterQueue.republish`
+publishes in chunks (every :data:`CHUNK_RECORDS` records or :data:`CHUNK_SECONDS`), waits
+for Kafka to confirm a chunk, and only then marks its records handled
+(:meth:`DeadLetterQueue.advance`). A replay killed half-way therefore
+
+* loses no record: one whose copy Kafka had not confirmed was not marked, and is still
+  pending for the next run;
+* applies none twice: a record whose copy was confirmed but not yet marked is published
+  again by the next run, with the same derived id, and the replay tasks' dedupe marker
+  for that id lets only one of the two copies write.
+
+The derived id also says where an op was replayed from: a record whose op id ends in
+``.dlq-<partition>-<offset>`` is the death of a replay (:attr:`StoredLetter.replayed_from`),
+and it survives any number of round trips (each replay adds its own suffix). Such a
+record is replayed only when an operator chooses it, never by ``--all`` alone.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +54,14 @@ from celery_redis_retry.message import encode, message_key
 from celery_redis_retry.ops import RedisOp
 
 logger = logging.getLogger(__name__)
+
+#: A chunk of a replay: Kafka confirms it, then its records are marked handled.
+CHUNK_RECORDS = 100
+CHUNK_SECONDS = 1.0
+
+#: The suffix :func:`republished_copy` gives an op id: ``.dlq-<partition>-<offset>``.
+_REPLAY_SUFFIX = re.compile(r"\.dlq-(\d+)-(\d+)$")
+_ANY_REPLAY_SUFFIX = re.compile(r"\.dlq-\d+-\d+")
 
 
 @dataclass(frozen=True)
@@ -68,7 +94,18 @@ class StoredLetter:
     def document(self) -> dict[str, Any]:
         """The record as JSON-ready data, with its ref and state (``problem`` says why an undecodable one is)."""
         body = self.letter.document() if self.letter is not None else {"problem": self.problem}
-        return {"ref": self.ref, "state": self.state, **body}
+        return {"ref": self.ref, "state": self.state, "replayed_from": self.replayed_from, **body}
+
+    @property
+    def replayed_from(self) -> str | None:
+        """``PARTITION:OFFSET`` of the DLQ record this op was last replayed from, or None (a first death)."""
+        found = _REPLAY_SUFFIX.search(self.op_id)
+        return f"{found[1]}:{found[2]}" if found else None
+
+    @property
+    def replays(self) -> int:
+        """How many times this record's op was replayed from the DLQ before it died here."""
+        return len(_ANY_REPLAY_SUFFIX.findall(self.op_id))
 
     def matches(self, ref: str) -> bool:
         """Whether ``ref`` names this record: ``PARTITION:OFFSET`` or its op id."""
@@ -134,11 +171,22 @@ class DeadLetterQueue:
 
     # -- acting --------------------------------------------------------------------------
 
-    def republish(self, records: Iterable[StoredLetter]) -> RepublishResult:
-        """Publish the ops of ``records`` to ``redis_retry_topic`` and wait for Kafka to confirm.
+    def republish(
+        self,
+        records: Iterable[StoredLetter],
+        *,
+        mark_in: Sequence[StoredLetter] | None = None,
+        rate: float | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> RepublishResult:
+        """Publish the ops of ``records`` to ``redis_retry_topic``, waiting for Kafka to confirm them.
 
         This is what ``dlq replay`` does: the bridge then hands each op to the replay
-        tasks, which run it on Redis.
+        tasks, which run it on Redis. Ops go out in chunks (see the module documentation);
+        with ``mark_in`` (what :meth:`read` returned), each chunk Kafka confirmed is marked
+        handled before the next one is published. ``rate`` paces the publishing (ops per
+        second; None: as fast as Kafka takes them); ``progress`` is called with the number
+        of records done after each one.
 
         Records without an op (undecodable messages), ``rejected`` ones (they were never
         valid) and ops these settings refuse (an unknown target, a script no longer
@@ -147,23 +195,56 @@ class DeadLetterQueue:
         if the retry topic does not exist (librdkafka would hold every op for 30 s, then
         fail them all).
         """
+        if rate is not None and rate <= 0:
+            raise ValueError(f"a replay rate must be above 0 ops per second, got {rate}")
         republished: list[tuple[StoredLetter, str]] = []
         batch, refused = self.check(records)
         if batch:
             producer = kafka.new_producer(self.settings.kafka, **{"linger.ms": 5})
             kafka.require_topic(producer, self.settings.topic, self.settings.kafka, role="retry",
                                 timeout=self.timeout)
-            errors = kafka.produce_confirmed(
-                producer, self.settings.topic, [(message_key(op), raw, None) for _s, op, raw in batch]
-            )
-            for (stored, op, _raw), error in zip(batch, errors, strict=True):
-                if error is None:
-                    republished.append((stored, op.id))
-                else:
-                    refused.append((stored, f"Kafka did not take it: {error}"))
-        for stored, new_id in republished:
-            logger.info("DLQ record %s (op %s) republished as op %s", stored.ref, stored.op_id, new_id)
+            chunk: list[_Sent] = []
+            started = chunk_started = time.monotonic()
+            for index, (stored, op, raw) in enumerate(batch):
+                if rate is not None:
+                    _sleep_until(started + index / rate)
+                chunk.append(self._send(producer, stored, op, raw))
+                if len(chunk) >= CHUNK_RECORDS or time.monotonic() - chunk_started >= CHUNK_SECONDS:
+                    self._settle(producer, chunk, republished, refused, mark_in)
+                    chunk, chunk_started = [], time.monotonic()
+                if progress is not None:
+                    progress(index + 1)
+            self._settle(producer, chunk, republished, refused, mark_in)
         return RepublishResult(republished, refused)
+
+    def _send(self, producer: kafka.Producer, stored: StoredLetter, op: RedisOp, raw: bytes) -> _Sent:
+        sent = _Sent(stored, op.id, [])
+        kafka.produce_reported(producer, self.settings.topic, [(message_key(op), raw, None)], sent.report.extend)
+        producer.poll(0)
+        return sent
+
+    def _settle(
+        self,
+        producer: kafka.Producer,
+        chunk: list[_Sent],
+        republished: list[tuple[StoredLetter, str]],
+        refused: list[tuple[StoredLetter, str]],
+        mark_in: Sequence[StoredLetter] | None,
+    ) -> None:
+        """Wait for Kafka's word on every op of ``chunk``, then mark what it confirmed (copy, confirm, mark)."""
+        # Bounded: librdkafka reports every message within message.timeout.ms.
+        while not all(sent.report for sent in chunk):
+            producer.poll(0.5)
+        for sent in chunk:
+            error = sent.report[0]
+            if error is None:
+                republished.append((sent.stored, sent.new_id))
+                logger.info("DLQ record %s (op %s) republished as op %s", sent.stored.ref, sent.stored.op_id,
+                            sent.new_id)
+            else:
+                refused.append((sent.stored, f"Kafka did not take it: {error}"))
+        if mark_in is not None and chunk:
+            self.advance(mark_in, [stored for stored, _ in republished])
 
     def check(
         self, records: Iterable[StoredLetter]
@@ -233,6 +314,21 @@ class DeadLetterQueue:
 
 
 @dataclass(frozen=True)
+class _Sent:
+    """An op of a replay chunk, published; ``report`` gets Kafka's word (None: confirmed, else the error)."""
+
+    stored: StoredLetter
+    new_id: str
+    report: list[str | None]
+
+
+def _sleep_until(moment: float) -> None:
+    delay = moment - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+@dataclass(frozen=True)
 class Cursor:
     """Where the operator stands in one DLQ partition."""
 
@@ -241,27 +337,6 @@ class Cursor:
 
     def handled(self, offset: int) -> bool:
         return offset < self.offset or offset in self.beyond
-
-
-def select(
-    records: Sequence[StoredLetter],
-    *,
-    refs: Sequence[str] = (),
-    reason: str | None = None,
-    outcome: str | None = None,
-) -> tuple[list[StoredLetter], list[str]]:
-    """The records named by ``refs`` (all if none) that match ``reason`` and ``outcome``.
-
-    Also returns the refs that named no record, so a command can say so.
-    """
-    unknown = [ref for ref in refs if not any(s.matches(ref) for s in records)]
-    chosen = [
-        s for s in records
-        if (not refs or any(s.matches(ref) for ref in refs))
-        and (reason is None or (s.letter is not None and s.letter.reason == reason))
-        and (outcome is None or (s.letter is not None and s.letter.outcome == outcome))
-    ]
-    return chosen, unknown
 
 
 def describe_op(op: RedisOp | None, width: int = 60) -> str:
