@@ -5,11 +5,10 @@
 is not the op's fault: the op is parked in the target's waiting topic in Kafka, spends no
 attempt, and the task ends (``waiting``); the bridge hands it over again once the target
 is back. Any other retryable Redis error reschedules it with ``self.retry(countdown=...)``
-(never a sleep inside the task); a permanent one, or the last failed attempt, makes the
-task fail with a
-:class:`~celery_redis_retry.errors.ReplayError` whose ``reason`` says why. The bridge
-attaches ``celery_redis_retry.dead_letter`` as the error callback (``link_error``): Celery
-calls it in the worker with the failed request, and it writes the DLQ record.
+(never a sleep inside the task); a permanent one, or the last failed attempt, makes the task
+fail with a :class:`~celery_redis_retry.errors.ReplayError` whose ``reason`` says why. The
+bridge attaches ``celery_redis_retry.dead_letter`` as the error callback (``link_error``):
+Celery calls it in the worker with the failed request, and it writes the DLQ record.
 
 Task names travel inside messages: they never change. Listing this module in a Celery
 app's ``include`` registers both tasks; :func:`celery_redis_retry.install` also adds the
@@ -51,6 +50,7 @@ from celery_redis_retry.names import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_
 from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.replay.executor import Executor
 from celery_redis_retry.replay.outcomes import ReplayResult
+from celery_redis_retry.replay.worker import current_pause
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class _Runtime:
         self.reader = Reader(settings)
         self.executor = Executor(settings)
         self.dlq = DeadLetterWriter(settings)
-        self.circuit = LocalCircuit()
+        self.circuit = LocalCircuit(paused=current_pause)  # a paused target is held as one that failed
         self.waiting = WaitingWriter(settings, parked_by="worker")
         self.ends = EndsWriter(settings)
 
