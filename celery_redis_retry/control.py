@@ -119,17 +119,19 @@ def check_target(settings: Settings, target: str) -> None:
         )
 
 
-def pause(settings: Settings, target: str, *, reason: str = "", by: str | None = None) -> TargetPause:
-    """Pause ``target``: write its control record and wait for Kafka to confirm it."""
-    return _write(settings, TargetPause(target, True, by or who(), reason, time.time()))
+def pause(
+    settings: Settings, target: str, *, reason: str = "", by: str | None = None, timeout: float = 10.0,
+) -> TargetPause:
+    """Pause ``target``: write its control record and wait (up to ``timeout`` s) for Kafka to confirm it."""
+    return _write(settings, TargetPause(target, True, by or who(), reason, time.time()), timeout=timeout)
 
 
-def resume(settings: Settings, target: str, *, by: str | None = None) -> TargetPause:
-    """Resume ``target``: write its control record and wait for Kafka to confirm it."""
-    return _write(settings, TargetPause(target, False, by or who(), "", time.time()))
+def resume(settings: Settings, target: str, *, by: str | None = None, timeout: float = 10.0) -> TargetPause:
+    """Resume ``target``: write its control record and wait (up to ``timeout`` s) for Kafka to confirm it."""
+    return _write(settings, TargetPause(target, False, by or who(), "", time.time()), timeout=timeout)
 
 
-def _write(settings: Settings, record: TargetPause, *, timeout: float = 10.0) -> TargetPause:
+def _write(settings: Settings, record: TargetPause, *, timeout: float) -> TargetPause:
     """Write ``record``; :class:`~celery_redis_retry.kafka.TopicMissingError` when the control topic does not exist.
 
     :class:`PublishError` when Kafka did not confirm it.
@@ -242,8 +244,11 @@ class PauseWatch:
         try:
             partitions = kafka.topic_partitions(consumer, self.topic, timeout=10.0)
         except kafka.KafkaException as exc:
-            logger.warning("control topic %s cannot be looked up (%s): trying again", self.topic, exc)
-            partitions = []
+            # Ops are not held back for it: until the topic is read, nothing counts as paused.
+            logger.warning("control topic %s cannot be looked up (%s): no target counts as paused until it is",
+                           self.topic, exc)
+            self._ready.set()
+            return None
         if not partitions:
             if not self._ready.is_set():
                 logger.info("control topic %s does not exist: no target is paused", self.topic)

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -22,7 +23,7 @@ from loop_stack import LoopStack
 
 from celery_redis_retry import message, ops
 from celery_redis_retry.names import REPLAY_TASK
-from celery_redis_retry.testing import wait_until
+from celery_redis_retry.testing import free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -170,3 +171,28 @@ def test_status_watch_redraws_until_ctrl_c(make_loop: Callable[..., LoopStack], 
     assert "Traceback" not in err.read_text()
     assert len(frames) >= 2
     assert all("status at " in f and ": watched, " in f for f in frames[:2]), frames[:2]
+
+
+def test_target_commands_exit_as_the_other_commands(make_loop: Callable[..., LoopStack], apache_kafka: Any) -> None:
+    # Apache Kafka as production runs it: no topic is created on use.
+    stack = make_loop(kafka_broker=apache_kafka, create_topics=False)
+    unknown = stack.cli("redis-retry", "target", "pause", "defualt")
+    assert unknown.returncode == 2, unknown.stderr
+    assert "unknown target 'defualt': redis_retry_targets names default" in unknown.stderr
+    missing = stack.cli("redis-retry", "target", "pause", "default")
+    assert missing.returncode == 5, missing.stderr
+    assert f"control topic '{stack.topic}.control' does not exist on " in missing.stderr
+    assert "redis-retry topics create" in missing.stderr
+    listed = stack.cli("redis-retry", "target", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout == "default          not paused\n"
+    silent = stack.cli("redis-retry", "target", "list", "--timeout", "1",
+                       env={"CRR_BOOTSTRAP": f"127.0.0.1:{free_port()}"})
+    assert silent.returncode == 4, silent.stderr
+    assert "did not answer within 1 s" in silent.stderr
+    begun = time.monotonic()
+    unanswered = stack.cli("redis-retry", "target", "pause", "default", "--timeout", "1",
+                           env={"CRR_BOOTSTRAP": f"127.0.0.1:{free_port()}"})
+    assert unanswered.returncode == 4, unanswered.stderr
+    assert "did not answer within 1 s" in unanswered.stderr
+    assert time.monotonic() - begun < 8, "--timeout bounds the wait"

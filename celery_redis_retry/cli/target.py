@@ -62,7 +62,7 @@ def target_pause(ctx: click.Context, name: str, reason: str, timeout: float) -> 
     """Pause target NAME: its ops wait in its waiting topic until "target resume NAME"."""
     from celery_redis_retry import control
 
-    pause = _write(ctx, timeout, lambda settings: control.pause(settings, name, reason=reason))
+    pause = _write(ctx, timeout, lambda settings: control.pause(settings, name, reason=reason, timeout=timeout))
     click.echo(f"target {name} {pause.describe()}; its ops wait in {settings_of(ctx).waiting_topic(name)}")
 
 
@@ -74,7 +74,7 @@ def target_resume(ctx: click.Context, name: str, timeout: float) -> None:
     """Resume target NAME: the ops that waited flow to it again, at a rate that ramps up."""
     from celery_redis_retry import control
 
-    pause = _write(ctx, timeout, lambda settings: control.resume(settings, name))
+    pause = _write(ctx, timeout, lambda settings: control.resume(settings, name, timeout=timeout))
     click.echo(f"target {name} {pause.describe()}")
 
 
