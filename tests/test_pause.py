@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -171,6 +173,32 @@ def test_status_watch_redraws_until_ctrl_c(make_loop: Callable[..., LoopStack], 
     assert "Traceback" not in err.read_text()
     assert len(frames) >= 2
     assert all("status at " in f and ": watched, " in f for f in frames[:2]), frames[:2]
+
+
+def test_status_watch_redraws_in_place_on_a_terminal(make_loop: Callable[..., LoopStack]) -> None:
+    stack = make_loop()
+    leader, follower = pty.openpty()
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "loop_app", "redis-retry", "status", "--watch", "--interval", "0.5"],
+        env={**os.environ, **stack.env_for("operator")}, cwd=str(stack.workdir), stdout=follower,
+        stderr=subprocess.PIPE,
+    )
+    os.close(follower)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while seen.count(b"\x1b[H\x1b[2J") < 2 and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                seen += os.read(leader, 65536)
+    finally:
+        watch.send_signal(signal.SIGINT)
+        code = watch.wait(timeout=15)
+        os.close(leader)
+    assert seen.count(b"\x1b[H\x1b[2J") >= 2, seen  # each frame homes the cursor and clears the screen
+    assert code == 0
+    assert watch.stderr is not None
+    with watch.stderr:
+        assert b"Traceback" not in watch.stderr.read()
 
 
 def test_target_commands_exit_as_the_other_commands(make_loop: Callable[..., LoopStack], apache_kafka: Any) -> None:
