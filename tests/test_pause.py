@@ -24,7 +24,7 @@ from celery import Celery
 from loop_stack import LoopStack
 
 from celery_redis_retry import message, ops
-from celery_redis_retry.names import REPLAY_TASK
+from celery_redis_retry.names import REPLAY_BATCH_TASK, REPLAY_TASK
 from celery_redis_retry.testing import free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -134,22 +134,26 @@ def test_a_task_handed_over_before_the_pause_waits_without_spending_an_attempt(
     _pause(stack, "--reason", "in flight")
     time.sleep(1)  # the worker process follows the control topic too
 
-    # A task already in the Celery queue when the pause came: sent as a bridge sends it.
-    op = ops.incrby("in-flight", 1)
+    # Tasks already in the Celery queue when the pause came: sent as a bridge sends them.
+    keys = ["in-flight", "in-batch:1", "in-batch:2"]
+    alone, *batched = [message.encode(ops.incrby(key, 1)).decode() for key in keys]
     client = Celery("earlier-bridge", broker=stack.broker_url, set_as_current=False)
     with client.connection_for_write() as connection:
-        client.send_task(REPLAY_TASK, args=(message.encode(op).decode(),), queue=f"queue-{stack.name}",
+        client.send_task(REPLAY_TASK, args=(alone,), queue=f"queue-{stack.name}",
                          kwargs={"origin": {"topic": stack.topic, "partition": 0, "offset": 0}},
                          connection=connection)
+        client.send_task(REPLAY_BATCH_TASK, args=(batched, [[stack.topic, 0, 1], [stack.topic, 0, 2]]),
+                         queue=f"queue-{stack.name}", connection=connection)
     client.close()
     assert stack.worker is not None
-    stack.worker.wait_for_log(r"1 ops for target 'default' parked in \S+: TargetPausedError: target 'default' "
-                              r"paused by \S+: in flight", timeout=30)
-    stack.wait_for(lambda: _waiting(stack) == 1, 30, "the op in the waiting topic")
-    _assert_none_applied_for(stack, ["in-flight"], 2)
+    for count in (1, 2):
+        stack.worker.wait_for_log(rf"{count} ops for target 'default' parked in \S+: TargetPausedError: target "
+                                  r"'default' paused by \S+: in flight", timeout=30)
+    stack.wait_for(lambda: _waiting(stack) == 3, 30, "the ops in the waiting topic")
+    _assert_none_applied_for(stack, keys, 2)
 
     _resume(stack)
-    _applied_once(stack, ["in-flight"])
+    _applied_once(stack, keys)
     assert stack.dlq_is_empty(settle=1), "waiting out a pause spent an attempt"
 
 
