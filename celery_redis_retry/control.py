@@ -30,7 +30,7 @@ from typing import Any
 
 from celery_redis_retry import kafka
 from celery_redis_retry.config import Settings
-from celery_redis_retry.errors import PublishError, RedisRetryError
+from celery_redis_retry.errors import PublishError, UnknownTargetNameError
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,6 @@ logger = logging.getLogger(__name__)
 TARGET_KEY_PREFIX = "target:"
 #: Seconds a :class:`PauseWatch` waits between looks at a control topic that does not exist yet.
 MISSING_TOPIC_RECHECK = 2.0
-
-
-class UnknownTargetNameError(RedisRetryError, ValueError):
-    """A target name given to pause or resume is not in ``redis_retry_targets``."""
-
-    reason = "unknown_target"
 
 
 @dataclass(frozen=True)

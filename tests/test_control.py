@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from celery_redis_retry import control
-from celery_redis_retry.bridge.circuits import CLOSED, PAUSED, RECOVERING, Circuits, LocalCircuit, TargetPausedError
+from celery_redis_retry.bridge.circuits import CLOSED, PAUSED, RECOVERING, Circuits, LocalCircuit
 from celery_redis_retry.config import Settings
-from celery_redis_retry.control import PauseWatch, TargetPause, UnknownTargetNameError
+from celery_redis_retry.control import PauseWatch, TargetPause
+from celery_redis_retry.errors import TargetPausedError, UnknownTargetNameError
 from celery_redis_retry.testing import wait_until
 
 

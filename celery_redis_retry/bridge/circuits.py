@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celery_redis_retry import policy
+from celery_redis_retry.errors import TargetPausedError
 from celery_redis_retry.targets import connect, is_cluster_url
 
 if TYPE_CHECKING:
@@ -340,7 +341,3 @@ class LocalCircuit:
         if pause is not None:
             return TargetPausedError(f"target {target!r} {pause.describe()}")
         return ConnectionError(f"target {target!r} failed moments ago in this worker")
-
-
-class TargetPausedError(Exception):
-    """An op was parked untried: an operator paused its target."""

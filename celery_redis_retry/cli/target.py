@@ -37,8 +37,7 @@ def target() -> None:
 def _write(ctx: click.Context, timeout: float, call: Callable[[Any], Any]) -> Any:
     """``call(settings)``'s control record, or the command's exit naming what went wrong."""
     from celery_redis_retry import kafka
-    from celery_redis_retry.control import UnknownTargetNameError
-    from celery_redis_retry.errors import PublishError
+    from celery_redis_retry.errors import PublishError, UnknownTargetNameError
 
     quiet_kafka_logs()
     settings = settings_of(ctx)
