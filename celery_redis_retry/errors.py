@@ -212,6 +212,22 @@ class HandoverError(RedisRetryError):
     reason = "handover_failed"
 
 
+# -- operators' pauses (celery_redis_retry.control) -----------------------------------------
+
+
+class UnknownTargetNameError(RedisRetryError, ValueError):
+    """A target name given to pause or resume is not in ``redis_retry_targets``."""
+
+    reason = "unknown_target"
+
+
+class TargetPausedError(RedisRetryError):
+    """An op was parked untried: an operator paused its target (the reason its parked message carries).
+
+    Never a dead letter's reason: a paused target's ops wait, they do not end.
+    """
+
+
 # -- the test harness (celery_redis_retry.testing) ---------------------------------------
 
 
@@ -251,10 +267,12 @@ __all__ = [
     "SettingsRefusedError",
     "SignatureError",
     "SpoolFullError",
+    "TargetPausedError",
     "TargetURLError",
     "TopicMissingError",
     "TopicSetupError",
     "UnknownScriptError",
     "UnknownTargetError",
+    "UnknownTargetNameError",
     "UnsupportedVersionError",
 ]

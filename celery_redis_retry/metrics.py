@@ -161,14 +161,14 @@ def _lag_family(bridge: Bridge) -> Any:
 def _circuit_families(bridge: Bridge) -> Iterator[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    from celery_redis_retry.bridge.circuits import CLOSED, OPEN, RECOVERING
+    from celery_redis_retry.bridge.circuits import CLOSED, OPEN, PAUSED, RECOVERING
 
     state = GaugeMetricFamily("crr_bridge_circuit_state", "1 for the state each target's circuit is in now",
                               labels=["target", "state"])
     opened = CounterMetricFamily("crr_bridge_circuit_opened", "Times each target's circuit opened",
                                  labels=["target"])
     for circuit in bridge.circuits.snapshot():
-        for name in (CLOSED, OPEN, RECOVERING):
+        for name in (CLOSED, OPEN, RECOVERING, PAUSED):
             state.add_metric([circuit.target, name], int(circuit.state == name))
         opened.add_metric([circuit.target], circuit.opened)
     yield state

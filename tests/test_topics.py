@@ -79,12 +79,12 @@ def test_topics_create_then_describe_and_rerun_on_apache_kafka(
 
     dry = stack.cli("redis-retry", "topics", "create", *flags, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.count("would create") == 4  # retry, DLQ, ends and the waiting topic of target "default"
+    assert dry.stdout.count("would create") == 5  # retry, DLQ, ends, control and the waiting topic of "default"
     assert _described(stack, stack.topic, stack.dlq_topic) == {stack.topic: None, stack.dlq_topic: None}
 
     created = stack.cli("redis-retry", "topics", "create", *flags)
     assert created.returncode == 0, created.stderr
-    assert created.stdout.count("created") == 4
+    assert created.stdout.count("created") == 5
     # What the cluster has, read back independently of the command's own report.
     ops_topic, dlq_topic = _described(stack, stack.topic, stack.dlq_topic).values()
     assert ops_topic is not None
@@ -101,6 +101,10 @@ def test_topics_create_then_describe_and_rerun_on_apache_kafka(
     ends = _described(stack, stack.ends_topic)[stack.ends_topic]
     assert ends is not None
     assert (ends.partitions, ends.config["retention.ms"]) == (3, str(DAY_MS))  # read within moments
+    control_topic = f"{stack.topic}.control"
+    control = _described(stack, control_topic)[control_topic]
+    assert control is not None
+    assert (control.partitions, control.config["cleanup.policy"]) == (1, "compact")  # the last pause per target
 
     described = stack.cli("redis-retry", "topics", "describe", *flags)
     assert described.returncode == 0, described.stderr
@@ -112,7 +116,7 @@ def test_topics_create_then_describe_and_rerun_on_apache_kafka(
 
     again = stack.cli("redis-retry", "topics", "create", *flags)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("exists") == 4
+    assert again.stdout.count("exists") == 5
     assert "created" not in again.stdout
 
     # Asked for something else, it leaves the topics alone and says how they differ.
@@ -174,7 +178,7 @@ def test_topics_create_on_tansu(tansu: Any, stack_on: Callable[..., LoopStack]) 
     assert ops_topic.config["retention.ms"] == SEVEN_DAYS_MS
     again = stack.cli("redis-retry", "topics", "create", "--replication-factor", "1", "--partitions", "5")
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("exists") == 4
+    assert again.stdout.count("exists") == 5
 
 
 def test_topics_create_on_the_dev_broker_says_it_creates_topics_itself(

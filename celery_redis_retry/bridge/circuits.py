@@ -16,6 +16,10 @@ outlive the outage or be lost with the process. A restarted bridge or worker pro
 before it trusts anything, so it neither forgets an outage (the probe fails) nor keeps
 one that ended (it succeeds). What must survive is the ops, and they are in Kafka:
 the waiting topics are the durable half of the state. See ``docs/outages.md``.
+
+An operator's pause (:mod:`celery_redis_retry.control`) is a second reason to hold a
+target: while it lasts the circuit shows ``paused`` and admits nothing, whatever the
+probes find; when it ends the circuit recovers, as after an outage.
 """
 
 from __future__ import annotations
@@ -26,16 +30,24 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery_redis_retry import policy
+from celery_redis_retry.errors import TargetPausedError
 from celery_redis_retry.targets import connect, is_cluster_url
+
+if TYPE_CHECKING:
+    from celery_redis_retry.control import TargetPause
 
 logger = logging.getLogger(__name__)
 
 CLOSED = "closed"
 OPEN = "open"
 RECOVERING = "recovering"
+#: An operator paused the target (see :mod:`celery_redis_retry.control`): held like an open circuit.
+PAUSED = "paused"
+#: The states in which a target's ops are held in its waiting topic.
+HOLDING = frozenset((OPEN, PAUSED))
 
 #: Seconds between probes of a closed circuit, and the backoff of an open one.
 PROBE_INTERVAL = 1.0
@@ -98,9 +110,9 @@ class CircuitState:
     """One target's circuit, as this process sees it now."""
 
     target: str
-    state: str  # closed | open | recovering
+    state: str  # closed | open | recovering | paused
     since: float  # UNIX time of the last change
-    reason: str  # why it last opened ("" when it never did)
+    reason: str  # why it last opened or was paused ("" when it never was)
     opened: int  # times it opened since start
 
 
@@ -114,6 +126,16 @@ class _Circuit:
         self.opened = 0
         self.admitted = 0  # ops let through since recovery began
         self.wake = threading.Event()
+        self.pause: TargetPause | None = None  # an operator's pause, while it lasts
+
+    @property
+    def shown_state(self) -> str:
+        """The state callers see: ``paused`` over whatever the probes found."""
+        return PAUSED if self.pause is not None else self.state
+
+    @property
+    def shown_reason(self) -> str:
+        return self.pause.describe() if self.pause is not None else self.reason
 
 
 class Circuits:
@@ -142,16 +164,41 @@ class Circuits:
     # -- what callers ask ----------------------------------------------------------------
 
     def state(self, target: str) -> str:
-        """``closed``, ``open`` or ``recovering`` (closed for a target not watched here)."""
+        """``closed``, ``open``, ``recovering`` or ``paused`` (closed for a target not watched here)."""
         circuit = self._circuits.get(target)
         if circuit is None:
             return CLOSED
-        return circuit.state
+        return circuit.shown_state
+
+    def holding(self, target: str) -> bool:
+        """Whether ``target``'s ops must wait: its circuit is open, or an operator paused it."""
+        return self.state(target) in HOLDING
 
     def reason(self, target: str) -> str:
-        """Why ``target``'s circuit last opened ("" if it never did)."""
+        """Why ``target``'s circuit last opened, or who paused it and why ("" if neither)."""
         circuit = self._circuits.get(target)
-        return circuit.reason if circuit is not None else ""
+        return circuit.shown_reason if circuit is not None else ""
+
+    def set_pause(self, pause: TargetPause) -> None:
+        """An operator paused or resumed ``pause.target`` (a :class:`~celery_redis_retry.control.PauseWatch` says).
+
+        Resuming starts the recovery ramp, as a circuit closing after an outage does, so
+        that a backlog held by a long pause drains without a stampede on the target.
+        """
+        circuit = self._circuits.get(pause.target)
+        if circuit is None:
+            return
+        with self._lock:
+            if (circuit.pause is not None) == pause.paused:
+                return
+            circuit.pause = pause if pause.paused else None
+            circuit.since = time.time()
+            if not pause.paused and circuit.state == CLOSED:
+                circuit.state, circuit.changed = RECOVERING, time.monotonic()
+            circuit.admitted = 0
+            view = _view(circuit)
+        if self._on_change is not None:
+            self._on_change(view)
 
     def admit(self, target: str, count: int) -> int:
         """How many of ``count`` ops for ``target`` may be handed over now (the first ones)."""
@@ -159,10 +206,10 @@ class Circuits:
         if circuit is None:
             return count
         with self._lock:
+            if circuit.pause is not None or circuit.state == OPEN:
+                return 0
             if circuit.state == CLOSED:
                 return count
-            if circuit.state == OPEN:
-                return 0
             elapsed = time.monotonic() - circuit.changed
             if elapsed >= RECOVERY_SECONDS:
                 return count  # the probe thread closes it within a second
@@ -240,7 +287,7 @@ class Circuits:
                 circuit.reason = reason
                 circuit.opened += 1
             view = _view(circuit)
-        if self._on_change is not None:
+        if self._on_change is not None and circuit.pause is None:  # a paused one says so once, when paused
             self._on_change(view)
 
     # -- the recovery ramp ---------------------------------------------------------------
@@ -252,7 +299,7 @@ class Circuits:
 
 
 def _view(circuit: _Circuit) -> CircuitState:
-    return CircuitState(circuit.target, circuit.state, circuit.since, circuit.reason, circuit.opened)
+    return CircuitState(circuit.target, circuit.shown_state, circuit.since, circuit.shown_reason, circuit.opened)
 
 
 class LocalCircuit:
@@ -262,14 +309,20 @@ class LocalCircuit:
     the ops for that target are parked in Kafka without trying (each try could cost a
     socket timeout), then the next op tries again. Nothing is kept across restarts: the
     first op after one is the probe.
+
+    ``paused(target)`` says whether an operator paused the target (see
+    :mod:`celery_redis_retry.control`): its ops are parked untried too, as long as it lasts.
     """
 
-    def __init__(self, hold: float = 1.0) -> None:
+    def __init__(self, hold: float = 1.0, *, paused: Callable[[str], TargetPause | None] | None = None) -> None:
         self.hold = hold
         self._until: dict[str, float] = {}
+        self._paused = paused
 
     def is_open(self, target: str) -> bool:
-        """Whether ops for ``target`` should be parked without trying."""
+        """Whether ops for ``target`` should be parked without trying (an outage met here, or a pause)."""
+        if self._paused is not None and self._paused(target) is not None:
+            return True
         until = self._until.get(target)
         if until is None:
             return False
@@ -282,7 +335,9 @@ class LocalCircuit:
         """An op for ``target`` just met an outage."""
         self._until[target] = time.monotonic() + self.hold
 
-    @staticmethod
-    def skipped(target: str) -> ConnectionError:
+    def skipped(self, target: str) -> Exception:
         """Why an op for ``target`` is parked untried (the reason its parked message carries)."""
+        pause = self._paused(target) if self._paused is not None else None
+        if pause is not None:
+            return TargetPausedError(f"target {target!r} {pause.describe()}")
         return ConnectionError(f"target {target!r} failed moments ago in this worker")

@@ -46,13 +46,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery_redis_retry import kafka
-from celery_redis_retry.bridge.circuits import OPEN, RECOVERING, Circuits, CircuitState, TargetProbe
+from celery_redis_retry.bridge.circuits import OPEN, PAUSED, RECOVERING, Circuits, CircuitState, TargetProbe
 from celery_redis_retry.bridge.dispatch import Batcher, TaskSender
 from celery_redis_retry.bridge.ends import EndsReader
 from celery_redis_retry.bridge.offsets import Consumed, InFlight, OffsetTracker, Partition
 from celery_redis_retry.bridge.refetch import Refetcher
 from celery_redis_retry.bridge.waiting import Parked, ParkedHeaders, WaitingWriter
 from celery_redis_retry.config import confirm_task_publishing, settings_for, shown_broker_url, waiting_group
+from celery_redis_retry.control import PauseWatch, TargetPause
 from celery_redis_retry.dlq.record import DeadLetter, DeadLetterWriter, Origin
 from celery_redis_retry.errors import (
     BridgeUnavailableError,
@@ -73,6 +74,9 @@ STOP_WAIT_FOR_ENDS = 5.0
 
 #: Hand-overs of one op without an end after which each further one is logged as an error.
 HANDOVERS_TO_ALERT = 3
+
+#: How long a starting bridge waits to have read the control topic (the operators' pauses).
+PAUSES_READ_WAIT = 10.0
 
 
 @dataclass
@@ -190,6 +194,8 @@ class Bridge:
             self.settings.targets, lambda name: self._probes[name](), recovery_rate=self.settings.recovery_rate,
             on_change=self._circuit_changed,
         )
+        #: Operators' pauses (a compacted Kafka topic): a paused target is held like an open circuit.
+        self.pauses = PauseWatch(self.settings, on_change=self._pause_changed)
 
     @property
     def reading_paused(self) -> bool:
@@ -290,6 +296,10 @@ class Bridge:
                 raise BridgeUnavailableError(
                     f"cannot reach Kafka at {self.settings.kafka.get('bootstrap.servers')!r}: {exc}"
                 ) from exc
+        # Before the first hand-over: a target paused before this bridge started stays paused.
+        if not self.pauses.start(wait=PAUSES_READ_WAIT).wait_ready(0):
+            logger.warning("control topic %s not read to its end in %g s: pauses apply once it is",
+                           self.settings.control_topic, PAUSES_READ_WAIT)
         self.circuits.start()
         instance = self._membership.get("group.instance.id")
         logger.info(
@@ -360,6 +370,7 @@ class Bridge:
             self._ends.close()
         self._refetcher.close()
         self.circuits.stop()
+        self.pauses.stop()
         for target_probe in self._probes.values():
             target_probe.close()
         self._dlq.close()
@@ -802,7 +813,10 @@ class Bridge:
     def _circuit_changed(self, circuit: CircuitState) -> None:
         # One line per change of state, never one per op.
         waiting = self.settings.waiting_topic(circuit.target)
-        if circuit.state == OPEN:
+        if circuit.state == PAUSED:
+            logger.warning("target %r %s: its ops wait in %s until it is resumed", circuit.target, circuit.reason,
+                           waiting)
+        elif circuit.state == OPEN:
             logger.warning("target %r cannot take writes (%s): circuit open; its ops wait in %s",
                            circuit.target, circuit.reason, waiting)
         elif circuit.state == RECOVERING:
@@ -810,6 +824,12 @@ class Bridge:
                            "doubling every second", circuit.target, waiting, self.settings.recovery_rate)
         else:
             logger.info("target %r: circuit closed", circuit.target)
+
+    def _pause_changed(self, pause: TargetPause) -> None:
+        if not pause.paused and pause.target in self.settings.targets:
+            logger.info("target %r %s: its ops flow again from %s", pause.target, pause.describe(),
+                        self.settings.waiting_topic(pause.target))
+        self.circuits.set_pause(pause)  # a pause is logged as the circuit's change
 
     def _origin(self, message: kafka.Message) -> Origin:
         return Origin(*_position(message))
@@ -862,7 +882,7 @@ class Bridge:
         delay = parked.not_before - time.time()
         if delay > 0:
             self.circuits.suspect(target)  # a worker met an outage just now: look at once
-        if delay > 0 or self.circuits.state(target) == OPEN:
+        if delay > 0 or self.circuits.holding(target):
             self._hold(key, target, max(0.0, delay))
             return True
         return False
@@ -880,7 +900,7 @@ class Bridge:
     def _resume_due(self) -> None:
         now = time.monotonic()
         for (topic, number), stall in list(self._stalled.items()):
-            if stall.wait_for is not None and self.circuits.state(stall.wait_for) == OPEN:
+            if stall.wait_for is not None and self.circuits.holding(stall.wait_for):
                 continue
             if stall.resume_at <= now:
                 del self._stalled[(topic, number)]

@@ -27,6 +27,7 @@ from celery_redis_retry.cli.common import (
     timeout_option,
 )
 from celery_redis_retry.cli.dlq import dlq
+from celery_redis_retry.cli.target import target
 from celery_redis_retry.cli.topics import topics
 from celery_redis_retry.names import EXIT_CONFIG, EXIT_FAILURE, EXIT_NO_TOPIC, EXIT_OK, EXIT_UNAVAILABLE
 
@@ -52,6 +53,7 @@ def redis_retry(ctx: click.Context) -> None:
 
 redis_retry.add_command(dlq)
 redis_retry.add_command(topics)
+redis_retry.add_command(target)
 
 
 @redis_retry.command("bridge")
@@ -231,59 +233,40 @@ def spool_drain(ctx: click.Context, timeout: float) -> None:
 
 @redis_retry.command("status")
 @click.option("--json", "as_json", is_flag=True, help="The figures as one JSON object.")
+@click.option("--watch", is_flag=True, help="Refresh every --interval seconds until Ctrl-C (then exit 0).")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.1), metavar="SECONDS",
+              help="Seconds between two refreshes of --watch.")
 @timeout_option(what="each query")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
-    """Where ops wait: spool, retry topic (lag), Celery queue, retries held by workers, DLQ, and each target's circuit.
+def status(ctx: click.Context, as_json: bool, watch: bool, interval: float, timeout: float) -> None:
+    """Where ops wait: spool, retry topic (lag), Celery queue, retries held by workers, DLQ, and each target's
+    circuit and pause.
 
     A figure that could not be read shows as "unknown" (null in --json); a partition
     without a committed offset as "committed -" (null). Exits 0 when every place could
     be read, 3 on bad settings, 4 if a place is unreachable (Kafka within --timeout,
-    or the Celery broker), 5 if the retry or DLQ topic does not exist.
+    or the Celery broker), 5 if the retry or DLQ topic does not exist. With --watch it
+    redraws in place on a terminal (one frame per interval, separated by a blank line,
+    otherwise) and exits 0 on Ctrl-C.
     """
-    from celery_redis_retry.cli.status import collect
-    from celery_redis_retry.message import dumps
-    from celery_redis_retry.words import counted
+    from celery_redis_retry.cli.status import collect, frame, watch_frames
 
     quiet_kafka_logs()
     settings = settings_of(ctx)
-    figures = collect(celery_app(ctx), settings, timeout=timeout)
-    if as_json:
-        click.echo(dumps(figures.document()).decode())
-    else:
-        def shown(value: object) -> str:
-            return "unknown" if value is None else str(value)
-
-        click.echo(f"spool        {counted(figures.spool_messages, 'message')} in {figures.spool_path}")
-        click.echo(f"retry topic  {figures.topic}: lag {shown(figures.lag)}, not ended {shown(figures.not_ended)} "
-                   f"(group {figures.group})")
-        for partition, offsets in sorted((figures.partitions or {}).items()):
-            committed = "-" if offsets.committed < 0 else offsets.committed
-            click.echo(f"  partition {partition}: end {offsets.high}, committed {committed}, "
-                       f"lag {offsets.lag}, not ended {offsets.pending}")
-        click.echo(f"celery queue {figures.queue}: {counted(figures.queued_tasks, 'task')} waiting")
-        click.echo(f"retrying     {_retrying_line(figures.retrying)}")
-        click.echo(f"dlq          {figures.dlq_topic}: {counted(figures.dlq_pending, 'record')} pending")
-        for target in figures.targets:
-            why = f" ({target.reason})" if target.reason else ""
-            click.echo(f"target       {target.name}: circuit {target.circuit}{why}, "
-                       f"{counted(target.waiting, 'op')} waiting in {settings.waiting_topic(target.name)}")
-        for place, error in figures.errors.items():
-            click.echo(f"error        {place}: {error}", err=True)
-        for missing in figures.missing_topics:
-            click.echo(f"error        {missing.explain(app_name(ctx))}", err=True)
+    app = celery_app(ctx)
+    if watch:
+        watch_frames(lambda: frame(collect(app, settings, timeout=timeout), settings, app_name(ctx), as_json=as_json),
+                     interval)
+        ctx.exit(EXIT_OK)
+    figures = collect(app, settings, timeout=timeout)
+    out, err = frame(figures, settings, app_name(ctx), as_json=as_json)
+    for line in out:
+        click.echo(line)
+    for line in err:
+        click.echo(line, err=True)
     if figures.errors:
         ctx.exit(EXIT_UNAVAILABLE)
     ctx.exit(EXIT_NO_TOPIC if figures.missing_topics else EXIT_OK)
-
-
-def _retrying_line(retrying: Any) -> str:
-    from celery_redis_retry.words import counted
-
-    if retrying.ops is None:
-        return "unknown: no worker answered (none running, or remote control is off)"
-    age = "" if retrying.oldest_age is None else f", the oldest captured {retrying.oldest_age:.0f} s ago"
-    return f"{counted(retrying.ops, 'op')} held by {counted(retrying.workers, 'worker')} until their next attempt{age}"
 
 
 # -- the standalone command ----------------------------------------------------------------

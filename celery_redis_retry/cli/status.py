@@ -7,7 +7,9 @@ One look at each place an op can wait, from the first to the last:
 - the Celery queue (replay tasks waiting for a worker);
 - the workers (replay tasks they hold until the countdown of their next attempt, as
   Celery's ``inspect scheduled`` reports them);
-- the dead-letter topic (records past the operator cursor, see :mod:`.dlq_admin`).
+- the dead-letter topic (records past the operator cursor, see :mod:`.dlq_admin`);
+- each target: its circuit (a probe), whether an operator paused it (the control
+  topic), and the ops in its waiting topic.
 
 Every figure is read, not estimated; a place that cannot be reached is reported as such
 (``error``) rather than as zero, and so is a topic that does not exist (``missing_topics``:
@@ -16,13 +18,17 @@ on a cluster that does not create topics on use, nothing can wait there).
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery_redis_retry import kafka
 from celery_redis_retry.bridge.dispatch import TaskSender
+from celery_redis_retry.cli.target import paused_document, paused_line
 from celery_redis_retry.config import Settings, waiting_group
+from celery_redis_retry.control import TargetPause, read_pauses
 from celery_redis_retry.dlq.admin import DeadLetterQueue
 
 
@@ -34,9 +40,11 @@ class TargetStatus:
     circuit: str  # "closed" (takes writes) or "open"
     reason: str  # why it is open ("" when closed)
     waiting: int | None  # ops in its waiting topic the bridges have not handed over (None: unknown)
+    pause: TargetPause | None = None  # its last control record (None: never paused, or unknown)
 
     def document(self) -> dict[str, Any]:
-        return {"circuit": self.circuit, "reason": self.reason, "waiting": self.waiting}
+        return {"circuit": self.circuit, "reason": self.reason, "waiting": self.waiting,
+                "pause": paused_document(self.pause)}
 
 
 @dataclass(frozen=True)
@@ -145,7 +153,13 @@ def collect(app: Any, settings: Settings, *, timeout: float = 10.0) -> Status:
     else:
         retrying = _retrying(app, settings, timeout=min(timeout, RETRYING_REPLY_WAIT))
     spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes).status()
-    targets = [_target_status(settings, name, timeout=timeout, kafka_ok="kafka" not in errors)
+    pauses: dict[str, TargetPause] = {}
+    if "kafka" not in errors:
+        try:
+            pauses = read_pauses(settings, timeout=timeout)
+        except kafka.KafkaException as exc:
+            errors["control_topic"] = f"cannot read {settings.control_topic}: {exc}"
+    targets = [_target_status(settings, name, timeout=timeout, kafka_ok="kafka" not in errors, pause=pauses.get(name))
                for name in settings.targets]
     return Status(
         topic=settings.topic,
@@ -206,7 +220,9 @@ def _retrying(app: Any, settings: Settings, *, timeout: float) -> Retrying:
     return Retrying(count, None if oldest is None else max(0.0, time.time() - oldest), len(replies))
 
 
-def _target_status(settings: Settings, name: str, *, timeout: float, kafka_ok: bool) -> TargetStatus:
+def _target_status(
+    settings: Settings, name: str, *, timeout: float, kafka_ok: bool, pause: TargetPause | None = None,
+) -> TargetStatus:
     from celery_redis_retry import policy
     from celery_redis_retry.bridge.circuits import TargetProbe
 
@@ -227,4 +243,86 @@ def _target_status(settings: Settings, name: str, *, timeout: float, kafka_ok: b
             waiting = sum(o.lag for o in offsets.values())
         except kafka.KafkaException:
             waiting = None
-    return TargetStatus(name, circuit, reason, waiting)
+    return TargetStatus(name, circuit, reason, waiting, pause)
+
+
+# -- showing it --------------------------------------------------------------------------
+
+
+def frame(status: Status, settings: Settings, app: str, *, as_json: bool = False) -> tuple[list[str], list[str]]:
+    """The lines ``status`` prints for ``status``: to stdout, and to stderr (what could not be read)."""
+    from celery_redis_retry.message import dumps
+
+    if as_json:
+        return [dumps(status.document()).decode()], []
+    errors = [f"error        {place}: {error}" for place, error in status.errors.items()]
+    errors += [f"error        {missing.explain(app)}" for missing in status.missing_topics]
+    return _text_lines(status, settings), errors
+
+
+def _text_lines(status: Status, settings: Settings) -> list[str]:
+    from celery_redis_retry.words import counted
+
+    def shown(value: object) -> str:
+        return "unknown" if value is None else str(value)
+
+    lines = [
+        f"spool        {counted(status.spool_messages, 'message')} in {status.spool_path}",
+        f"retry topic  {status.topic}: lag {shown(status.lag)}, not ended {shown(status.not_ended)} "
+        f"(group {status.group})",
+    ]
+    for partition, offsets in sorted((status.partitions or {}).items()):
+        committed = "-" if offsets.committed < 0 else offsets.committed
+        lines.append(f"  partition {partition}: end {offsets.high}, committed {committed}, "
+                     f"lag {offsets.lag}, not ended {offsets.pending}")
+    lines += [
+        f"celery queue {status.queue}: {counted(status.queued_tasks, 'task')} waiting",
+        f"retrying     {_retrying_line(status.retrying)}",
+        f"dlq          {status.dlq_topic}: {counted(status.dlq_pending, 'record')} pending",
+    ]
+    for target in status.targets:
+        why = f" ({target.reason})" if target.reason else ""
+        paused = f", {paused_line(target.pause)}" if target.pause is not None and target.pause.paused else ""
+        lines.append(f"target       {target.name}: circuit {target.circuit}{why}{paused}, "
+                     f"{counted(target.waiting, 'op')} waiting in {settings.waiting_topic(target.name)}")
+    return lines
+
+
+def _retrying_line(retrying: Retrying) -> str:
+    from celery_redis_retry.words import counted
+
+    if retrying.ops is None:
+        return "unknown: no worker answered (none running, or remote control is off)"
+    age = "" if retrying.oldest_age is None else f", the oldest captured {retrying.oldest_age:.0f} s ago"
+    return f"{counted(retrying.ops, 'op')} held by {counted(retrying.workers, 'worker')} until their next attempt{age}"
+
+
+#: Home the cursor and clear the screen: a terminal redraws the frame in place.
+_REDRAW = "\x1b[H\x1b[2J"
+
+
+def watch_frames(next_frame: Callable[[], tuple[list[str], list[str]]], interval: float) -> None:
+    """Show ``next_frame()`` every ``interval`` seconds until Ctrl-C (which returns, quietly).
+
+    On a terminal each frame replaces the last; otherwise (a pipe, a file, a log) the
+    frames follow one another, separated by a blank line.
+    """
+    redraw = sys.stdout.isatty()
+    first = True
+    try:
+        while True:
+            begun = time.monotonic()
+            out, err = next_frame()
+            stamp = time.strftime("%H:%M:%S")
+            text = "\n".join([f"status at {stamp} (every {interval:g} s; Ctrl-C to stop)", *out, *err])
+            if redraw:
+                sys.stdout.write(_REDRAW + text + "\n")
+            else:
+                sys.stdout.write(("" if first else "\n") + text + "\n")
+            sys.stdout.flush()
+            first = False
+            time.sleep(max(0.0, interval - (time.monotonic() - begun)))
+    except KeyboardInterrupt:
+        if redraw:
+            sys.stdout.write("\n")
+

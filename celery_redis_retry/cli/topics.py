@@ -16,7 +16,7 @@ from celery_redis_retry.names import EXIT_FAILURE, EXIT_NO_TOPIC, EXIT_OK, EXIT_
 
 @click.group("topics")
 def topics() -> None:
-    """Create and describe the retry topic and its DLQ topic (for clusters that do not auto-create).
+    """Create and describe the topics: retry, DLQ, ends, control and waiting (for clusters that do not auto-create).
 
     Run "topics create" once per cluster, before the first producer, bridge or
     worker: production clusters run with auto.create.topics.enable=false.

@@ -72,6 +72,9 @@ class Settings:
     #: Where workers report the ops they ended, for the bridges (see :mod:`celery_redis_retry.bridge.ends`).
     #: "" (not given): ``<topic>.ends``.
     ends_topic: str = ""
+    #: Where operators pause and resume targets (see :mod:`celery_redis_retry.control`), compacted.
+    #: "" (not given): ``<topic>.control``.
+    control_topic: str = ""
     consumer_group: str = "redis-retry-consumer-group"
     queue: str = "redis-retry"
     max_retries: int = 3
@@ -121,6 +124,8 @@ class Settings:
             object.__setattr__(self, "dlq_topic", f"{self.topic}.dlq")
         if not self.ends_topic:
             object.__setattr__(self, "ends_topic", f"{self.topic}.ends")
+        if not self.control_topic:
+            object.__setattr__(self, "control_topic", f"{self.topic}.control")
 
     def check_op(self, op: RedisOp) -> None:
         """Refuse an op these settings would never replay: unknown target, command not allowed."""
@@ -212,7 +217,8 @@ def _key_defaults() -> dict[str, Any]:
 #: ``redis_retry_backoff = True`` means this factor, as Celery's ``retry_backoff = True`` does.
 _BACKOFF_TRUE_FACTOR = 1.0
 #: The keys without a default of their own: required, or derived from ``redis_retry_topic``.
-WITHOUT_DEFAULT = ("redis_retry_kafka", "redis_retry_targets", "redis_retry_dlq_topic", "redis_retry_ends_topic")
+WITHOUT_DEFAULT = ("redis_retry_kafka", "redis_retry_targets", "redis_retry_dlq_topic", "redis_retry_ends_topic",
+                   "redis_retry_control_topic")
 #: Each key's default, as written in an app's config (None: derived, see the table in docs/configuration.md).
 DEFAULTS: Mapping[str, Any] = MappingProxyType(_key_defaults())
 #: Every key read here; any other ``redis_retry_*`` key is a mistake and refused.
@@ -404,6 +410,7 @@ def _read(reader: _Reader) -> Settings:
         topic=topic,
         dlq_topic=_derived_string(reader, "redis_retry_dlq_topic"),
         ends_topic=_derived_string(reader, "redis_retry_ends_topic"),
+        control_topic=_derived_string(reader, "redis_retry_control_topic"),
         consumer_group=reader.string("redis_retry_consumer_group"),
         queue=reader.string("redis_retry_queue"),
         max_retries=reader.integer("redis_retry_max_retries", 0),

@@ -2,7 +2,8 @@
 
 Production clusters run with ``auto.create.topics.enable=false``: the retry topic
 (``redis_retry_topic``), its dead-letter topic (``redis_retry_dlq_topic``), the topic
-where workers report the ops they ended (``redis_retry_ends_topic``) and one
+where workers report the ops they ended (``redis_retry_ends_topic``), the compacted
+topic where operators pause targets (``redis_retry_control_topic``) and one
 waiting topic per target (``<redis_retry_topic>.waiting.<target>``, where a target's
 ops wait while it is down) are made by an admin step, before any producer, bridge or
 worker starts. :func:`plan` says how, from the app's settings; :func:`create` makes what
@@ -50,6 +51,8 @@ RETENTION_MARGIN_MS = 3 * DAY_MS
 DEFAULT_DLQ_RETENTION_MS = 28 * DAY_MS
 DEFAULT_ENDS_PARTITIONS = 3
 DEFAULT_ENDS_RETENTION_MS = DAY_MS
+#: Control records are few and tiny: one partition keeps them in the order they were written.
+DEFAULT_CONTROL_PARTITIONS = 1
 
 #: The settings :func:`create` sets and :func:`differences` compares.
 COMPARED = ("min.insync.replicas", "retention.ms", "cleanup.policy")
@@ -117,6 +120,9 @@ def plan(
         *([TopicPlan("ends", settings.ends_topic, DEFAULT_ENDS_PARTITIONS, replication_factor,
                      {**common, "retention.ms": str(DEFAULT_ENDS_RETENTION_MS)})]
           if settings.commit_after == "end" else []),
+        # Compacted: the last record per key (a target's pause) is kept for ever.
+        TopicPlan("control", settings.control_topic, DEFAULT_CONTROL_PARTITIONS, replication_factor,
+                  {"min.insync.replicas": str(insync), "cleanup.policy": "compact"}),
         # Where a target's ops wait while it is down: kept as long as the ops themselves.
         *(TopicPlan(f"waiting ({target})", topic, partitions, replication_factor,
                     {**common, "retention.ms": str(retention)})
@@ -133,14 +139,14 @@ def plan_warnings(settings: Settings, plans: list[TopicPlan]) -> list[str]:
     out = []
     for p in plans:
         retention = int(p.config.get("retention.ms", "-1"))
-        if p.role not in ("DLQ", "ends") and (retention < 0 or retention > settings.dedupe_ttl * 1000):
+        if p.role not in ("DLQ", "ends", "control") and (retention < 0 or retention > settings.dedupe_ttl * 1000):
             shown = "forever" if retention < 0 else counted(retention / DAY_MS, "day")
             out.append(
                 f"retry topic {p.name} keeps ops {shown}, longer than redis_retry_dedupe_ttl "
                 f"({counted(settings.dedupe_ttl / 86400, 'day')}): raise redis_retry_dedupe_ttl to at least "
                 f"{max(retention, 0) // 1000} s, or an op read again after its marker expired may apply twice"
             )
-        if p.role not in ("DLQ", "ends") and 0 <= retention < settings.max_age * 1000:
+        if p.role not in ("DLQ", "ends", "control") and 0 <= retention < settings.max_age * 1000:
             out.append(
                 f"{p.role} topic {p.name} keeps ops {counted(retention / DAY_MS, 'day')}, less than "
                 f"redis_retry_max_age ({counted(settings.max_age / 86400, 'day')}): an op waiting out a long "
@@ -245,6 +251,8 @@ def _summary(partitions: int, replication_factor: int, config: Mapping[str, str]
     retention = config.get("retention.ms")
     if retention is not None:
         parts.append(f"retention.ms {retention}{_days(retention)}")
+    if config.get("cleanup.policy") == "compact":
+        parts.append("compacted")
     return ", ".join(parts)
 
 

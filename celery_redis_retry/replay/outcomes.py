@@ -4,7 +4,7 @@ An op's commands ran as they are (:func:`plain_outcome`) or inside a Lua step
 (:func:`parse_once` reads ``apply_once.lua``'s reply). A command's error the target would
 not give a moment later (OOM, READONLY, LOADING...) is raised as redis-py would have
 raised it, so the op is retried; any other ends the op with a permanent reason
-(:func:`checked`).
+(:func:`checked`). After a failed attempt, :func:`final_error` says whether the op ends.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis.exceptions
 from redis._parsers import _RESP2Parser
 
 from celery_redis_retry import policy
-from celery_redis_retry.errors import PermanentReplayError
+from celery_redis_retry.errors import PermanentReplayError, RedisRetryError, ReplayError, RetriesExhaustedError
 from celery_redis_retry.ops import RedisOp
 
 #: What a registered script's wrapper returns when the op's marker exists.
@@ -85,3 +86,27 @@ def checked(op: RedisOp, applied: ReplayResult) -> ReplayResult:
             reason=policy.permanent_reason(message),
         )
     return applied
+
+
+def final_error(op: RedisOp, exc: BaseException, retries: int, limit: int) -> BaseException | None:
+    """What ends ``op`` after ``exc`` on attempt ``retries + 1``, or None to retry it.
+
+    A retryable Redis error is retried while attempts remain, then ends the op with
+    :class:`RetriesExhaustedError`; any other Redis error is permanent; errors of this
+    package already say why; anything else is unexpected and ends the op as it is.
+    """
+    if isinstance(exc, RedisRetryError):
+        return exc
+    error: ReplayError
+    if policy.is_retryable(exc):
+        if retries < limit:
+            return None
+        error = RetriesExhaustedError(
+            f"op {op.id} still failing after {retries + 1} attempts: {type(exc).__name__}: {exc}"
+        )
+    elif isinstance(exc, redis.exceptions.RedisError):
+        error = PermanentReplayError(f"op {op.id}: {type(exc).__name__}: {exc}", reason=policy.permanent_reason(exc))
+    else:
+        return exc
+    error.__cause__ = exc
+    return error

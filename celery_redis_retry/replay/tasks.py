@@ -5,10 +5,10 @@
 is not the op's fault: the op is parked in the target's waiting topic in Kafka, spends no
 attempt, and the task ends (``waiting``); the bridge hands it over again once the target
 is back. Any other retryable Redis error reschedules it with ``self.retry(countdown=...)``
-(never a sleep inside the task); a permanent one, or the last failed attempt, makes the
-task fail with a :class:`~celery_redis_retry.errors.ReplayError` whose ``reason`` says why. The bridge
-attaches ``celery_redis_retry.dead_letter`` as the error callback (``link_error``): Celery
-calls it in the worker with the failed request, and it writes the DLQ record.
+(never a sleep inside the task); a permanent one, or the last failed attempt, makes the task
+fail with a :class:`~celery_redis_retry.errors.ReplayError` whose ``reason`` says why. The
+bridge attaches ``celery_redis_retry.dead_letter`` as the error callback (``link_error``):
+Celery calls it in the worker with the failed request, and it writes the DLQ record.
 
 Task names travel inside messages: they never change. Listing this module in a Celery
 app's ``include`` registers both tasks; :func:`celery_redis_retry.install` also adds the
@@ -26,7 +26,6 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import redis.exceptions
 from celery import shared_task, signals
 
 from celery_redis_retry import policy
@@ -37,11 +36,8 @@ from celery_redis_retry.config import Settings, settings_for
 from celery_redis_retry.dlq.record import DeadLetterWriter, Origin, letter_for_failure
 from celery_redis_retry.errors import (
     DecodeError,
-    PermanentReplayError,
     PublishError,
-    RedisRetryError,
     ReplayError,
-    RetriesExhaustedError,
 )
 from celery_redis_retry.expiry import ends_expired
 from celery_redis_retry.logs import op_fields
@@ -50,7 +46,8 @@ from celery_redis_retry.metrics import count_outcomes, observe_latency
 from celery_redis_retry.names import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.replay.executor import Executor
-from celery_redis_retry.replay.outcomes import ReplayResult
+from celery_redis_retry.replay.outcomes import ReplayResult, final_error
+from celery_redis_retry.replay.worker import current_pause
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +67,7 @@ class _Runtime:
         self.reader = Reader(settings)
         self.executor = Executor(settings)
         self.dlq = DeadLetterWriter(settings)
-        self.circuit = LocalCircuit()
+        self.circuit = LocalCircuit(paused=current_pause)  # a paused target is held as one that failed
         self.waiting = WaitingWriter(settings, parked_by="worker")
         self.ends = EndsWriter(settings)
 
@@ -104,30 +101,6 @@ def runtime(app: Any) -> _Runtime:
     if current is None or current.pid != os.getpid():
         current = _runtimes[app] = _Runtime(settings_for(app))
     return current
-
-
-def final_error(op: RedisOp, exc: BaseException, retries: int, limit: int) -> BaseException | None:
-    """What ends ``op`` after ``exc`` on attempt ``retries + 1``, or None to retry it.
-
-    A retryable Redis error is retried while attempts remain, then ends the op with
-    :class:`RetriesExhaustedError`; any other Redis error is permanent; errors of this
-    package already say why; anything else is unexpected and ends the op as it is.
-    """
-    if isinstance(exc, RedisRetryError):
-        return exc
-    error: ReplayError
-    if policy.is_retryable(exc):
-        if retries < limit:
-            return None
-        error = RetriesExhaustedError(
-            f"op {op.id} still failing after {retries + 1} attempts: {type(exc).__name__}: {exc}"
-        )
-    elif isinstance(exc, redis.exceptions.RedisError):
-        error = PermanentReplayError(f"op {op.id}: {type(exc).__name__}: {exc}", reason=policy.permanent_reason(exc))
-    else:
-        return exc
-    error.__cause__ = exc
-    return error
 
 
 def _report_outcome(op: RedisOp, outcome: str) -> None:  # of an op that reached its target

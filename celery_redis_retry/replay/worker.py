@@ -1,8 +1,10 @@
 """Step 5's worker side: what ``install(app)`` adds to a Celery app besides the tasks.
 
 The replay queue (``redis_retry_queue``), ``worker_eta_task_limit`` for countdown
-retries, and two worker boot steps: one refuses to start with bad ``redis_retry_*``
-settings (one line, exit 3), the other serves Prometheus metrics before the pool forks.
+retries, and three worker boot steps: one refuses to start with bad ``redis_retry_*``
+settings (one line, exit 3), one serves Prometheus metrics before the pool forks, and
+one follows the operators' pauses (:mod:`celery_redis_retry.control`) in every process
+that runs tasks, so that ops of a paused target are parked untried.
 install() imports :mod:`celery_redis_retry.tasks`, which registers the tasks.
 """
 
@@ -15,12 +17,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import click
-from celery import bootsteps
+from celery import bootsteps, signals
 from celery.bin.base import CeleryCommandException
 from celery.signals import after_setup_logger, after_setup_task_logger
 from kombu.entity import Queue
 
 from celery_redis_retry.config import Settings, pending_settings, settings_for
+from celery_redis_retry.control import PauseWatch, TargetPause
 from celery_redis_retry.errors import (
     ConfigurationError,
     SettingsRefusedError,
@@ -82,6 +85,43 @@ class _ServeMetrics(bootsteps.Step):
         super().__init__(worker, **kwargs)
 
 
+#: This process's follower of the control topic (None: not a worker, or not started yet).
+_pauses: PauseWatch | None = None
+#: How long a task waits, once per process, for the control topic to be read to its end.
+PAUSES_READ_WAIT = 10.0
+
+
+def current_pause(target: str) -> TargetPause | None:
+    """``target``'s pause if an operator paused it, as this worker process follows the control topic."""
+    watch = _pauses
+    if watch is None:
+        return None
+    watch.wait_ready(PAUSES_READ_WAIT)  # at once, but for the first tasks after a start
+    return watch.pause_of(target)
+
+
+def _follow_pauses(settings: Settings) -> None:
+    global _pauses  # one follower per process, as one Kafka client per process
+    _pauses = PauseWatch(settings).start()
+
+
+class _FollowPauses(bootsteps.Step):
+    """Worker boot step: follow the control topic in each process that runs tasks.
+
+    A thread does not survive a fork, nor may a forked child use its parent's Kafka
+    client: with the prefork pool each child starts its own follower when it starts.
+    """
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        with _refused_in_one_line():
+            settings = settings_for(worker.app)
+        if str(getattr(worker.pool_cls, "__module__", "")).endswith(".prefork"):
+            signals.worker_process_init.connect(lambda **_: _follow_pauses(settings), weak=False)
+        else:
+            _follow_pauses(settings)
+        super().__init__(worker, **kwargs)
+
+
 def attach(app: Any) -> None:
     """Add the queue and start-up validation to ``app`` (see ``install``).
 
@@ -90,7 +130,7 @@ def attach(app: Any) -> None:
     ones raise :class:`ConfigurationError`), except inside the ``celery`` command line,
     where the command reports them (see :func:`_celery_command`).
     """
-    for step in (_ValidateSettings, _ServeMetrics):
+    for step in (_ValidateSettings, _ServeMetrics, _FollowPauses):
         if step not in app.steps["worker"]:
             app.steps["worker"].add(step)
     install_worker_logging(app)
