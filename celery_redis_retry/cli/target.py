@@ -58,7 +58,13 @@ def _write(ctx: click.Context, timeout: float, call: Callable[[Any], Any]) -> An
 @timeout_option()
 @click.pass_context
 def target_pause(ctx: click.Context, name: str, reason: str, timeout: float) -> None:
-    """Pause target NAME: its ops wait in its waiting topic until "target resume NAME"."""
+    """Pause target NAME: its ops wait in its waiting topic until "target resume NAME".
+
+    The pause is a record in the control topic (redis_retry_control_topic): it holds
+    across bridge and worker restarts. Exits 0 once Kafka confirmed it, 2 on an unknown
+    target or a bad command line, 3 on bad settings, 4 when Kafka does not answer within
+    --timeout, 5 when the control topic does not exist (see: redis-retry topics create).
+    """
     from celery_redis_retry import control
 
     pause = _write(ctx, timeout, lambda settings: control.pause(settings, name, reason=reason, timeout=timeout))
@@ -70,7 +76,12 @@ def target_pause(ctx: click.Context, name: str, reason: str, timeout: float) -> 
 @timeout_option()
 @click.pass_context
 def target_resume(ctx: click.Context, name: str, timeout: float) -> None:
-    """Resume target NAME: the ops that waited flow to it again, at a rate that ramps up."""
+    """Resume target NAME: the ops that waited flow to it again, at a rate that ramps up.
+
+    Exits 0 once Kafka confirmed it, 2 on an unknown target or a bad command line, 3 on
+    bad settings, 4 when Kafka does not answer within --timeout, 5 when the control topic
+    does not exist.
+    """
     from celery_redis_retry import control
 
     pause = _write(ctx, timeout, lambda settings: control.resume(settings, name, timeout=timeout))
@@ -82,7 +93,11 @@ def target_resume(ctx: click.Context, name: str, timeout: float) -> None:
 @timeout_option()
 @click.pass_context
 def target_list(ctx: click.Context, as_json: bool, timeout: float) -> None:
-    """Each target: paused or not, by whom, since when and why."""
+    """Each target: paused or not, by whom, since when and why.
+
+    Exits 0 (a control topic that does not exist yet: nothing is paused), 3 on bad
+    settings, 4 when Kafka does not answer within --timeout.
+    """
     from celery_redis_retry.control import read_pauses
     from celery_redis_retry.message import dumps
 
