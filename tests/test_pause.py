@@ -198,11 +198,12 @@ def test_status_watch_redraws_in_place_on_a_terminal(make_loop: Callable[..., Lo
         watch.send_signal(signal.SIGINT)
         code = watch.wait(timeout=15)
         os.close(leader)
-    assert seen.count(b"\x1b[H\x1b[2J") >= 2, seen  # each frame homes the cursor and clears the screen
-    assert code == 0
     assert watch.stderr is not None
     with watch.stderr:
-        assert b"Traceback" not in watch.stderr.read()
+        errors = watch.stderr.read()
+    assert seen.count(b"\x1b[H\x1b[2J") >= 2, seen  # each frame homes the cursor and clears the screen
+    assert code == 0, errors
+    assert b"Traceback" not in errors
 
 
 def test_target_commands_exit_as_the_other_commands(make_loop: Callable[..., LoopStack], apache_kafka: Any) -> None:
