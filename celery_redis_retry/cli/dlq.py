@@ -234,14 +234,14 @@ def dlq_replay(  # noqa: PLR0917 - click passes every option
                    "nothing published")
         ctx.exit(EXIT_FAILURE if refused or selection.unknown else EXIT_OK)
     try:
-        result = require_kafka_answer(ctx, queue.settings, lambda: queue.republish(selection.chosen), timeout)
+        result, left = require_kafka_answer(
+            ctx, queue.settings, lambda: queue.replay(selection.records, selection.chosen), timeout)
     except TopicMissingError as exc:
         missing_topic(ctx, exc)
     for stored, new_id in result.republished:
         click.echo(f"replayed {stored.ref} as op {new_id}")
     for stored, why in result.refused:
         click.echo(f"error: not replayed {stored.ref}: {why}", err=True)
-    left = queue.advance(selection.records, [s for s, _ in result.republished])
     click.echo(f"{len(result.republished)} replayed to {queue.settings.topic}, {len(result.refused)} refused, "
                f"{counted(left, 'record')} pending in {queue.topic}")
     ctx.exit(EXIT_FAILURE if result.refused or selection.unknown else EXIT_OK)

@@ -165,6 +165,14 @@ class DeadLetterQueue:
             logger.info("DLQ record %s (op %s) republished as op %s", stored.ref, stored.op_id, new_id)
         return RepublishResult(republished, refused)
 
+    def replay(self, records: Sequence[StoredLetter], chosen: Iterable[StoredLetter]) -> tuple[RepublishResult, int]:
+        """``dlq replay``: :meth:`republish` ``chosen``, then :meth:`advance` over those republished.
+
+        ``records`` is what :meth:`read` returned. Returns the result and how many records stay pending.
+        """
+        result = self.republish(chosen)
+        return result, self.advance(records, [s for s, _ in result.republished])
+
     def check(
         self, records: Iterable[StoredLetter]
     ) -> tuple[list[tuple[StoredLetter, RedisOp, bytes]], list[tuple[StoredLetter, str]]]:
