@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -51,6 +52,13 @@ def test_a_public_bind_without_a_token_is_refused() -> None:
     assert result.exit_code == 2, result.output
     assert "refusing to serve the operator page on 0.0.0.0 without a token" in result.output
     assert "--token" in result.output
+
+
+def test_without_the_ui_extra_the_command_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed: import raises ImportError
+    result = CliRunner().invoke(redis_retry, ["ui"])
+    assert result.exit_code == 3, result.output
+    assert "pip install 'celery-redis-retry[ui]'" in result.output
 
 
 def test_tokens_and_origins_are_checked_as_given() -> None:

@@ -40,6 +40,7 @@ class Feed:
         self._ended_total = 0
         self._outcomes: Counter[str] = Counter()
         self._ends: EndsReader | None = None
+        self._last_read = time.monotonic()
 
     def start(self) -> None:
         """Start reading (the ends topic from its current end)."""
