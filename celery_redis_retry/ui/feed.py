@@ -92,9 +92,13 @@ class Feed:
     def _read_ends(self) -> tuple[int, float | None]:
         """Ops ended since the last call, and the seconds since (None at the first call)."""
         if self._ends is None:
-            self._ends = EndsReader(self.settings, f"{self.settings.consumer_group}.ui")
-            self._ends.start()
-            self._last_read = time.monotonic()
+            reader = EndsReader(self.settings, f"{self.settings.consumer_group}.ui")
+            try:
+                reader.start()
+            except Exception:
+                reader.close()  # the next round tries again (the ends topic may not exist yet)
+                raise
+            self._ends, self._last_read = reader, time.monotonic()
             return 0, None
         ended = 0
         while True:

@@ -21,6 +21,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from celery_redis_retry.dlq.admin import DeadLetterQueue, StoredLetter
+from celery_redis_retry.kafka import KafkaException, TopicMissingError
 from celery_redis_retry.message import dumps
 from celery_redis_retry.ui.access import COOKIE, same_origin, token_matches
 from celery_redis_retry.ui.feed import Feed
@@ -39,7 +40,7 @@ def create_app(feed: Feed, queue: DeadLetterQueue, config: PageConfig) -> Starle
     """The Starlette application of the page (``feed`` started by the caller)."""
     static = resources.files("celery_redis_retry.ui") / "static"
     views = _Views(feed, queue, config, (static / "index.html").read_text())
-    app = Starlette(routes=[
+    app = Starlette(exception_handlers={KafkaException: _kafka_failed, TopicMissingError: _kafka_failed}, routes=[
         Route("/", views.page),
         Route("/api/figures", views.figures),
         Route("/api/reasons", views.reasons),
@@ -51,6 +52,11 @@ def create_app(feed: Feed, queue: DeadLetterQueue, config: PageConfig) -> Starle
     ])
     app.add_middleware(_Guard, config=config)
     return app
+
+
+async def _kafka_failed(_request: Request, exc: Exception) -> Response:
+    """Kafka did not answer, or a topic is missing: 503 with what went wrong, for the page to show."""
+    return _json({"error": f"Kafka: {exc}"}, 503)
 
 
 def _json(document: Any, status_code: int = 200) -> Response:
