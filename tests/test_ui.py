@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -93,6 +94,16 @@ def test_with_a_token_requests_without_it_get_401(make_loop: Callable[..., LoopS
     assert _get(base + "/api/dlq/purge", bearer, body)[0] == 403  # no Origin: not from the page
     assert _get(base + "/api/dlq/purge", {**bearer, "Origin": "http://evil.example"}, body)[0] == 403
     assert _get(base + "/api/dlq/purge", {"Origin": base}, body)[0] == 401
+
+    _page, read_only = _start_ui(stack, "--read-only")  # loopback: no token needed
+    request = urllib.request.Request(read_only + "/api/dlq/purge", data=body, headers={"Origin": read_only})  # noqa: S310
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)  # noqa: S310
+    assert refused.value.code == 403
+    assert "read-only" in json.load(refused.value)["error"]  # not the Origin check: the page's own Origin
+    refused.value.close()
+    with urllib.request.urlopen(read_only + "/api/figures", timeout=30) as response:  # noqa: S310
+        assert json.load(response)["read_only"] is True
 
 
 # -- the page in a real browser -------------------------------------------------------------------
