@@ -159,6 +159,7 @@ def test_the_page_shows_a_backlog_draining_and_replays_a_dead_op(
     page.wait_for_function("document.getElementById('applied').textContent === '3000'", timeout=60_000)
     assert _number(page, "#lag") == 0
     assert page.get_attribute("#lag-trend polyline", "points")  # the trend was drawn
+    assert float(page.text_content("#applied-rate") or "x") >= 0
     stack.wait_for(lambda: len(stack.dead_letters(count=3)) == 3, 60, "3 dead letters")
 
     page.select_option("#dlq-filters select[name=reason]", "wrong_type")

@@ -56,7 +56,7 @@ class Feed:
             self._ends.close()
 
     def snapshot(self) -> dict[str, Any]:
-        """The latest figures, with the trend of lag and ops ended per second."""
+        """The latest figures, with the trend of lag, ops ended and applied per second."""
         with self._lock:
             return {**self._latest, "trend": list(self._samples)}
 
@@ -72,10 +72,14 @@ class Feed:
             self._stop.wait(max(0.1, self.interval - (time.monotonic() - started)))
 
     def _round(self) -> None:
+        applied_before = self._outcomes["applied"]
         ended, since = self._read_ends()
+        applied = self._outcomes["applied"] - applied_before
         status = collect(self.app, self.settings, timeout=self.timeout)
         now = time.time()
-        sample = {"t": now, "lag": status.lag, "ended_per_s": None if since is None else ended / since}
+        sample = {"t": now, "lag": status.lag,
+                  "ended_per_s": None if since is None else ended / since,
+                  "applied_per_s": None if since is None else applied / since}
         with self._lock:
             self._samples.append(sample)
             while self._samples and self._samples[0]["t"] < now - TREND_SECONDS:
@@ -86,6 +90,7 @@ class Feed:
                 "at": now,
                 "ended_total": self._ended_total,
                 "ended_per_s": sample["ended_per_s"],
+                "applied_per_s": sample["applied_per_s"],
                 "outcomes": dict(self._outcomes),
             }
 

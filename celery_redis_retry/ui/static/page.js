@@ -33,11 +33,14 @@ function showFigures(f) {
   $("updated").textContent = "updated " + new Date(f.at * 1000).toLocaleTimeString();
   $("lag").textContent = shown(s.lag);
   $("not-ended").textContent = shown(s.not_ended);
-  $("ended-rate").textContent = f.ended_per_s === null ? "-" : f.ended_per_s.toFixed(1);
+  const rate = (v) => (v === null || v === undefined ? "-" : v.toFixed(1));
+  $("ended-rate").textContent = rate(f.ended_per_s);
+  $("applied-rate").textContent = rate(f.applied_per_s);
   $("ended-total").textContent = shown(f.ended_total);
   $("applied").textContent = shown((f.outcomes || {}).applied || 0);
   $("queued").textContent = shown(s.queued_tasks);
-  $("retrying").textContent = shown(s.retrying.ops);
+  const oldest = s.retrying.oldest_age;
+  $("retrying").textContent = shown(s.retrying.ops) + (oldest === null ? "" : ` (oldest ${Math.round(oldest)} s)`);
   $("spool").textContent = shown(s.spool.messages);
   $("dlq-pending").textContent = shown(s.dlq_pending);
   spark("lag-trend", f.trend.map((t) => t.lag));
