@@ -19,7 +19,7 @@ from loop_stack import LoopStack
 from celery_redis_retry import ops
 from celery_redis_retry.cli import redis_retry
 from celery_redis_retry.testing import CeleryCommand, free_port, wait_until
-from celery_redis_retry.ui.access import same_origin, token_matches
+from celery_redis_retry.ui.access import loopback_host, same_origin, token_matches
 
 SCREENSHOT = Path(__file__).parent.parent / "docs" / "operator-page.png"
 
@@ -72,6 +72,11 @@ def test_tokens_and_origins_are_checked_as_given() -> None:
     assert same_origin("127.0.0.1:8600", None, "http://127.0.0.1:8600/")
     assert not same_origin("127.0.0.1:8600", "http://evil.example", None)
     assert not same_origin("127.0.0.1:8600", None, None)
+    assert loopback_host("127.0.0.1:8600")
+    assert loopback_host("localhost")
+    assert loopback_host("[::1]:8600")
+    assert not loopback_host("rebound.example:8600")  # a name pointed at 127.0.0.1
+    assert not loopback_host(None)
 
 
 @pytest.mark.slow
@@ -104,6 +109,7 @@ def test_with_a_token_requests_without_it_get_401(make_loop: Callable[..., LoopS
     refused.value.close()
     with urllib.request.urlopen(read_only + "/api/figures", timeout=30) as response:  # noqa: S310
         assert json.load(response)["read_only"] is True
+    assert _get(read_only + "/api/figures", {"Host": "rebound.example"})[0] == 403  # DNS rebinding
 
 
 # -- the page in a real browser -------------------------------------------------------------------

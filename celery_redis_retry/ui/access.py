@@ -9,7 +9,10 @@ The rules (docs/security.md):
 - with a token, every request must carry it: ``Authorization: Bearer <token>``, or the
   cookie that opening the page once with ``?token=<token>`` sets; anything else gets 401;
 - actions are POSTs and must come from the page itself: their ``Origin`` (or ``Referer``)
-  must be the page's own host, else 403 (a cross-site form cannot replay records).
+  must be the page's own host, else 403 (a cross-site form cannot replay records);
+- without a token, a request must name a loopback host (``Host: 127.0.0.1:8600``), else
+  403: a site whose name an attacker points at 127.0.0.1 (DNS rebinding) would otherwise be
+  "the page's own host" and could read and act through the visitor's browser.
 """
 
 from __future__ import annotations
@@ -45,6 +48,14 @@ def token_matches(token: str, headers_authorization: str | None, cookie: str | N
     if headers_authorization and headers_authorization.lower().startswith("bearer "):
         offered.append(headers_authorization[7:].strip())
     return any(o is not None and hmac.compare_digest(o.encode(), token.encode()) for o in offered)
+
+
+def loopback_host(host: str | None) -> bool:
+    """Whether a ``Host`` header names this machine (``127.0.0.1:8600``, ``localhost``, ``[::1]:8600``)."""
+    if not host:
+        return False
+    name = urlsplit(f"//{host}").hostname or ""
+    return is_loopback(name)
 
 
 def same_origin(host: str | None, origin: str | None, referer: str | None) -> bool:

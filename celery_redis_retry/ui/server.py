@@ -23,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 from celery_redis_retry.dlq.admin import DeadLetterQueue, StoredLetter
 from celery_redis_retry.kafka import KafkaException, TopicMissingError
 from celery_redis_retry.message import dumps
-from celery_redis_retry.ui.access import COOKIE, same_origin, token_matches
+from celery_redis_retry.ui.access import COOKIE, loopback_host, same_origin, token_matches
 from celery_redis_retry.ui.feed import Feed
 from celery_redis_retry.ui.records import detail, filtered, page_of
 
@@ -166,6 +166,9 @@ class _Guard:
                                        request.query_params.get("token")):
             return PlainTextResponse("401: this page needs its token (Authorization: Bearer, or open it once "
                                      "with ?token=)", status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        if not token and not loopback_host(request.headers.get("host")):
+            return PlainTextResponse("403: without a token the page answers only to a loopback Host "
+                                     "(127.0.0.1, localhost, [::1])", status_code=403)
         if request.method not in ("GET", "HEAD") and not same_origin(
             request.headers.get("host"), request.headers.get("origin"), request.headers.get("referer")
         ):
