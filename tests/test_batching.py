@@ -172,6 +172,17 @@ def test_end_records_group_positions_per_partition_and_refuse_other_data() -> No
     assert ends.position(["t", "3", 9]) is None
 
 
+def test_end_records_carry_outcomes_once_and_old_records_read_without_them() -> None:
+    records = ends.encode_records([("t", 0, 5), ("t", 1, 7)], (), {"applied": 1, "dead": 1, "superseded": 0})
+    assert [r.o for r in records] == [{"applied": 1, "dead": 1}, None]  # one record counts the task's ops
+    wires = [msgspec.json.encode(r) for r in records]
+    assert b'"o"' not in wires[1]  # records without outcomes are written as before
+    assert [ends.decode_record(w) for w in wires] == records
+    old = ends.decode_record(b'{"v": 1, "t": "t", "p": 0, "e": [3]}')
+    assert old is not None
+    assert old.o is None
+
+
 # -- batches: per target, full or lingering ------------------------------------------------
 
 

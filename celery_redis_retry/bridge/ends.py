@@ -18,9 +18,11 @@ one per task and source partition, never one per op::
 ``e``: offsets that ended (applied, duplicate, superseded, expired, parked in a waiting
 topic, or written to the DLQ and confirmed); ``r``: offsets scheduled again with a
 countdown, each with the UNIX time it is due, so that a long backoff is not mistaken
-for a lost task. The record's key is ``<topic>:<partition>``. Writes are not waited for:
-an end record lost with its worker only means the op is handed over once more and
-ends ``duplicate``.
+for a lost task. ``o`` (optional; readers ignore it when absent) counts the outcomes of the
+task that wrote the record (``{"applied": 40, "dead": 1}``), on one of its records only, so
+that adding up every record's ``o`` counts each op once. The record's key is
+``<topic>:<partition>``. Writes are not waited for: an end record lost with its worker
+only means the op is handed over once more and ends ``duplicate``.
 
 Every bridge reads every partition of the ends topic from where it stood when the
 bridge started, without a consumer group, and keeps what concerns the partitions it
@@ -51,7 +53,7 @@ logger = logging.getLogger(__name__)
 Position = tuple[str, int, int]
 
 
-class EndRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+class EndRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=False, omit_defaults=True):
     """What one end record says about one source partition."""
 
     v: int
@@ -59,14 +61,20 @@ class EndRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     p: int
     e: list[int] = msgspec.field(default_factory=list)
     r: list[tuple[int, float]] = msgspec.field(default_factory=list)
+    #: Outcomes of the writing task's ops (None: not said; older workers write none).
+    o: dict[str, int] | None = None
 
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(EndRecord).decode
 
 
-def encode_records(ended: Iterable[Position], retrying: Iterable[tuple[Position, float]] = ()) -> list[EndRecord]:
-    """End records for these positions, one per source partition."""
+def encode_records(
+    ended: Iterable[Position],
+    retrying: Iterable[tuple[Position, float]] = (),
+    outcomes: Mapping[str, int] | None = None,
+) -> list[EndRecord]:
+    """End records for these positions, one per source partition; the first carries ``outcomes``."""
     by_partition: dict[tuple[str, int], EndRecord] = {}
 
     def record(topic: str, partition: int) -> EndRecord:
@@ -79,7 +87,11 @@ def encode_records(ended: Iterable[Position], retrying: Iterable[tuple[Position,
         record(topic, partition).e.append(offset)
     for (topic, partition, offset), due in retrying:
         record(topic, partition).r.append((offset, round(due, 3)))
-    return list(by_partition.values())
+    records = list(by_partition.values())
+    counted = {name: count for name, count in (outcomes or {}).items() if count}
+    if records and counted:
+        records[0] = msgspec.structs.replace(records[0], o=counted)
+    return records
 
 
 def decode_record(value: bytes | None) -> EndRecord | None:
@@ -117,8 +129,13 @@ class EndsWriter:
             self._producer = kafka.new_producer(self.settings.kafka, **{"linger.ms": 20, "message.timeout.ms": 30_000})
         return self._producer
 
-    def report(self, ended: Iterable[Position | None], retrying: Iterable[tuple[Position | None, float]] = ()) -> None:
+    def report(
+        self, ended: Iterable[Position | None], retrying: Iterable[tuple[Position | None, float]] = (),
+        outcomes: Mapping[str, int] | None = None,
+    ) -> None:
         """Tell the bridges these ops ended, and these are due again at the given UNIX times.
+
+        ``outcomes`` (how many of the task's ops ended how) rides along for the operator page.
 
         Positions that are None (tasks sent by a bridge that commits at hand-over) are
         skipped. Never blocks and never raises: a lost record costs one more hand-over.
@@ -130,7 +147,7 @@ class EndsWriter:
         try:
             with self._lock:
                 producer = self._client()
-                for record in encode_records(done, later):
+                for record in encode_records(done, later, outcomes):
                     self._produce(producer, f"{record.t}:{record.p}".encode(), _encode(record))
                 producer.poll(0)
         except Exception:  # never fail a replay for its report
@@ -174,6 +191,8 @@ class Reported:
     ended: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     retrying: dict[tuple[str, int], list[tuple[int, float]]] = field(default_factory=dict)
     records: int = 0
+    #: The outcomes the records counted (records without ``o`` count none).
+    outcomes: dict[str, int] = field(default_factory=dict)
 
 
 class EndsReader:
@@ -265,6 +284,8 @@ class EndsReader:
                 out.ended.setdefault(key, []).extend(record.e)
             if record.r:
                 out.retrying.setdefault(key, []).extend(record.r)
+            for outcome, ops in (record.o or {}).items():
+                out.outcomes[outcome] = out.outcomes.get(outcome, 0) + ops
         return out
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ from celery_redis_retry.cli.common import (
 from celery_redis_retry.cli.dlq import dlq
 from celery_redis_retry.cli.target import target
 from celery_redis_retry.cli.topics import topics
+from celery_redis_retry.cli.ui import ui
 from celery_redis_retry.names import EXIT_CONFIG, EXIT_FAILURE, EXIT_NO_TOPIC, EXIT_OK, EXIT_UNAVAILABLE
 
 
@@ -54,6 +55,7 @@ def redis_retry(ctx: click.Context) -> None:
 redis_retry.add_command(dlq)
 redis_retry.add_command(topics)
 redis_retry.add_command(target)
+redis_retry.add_command(ui)
 
 
 @redis_retry.command("bridge")

@@ -272,10 +272,9 @@ def dlq_replay(  # noqa: PLR0917 - click passes every option
     started = time.monotonic()
     try:
         with ReplayProgress(len(selection.chosen)) as progress:
-            result = require_kafka_answer(
+            result, left = require_kafka_answer(
                 ctx, queue.settings,
-                lambda: queue.republish(selection.chosen, mark_in=selection.records, rate=rate,
-                                        progress=progress.update),
+                lambda: queue.replay(selection.records, selection.chosen, rate=rate, progress=progress.update),
                 timeout,
             )
     except TopicMissingError as exc:
@@ -285,7 +284,6 @@ def dlq_replay(  # noqa: PLR0917 - click passes every option
     for stored, why in result.refused:
         click.echo(f"error: not replayed {stored.ref}: {why}", err=True)
     took = time.monotonic() - started
-    left = queue.advance(selection.records, [s for s, _ in result.republished])
     click.echo(f"{len(result.republished)} replayed to {queue.settings.topic} in {took:.2f} s, "
                f"{len(result.refused)} refused, {counted(left, 'record')} pending in {queue.topic}")
     ctx.exit(EXIT_FAILURE if result.refused or selection.unknown else EXIT_OK)

@@ -246,6 +246,20 @@ class DeadLetterQueue:
         if mark_in is not None and chunk:
             self.advance(mark_in, [stored for stored, _ in republished])
 
+    def replay(
+        self,
+        records: Sequence[StoredLetter],
+        chosen: Iterable[StoredLetter],
+        *,
+        rate: float | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[RepublishResult, int]:
+        """``dlq replay``: :meth:`republish` ``chosen``, marking each chunk handled once Kafka
+        confirmed it; return the result and how many of ``records`` (what :meth:`read`
+        returned) stay pending."""
+        result = self.republish(chosen, mark_in=records, rate=rate, progress=progress)
+        return result, self.advance(records, [s for s, _ in result.republished])
+
     def check(
         self, records: Iterable[StoredLetter]
     ) -> tuple[list[tuple[StoredLetter, RedisOp, bytes]], list[tuple[StoredLetter, str]]]:

@@ -146,7 +146,7 @@ def replay(
     op = rt.reader.read(message)  # as the bridge did: the Celery broker is a boundary too
     if rt.expired(op):
         count_outcomes({"expired": 1})
-        rt.ends.report([here])
+        rt.ends.report([here], outcomes={"expired": 1})
         return "expired"
     spent = op.attempt + self.request.retries - outages
     outage: BaseException | None = None
@@ -173,12 +173,12 @@ def replay(
         else:
             _report_outcome(op, result.outcome)
             count_outcomes({result.outcome: 1})
-            rt.ends.report([here])
+            rt.ends.report([here], outcomes={result.outcome: 1})
             return result.outcome
     parked = Parked(message.encode(), op, Origin.from_wire(origin), attempts=spent)
     if rt.park([parked], f"{type(outage).__name__}: {outage}"):
         count_outcomes({"waiting": 1})
-        rt.ends.report([here])  # the waiting topic holds it now
+        rt.ends.report([here], outcomes={"waiting": 1})  # the waiting topic holds it now
         return "waiting"
     # Kafka cannot take it either: Celery holds it, and that attempt is not the op's.
     countdown = rt.settings.backoff.countdown(min(outages, 10))
@@ -235,7 +235,7 @@ def replay_batch(
         )
         due.append((here, time.time() + countdown))
     outcomes["retrying"] += len(retry_later)
-    rt.ends.report(done, due)
+    rt.ends.report(done, due, {k: n for k, n in outcomes.items() if k != "retrying"})
     for message, origin, error, here in ended:
         _write_dead_letter(
             rt, message, Origin.from_wire(origin), error, traceback=_traceback_of(error), attempts=1,
@@ -332,7 +332,7 @@ def _write_dead_letter(
     )
     rt.dlq.write(letter, key)  # raises unless Kafka confirmed it: only then has the op ended
     count_outcomes({letter.outcome: 1})
-    rt.ends.report([position])
+    rt.ends.report([position], outcomes={letter.outcome: 1})
 
 
 @shared_task(name=DEAD_LETTER_TASK, ignore_result=True)
