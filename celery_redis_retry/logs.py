@@ -28,12 +28,17 @@ FORMATS = ("text", "json")
 #: Fields a record about one op may carry, in the order they are written.
 OP_FIELDS = ("op_id", "trace_id", "user_uuid", "device_id", "source", "target", "outcome")
 #: The op context keys copied into log records.
-_CONTEXT_FIELDS = ("trace_id", "user_uuid", "device_id")
+_CONTEXT_FIELDS = ("user_uuid", "device_id")
 
 
 def op_fields(op: RedisOp, outcome: str | None = None) -> dict[str, Any]:
     """The ``extra`` of a log call about ``op``: what a log pipeline finds the op by."""
+    from celery_redis_retry.tracing import trace_id_of
+
     fields: dict[str, Any] = {"op_id": op.id}
+    trace_id = trace_id_of(op)  # given by the application, or its traceparent's
+    if trace_id is not None:
+        fields["trace_id"] = trace_id
     for key in _CONTEXT_FIELDS:
         value = op.context.get(key)
         if value is not None:

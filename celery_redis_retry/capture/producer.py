@@ -59,6 +59,7 @@ from celery_redis_retry.config import Settings, settings_for
 from celery_redis_retry.errors import EncodeError, PublishError, SpoolFullError
 from celery_redis_retry.message import encode, message_key
 from celery_redis_retry.ops import RedisOp
+from celery_redis_retry.tracing import with_trace
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ class RetryProducer:
         :class:`~celery_redis_retry.errors.SpoolFullError` when Kafka cannot take it
         and the spool is full.
         """
+        op = with_trace(op)
         self._check_op(op)
         raw = encode(op, self._signer)
         if len(raw) > self._max_message_bytes:

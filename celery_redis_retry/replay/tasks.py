@@ -42,11 +42,12 @@ from celery_redis_retry.errors import (
 from celery_redis_retry.expiry import ends_expired
 from celery_redis_retry.logs import op_fields
 from celery_redis_retry.message import Reader
-from celery_redis_retry.metrics import count_outcomes, observe_latency
+from celery_redis_retry.metrics import count_outcomes
 from celery_redis_retry.names import AT_ORIGINS, DEAD_LETTER_TASK, REPLAY_BATCH_TASK, REPLAY_TASK
 from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.replay.executor import Executor
 from celery_redis_retry.replay.outcomes import ReplayResult, final_error
+from celery_redis_retry.replay.reporting import report_outcome
 from celery_redis_retry.replay.worker import current_pause
 
 logger = logging.getLogger(__name__)
@@ -103,18 +104,6 @@ def runtime(app: Any) -> _Runtime:
     return current
 
 
-def _report_outcome(op: RedisOp, outcome: str) -> None:  # of an op that reached its target
-    observe_latency(time.time() - op.created_at)
-    fields = op_fields(op, outcome)
-    if outcome == "duplicate":
-        logger.info("op %s was already applied (dedupe marker found)", op.id, extra=fields)
-    elif outcome == "superseded":
-        why = f"its {op.guard.kind} guard failed" if op.guard else "a newer write is stamped on its keys"
-        logger.info("op %s superseded: %s, the newer write stays; nothing written", op.id, why, extra=fields)
-    else:
-        logger.debug("op %s %s", op.id, outcome, extra=fields)
-
-
 _TASK_OPTIONS: dict[str, Any] = {
     "bind": True,
     "acks_late": True,  # a worker killed mid-replay leaves the message to be delivered again...
@@ -154,6 +143,7 @@ def replay(
         outage = rt.circuit.skipped(op.target)
     else:
         try:
+            started = time.time_ns()
             result = rt.executor.run(op)
         except Exception as exc:
             if not policy.is_outage(exc):
@@ -171,7 +161,7 @@ def replay(
             rt.circuit.opened(op.target)
             outage = exc
         else:
-            _report_outcome(op, result.outcome)
+            report_outcome(op, result.outcome, started)
             count_outcomes({result.outcome: 1})
             rt.ends.report([here], outcomes={result.outcome: 1})
             return result.outcome
@@ -260,13 +250,14 @@ def _run_target(
         to_park, outage = list(items), rt.circuit.skipped(target)
     else:
         try:
+            started = time.time_ns()
             results = rt.executor.run_many([op for _, _, op, _ in items])
         except Exception as exc:  # noqa: BLE001 - the round trip failed: every op falls back
             results = [exc] * len(items)
     for (message, origin, op, here), result in zip(items, results, strict=False):
         if isinstance(result, ReplayResult):
             outcomes[result.outcome] += 1
-            _report_outcome(op, result.outcome)
+            report_outcome(op, result.outcome, started)
             done.append(here)
         elif policy.is_outage(result):
             to_park.append((message, origin, op, here))

@@ -20,6 +20,7 @@ CRR_COMMIT_AFTER   redis_retry_commit_after ("end" or "handover")
 CRR_REDELIVERY_TIMEOUT  redis_retry_redelivery_timeout, in seconds
 CRR_SIGNING_KEYS   JSON object of redis_retry_signing_keys (key id -> secret)
 CRR_LOG_FORMAT     redis_retry_log_format ("text" or "json")
+CRR_SPANS_FILE     OpenTelemetry: record spans, one JSON object per line, in this file
 """
 
 from __future__ import annotations
@@ -33,6 +34,27 @@ from loop_scripts import SCRIPTS
 import celery_redis_retry
 
 env = os.environ
+
+if env.get("CRR_SPANS_FILE"):
+    # As an application with OpenTelemetry configures it; spans go to a file the test reads.
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    class _SpansToFile(SpanExporter):
+        def export(self, spans):  # type: ignore[no-untyped-def]
+            with open(env["CRR_SPANS_FILE"], "a") as out:
+                for span in spans:
+                    context, parent = span.get_span_context(), span.parent
+                    out.write(json.dumps({
+                        "name": span.name, "trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}",
+                        "parent_id": f"{parent.span_id:016x}" if parent else None, "attributes": dict(span.attributes),
+                    }) + "\n")
+            return SpanExportResult.SUCCESS
+
+    _provider = TracerProvider()
+    _provider.add_span_processor(SimpleSpanProcessor(_SpansToFile()))
+    trace.set_tracer_provider(_provider)
 
 app = Celery("loop_app", broker=env["CRR_BROKER_URL"])
 app.conf.update(
