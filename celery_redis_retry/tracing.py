@@ -4,7 +4,7 @@ When the application has OpenTelemetry (``pip install 'celery-redis-retry[otel]'
 tracer provider configured as the application does for its own spans), a captured op
 carries the ``traceparent`` of the span that was current when it was published, in its
 context (``op.context["traceparent"]``, W3C Trace Context). The worker that replays it
-records one span, ``redis-retry replay``, as a child of that span, with the op's id,
+records one span, ``celery_redis_retry.replay``, as a child of that span, with the op's id,
 target, attempt and outcome as attributes, so the trace of the request whose write
 failed shows when (and whether) the write finally happened. Its JSON log lines carry the
 trace id too (:mod:`celery_redis_retry.logs`).
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 #: Whether OpenTelemetry's API is importable here (checked once).
 AVAILABLE = importlib.util.find_spec("opentelemetry") is not None
-SPAN_NAME = "redis-retry replay"
+SPAN_NAME = "celery_redis_retry.replay"
 _propagator: Any = None
 
 
