@@ -81,8 +81,8 @@ def loop_with_topics_from_the_cli(
     created = stack.cli("redis-retry", "topics", "create", "--partitions", "4", "--dlq-partitions", "4")
     assert created.returncode == 0, created.stdout + created.stderr
     described = stack.cli("redis-retry", "topics", "describe")
-    # The retry, DLQ, ends and waiting topics.
-    assert described.stdout.count("replication factor 3, min.insync.replicas 2") == 4, described.stdout
+    # The retry, DLQ, ends, control and waiting topics.
+    assert described.stdout.count("replication factor 3, min.insync.replicas 2") == 5, described.stdout
     return stack
 
 
