@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ from celery_redis_retry.config import Settings
 from celery_redis_retry.errors import ConfigurationError
 from celery_redis_retry.kafka import new_producer
 from celery_redis_retry.metrics import register_producer_metrics
-from celery_redis_retry.testing import EmbeddedKafka, free_port
+from celery_redis_retry.testing import EmbeddedKafka, RedisServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -246,3 +247,54 @@ def test_a_scrape_shows_lag_latency_and_outcomes_moving_as_driven(make_loop: Cal
     assert samples["crr_replay_latency_seconds_sum"] > 0
     assert samples['crr_replay_latency_seconds_bucket{le="0.01"}'] == 0, "nothing waited for a worker that fast"
     stack.wait_for(lambda: lag() == 0, 30, "the lag to fall to 0 once every op ended")
+
+
+def test_a_scrape_shows_expired_retrying_and_waiting_as_driven(
+    make_loop: Callable[..., LoopStack], tmp_path: Path,
+) -> None:
+    """The outcomes a worker meets when ops wait in Celery: past their deadline (expired), on a
+    target that refuses writes for a while (retrying), on a paused target (waiting)."""
+    other = RedisServer(free_port(), dir=str(tmp_path)).start()
+    try:
+        worker_port, bridge_port = free_port(), free_port()
+        stack = make_loop(extra_targets={"b": other.url}, extra_env={"CRR_WORKER_METRICS_PORT": str(worker_port)})
+        bridge = stack.start_bridge("--metrics-port", str(bridge_port))
+        stack.wait_assigned(bridge)
+
+        def handed_over(count: int) -> None:
+            stack.wait_for(lambda: _scrape(bridge_port)["crr_bridge_ops_dispatched_total"] == count, 30,
+                           f"{count} ops handed over")
+
+        # No worker yet: each op waits in the Celery queue.
+        expiring = ops.set("soon", "v").with_deadline(2)
+        stack.publish_all([expiring])
+        handed_over(1)
+        refused = ops.incrby("refused", 1)  # NOREPLICAS below: retryable, not an outage
+        held = ops.set("held", "v").with_target("b")  # its target is paused below
+        stack.publish_all([refused, held])
+        handed_over(3)
+        assert stack.cli("redis-retry", "target", "pause", "b").returncode == 0
+        with stack.client() as r:
+            r.config_set("min-replicas-to-write", 1)
+            assert expiring.deadline is not None
+            time.sleep(max(0.0, expiring.deadline - time.time()) + 0.5)
+            stack.start_worker(concurrency=1)
+
+            def outcomes() -> dict[str, float] | None:
+                samples = _scrape(worker_port)
+                counts = {o: samples[f'crr_replay_ops_total{{outcome="{o}"}}'] for o in ("expired", "retrying",
+                                                                                       "waiting", "applied")}
+                return counts if counts["expired"] and counts["retrying"] and counts["waiting"] else None
+
+            counts = stack.wait_for(outcomes, 60, "expired, retrying and waiting to be counted")
+            assert (counts["expired"], counts["waiting"], counts["applied"]) == (1, 1, 0)
+            r.config_set("min-replicas-to-write", 0)
+            stack.wait_for(lambda: r.get("refused") == b"1", 60, "the refused op applied once writes are taken")
+        assert stack.cli("redis-retry", "target", "resume", "b").returncode == 0
+        with other.client() as b:
+            stack.wait_for(lambda: b.get("held") == b"v", 60, "the held op applied after the resume")
+        with stack.client() as r:
+            assert r.get("soon") is None, "an op past its deadline was applied"
+        assert _scrape(worker_port)['crr_replay_ops_total{outcome="applied"}'] == 2
+    finally:
+        other.stop()
