@@ -18,7 +18,9 @@ on a cluster that does not create topics on use, nothing can wait there).
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -305,12 +307,22 @@ def watch_frames(next_frame: Callable[[], tuple[list[str], list[str]]], interval
     """Show ``next_frame()`` every ``interval`` seconds until Ctrl-C (which returns, quietly).
 
     On a terminal each frame replaces the last; otherwise (a pipe, a file, a log) the
-    frames follow one another, separated by a blank line.
+    frames follow one another, separated by a blank line. Ctrl-C ends the watch once the
+    frame being read is done: raised inside librdkafka's client set-up, a
+    KeyboardInterrupt comes out as another error, with a traceback. A second Ctrl-C
+    interrupts at once.
     """
     redraw = sys.stdout.isatty()
+    stop = threading.Event()
+
+    def on_sigint(_signum: int, _frame: Any) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     first = True
     try:
-        while True:
+        while not stop.is_set():
             begun = time.monotonic()
             out, err = next_frame()
             stamp = time.strftime("%H:%M:%S")
@@ -321,8 +333,11 @@ def watch_frames(next_frame: Callable[[], tuple[list[str], list[str]]], interval
                 sys.stdout.write(("" if first else "\n") + text + "\n")
             sys.stdout.flush()
             first = False
-            time.sleep(max(0.0, interval - (time.monotonic() - begun)))
+            stop.wait(max(0.0, interval - (time.monotonic() - begun)))
     except KeyboardInterrupt:
-        if redraw:
-            sys.stdout.write("\n")
+        pass  # the second Ctrl-C
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if redraw:
+        sys.stdout.write("\n")
 
