@@ -39,12 +39,14 @@ def _alerts() -> list[dict[str, Any]]:
     return [rule for group in document["groups"] for rule in group["rules"] if "alert" in rule]
 
 
+@pytest.mark.slow  # runs promtool
 def test_promtool_accepts_the_rules() -> None:
     result = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(_alerts())} rules found" in result.stdout
 
 
+@pytest.mark.slow  # runs promtool
 def test_promtool_unit_tests_of_the_rules_pass() -> None:
     result = subprocess.run([promtool(), "test", "rules", RULE_TESTS.name], cwd=RULES_DIR,
                             capture_output=True, text=True, check=False)

@@ -51,6 +51,7 @@ def test_every_query_reads_series_the_code_exports(monkeypatch: pytest.MonkeyPat
     assert exported <= read, f"exported series missing from the dashboard: {sorted(exported - read)}"
 
 
+@pytest.mark.slow  # runs promtool
 def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     rules = []
     for n, query in enumerate(_queries()):
