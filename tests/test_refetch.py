@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from celery_redis_retry import kafka
 from celery_redis_retry.bridge.refetch import Refetcher
 from celery_redis_retry.testing import EmbeddedKafka
@@ -18,6 +20,7 @@ def _publish(broker: EmbeddedKafka, topic: str, values: list[bytes], partition: 
     return sorted(offsets)
 
 
+@pytest.mark.slow  # uses the embedded Kafka
 def test_ops_are_read_again_at_their_positions_and_missing_ones_are_left_out(
     kafka: EmbeddedKafka, unique_topic: str
 ) -> None:
