@@ -23,11 +23,11 @@ def report_outcome(op: RedisOp, outcome: str, started_ns: int | None = None) -> 
     its replay in its trace (see :mod:`celery_redis_retry.tracing`)."""
     observe_latency(time.time() - op.created_at)
     record_replay(op, outcome, started_ns)
-    fields = op_fields(op, outcome)
     if outcome == "duplicate":
-        logger.info("op %s was already applied (dedupe marker found)", op.id, extra=fields)
+        logger.info("op %s was already applied (dedupe marker found)", op.id, extra=op_fields(op, outcome))
     elif outcome == "superseded":
         why = f"its {op.guard.kind} guard failed" if op.guard else "a newer write is stamped on its keys"
-        logger.info("op %s superseded: %s, the newer write stays; nothing written", op.id, why, extra=fields)
-    else:
-        logger.debug("op %s %s", op.id, outcome, extra=fields)
+        logger.info("op %s superseded: %s, the newer write stays; nothing written", op.id, why,
+                    extra=op_fields(op, outcome))
+    elif logger.isEnabledFor(logging.DEBUG):  # every applied op passes here: no fields unless logged
+        logger.debug("op %s %s", op.id, outcome, extra=op_fields(op, outcome))
