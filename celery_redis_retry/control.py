@@ -6,10 +6,12 @@ target is paused, by whom, since when and why, as JSON::
 
     {"target": "default", "paused": true, "by": "ops@host1", "reason": "failover", "at": 1767225600.5}
 
-Keys carry a kind (``target:``) so that the same topic can hold other control records
-later. Because the pause is a Kafka record, not a flag in a process, it survives every
-bridge and worker restart: each one reads the topic from its beginning when it starts
-(:class:`PauseWatch`) and keeps following it. A missing topic means nothing is paused.
+Keys carry a kind: ``policy:<name>`` holds a retry policy rule
+(:mod:`celery_redis_retry.retry_policy`), its fields with ``by`` and ``at``; a tombstone
+deletes it. Because pauses and rules are Kafka records, not flags in a process, they
+survive every bridge and worker restart: each one reads the topic from its beginning
+when it starts (:class:`ControlWatch`) and keeps following it. A missing topic means
+nothing is paused and no rule is in force.
 
 What a pause does: the bridges treat the target as if its circuit were open (its ops
 move to, and stay in, its waiting topic), and workers park the ops they already hold
@@ -26,17 +28,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 from celery_redis_retry import kafka
 from celery_redis_retry.config import Settings
 from celery_redis_retry.errors import PublishError, UnknownTargetNameError
+from celery_redis_retry.retry_policy import PolicyRecord, PolicyRule, PolicyRuleError, PolicyRules
 
 logger = logging.getLogger(__name__)
 
 #: The kind of control record that pauses or resumes a target.
 TARGET_KEY_PREFIX = "target:"
-#: Seconds a :class:`PauseWatch` waits between looks at a control topic that does not exist yet.
+#: The kind of control record that holds a retry policy rule.
+POLICY_KEY_PREFIX = "policy:"
+#: Seconds a :class:`ControlWatch` waits between looks at a control topic that does not exist yet.
 MISSING_TOPIC_RECHECK = 2.0
 
 
@@ -117,31 +122,36 @@ def pause(
     settings: Settings, target: str, *, reason: str = "", by: str | None = None, timeout: float = 10.0,
 ) -> TargetPause:
     """Pause ``target``: write its control record and wait (up to ``timeout`` s) for Kafka to confirm it."""
-    return _write(settings, TargetPause(target, True, by or who(), reason, time.time()), timeout=timeout)
+    check_target(settings, target)
+    record = TargetPause(target, True, by or who(), reason, time.time())
+    _write(settings, *encode_pause(record), what=f"target {target!r}", timeout=timeout)
+    return record
 
 
 def resume(settings: Settings, target: str, *, by: str | None = None, timeout: float = 10.0) -> TargetPause:
     """Resume ``target``: write its control record and wait (up to ``timeout`` s) for Kafka to confirm it."""
-    return _write(settings, TargetPause(target, False, by or who(), "", time.time()), timeout=timeout)
+    check_target(settings, target)
+    record = TargetPause(target, False, by or who(), "", time.time())
+    _write(settings, *encode_pause(record), what=f"target {target!r}", timeout=timeout)
+    return record
 
 
-def _write(settings: Settings, record: TargetPause, *, timeout: float) -> TargetPause:
-    """Write ``record``; :class:`~celery_redis_retry.kafka.TopicMissingError` when the control topic does not exist.
+def _write(settings: Settings, key: bytes, value: bytes | None, *, what: str, timeout: float) -> None:
+    """Write one control record (None: a tombstone) and wait for Kafka to confirm it.
 
-    :class:`PublishError` when Kafka did not confirm it.
+    :class:`~celery_redis_retry.kafka.TopicMissingError` when the control topic does not
+    exist, :class:`PublishError` when Kafka did not confirm the record.
     """
-    check_target(settings, record.target)
     producer = kafka.new_producer(settings.kafka, **{"message.timeout.ms": int(timeout * 1000)})
     try:
         kafka.require_topic(producer, settings.control_topic, settings.kafka, role="control", timeout=timeout)
-        key, value = encode_pause(record)
-        [error] = kafka.produce_confirmed(producer, settings.control_topic, [(key, value, None)])
+        # value None is a tombstone: confluent-kafka produces it as such (kafka.Record types values as bytes).
+        record = cast(kafka.Record, (key, value, None))
+        [error] = kafka.produce_confirmed(producer, settings.control_topic, [record])
     finally:
         producer.flush(timeout)
     if error is not None:
-        raise PublishError(f"control record for target {record.target!r} not confirmed by "
-                           f"{settings.control_topic}: {error}")
-    return record
+        raise PublishError(f"control record for {what} not confirmed by {settings.control_topic}: {error}")
 
 
 def read_pauses(settings: Settings, *, timeout: float) -> dict[str, TargetPause]:
@@ -153,8 +163,77 @@ def read_pauses(settings: Settings, *, timeout: float) -> dict[str, TargetPause]
     return latest_pauses((m.key(), m.value()) for m in messages)
 
 
-class PauseWatch:
-    """Follows the control topic in a thread, from its beginning: which targets are paused now.
+# -- retry policy rules --------------------------------------------------------------------
+
+
+class UnknownPolicyError(LookupError):
+    """No retry policy rule of that name is in force."""
+
+
+def policy_key(name: str) -> bytes:
+    """The control topic's key of rule ``name``."""
+    return f"{POLICY_KEY_PREFIX}{name}".encode()
+
+
+def decode_policy(key: bytes | None, value: bytes | None) -> tuple[str, PolicyRecord | None] | None:
+    """``(name, record)`` of a policy control record (record None: a tombstone or an unreadable one);
+    None for another kind of record."""
+    if key is None or not key.startswith(POLICY_KEY_PREFIX.encode()):
+        return None
+    name = key.decode(errors="replace")[len(POLICY_KEY_PREFIX):]
+    if value is None:
+        return name, None
+    try:
+        return name, PolicyRecord.decode(value)
+    except PolicyRuleError as exc:
+        logger.warning("unreadable retry policy rule %r in the control topic (%s): ignored", name, exc)
+        return name, None
+
+
+def latest_policies(records: Iterable[tuple[bytes | None, bytes | None]]) -> dict[str, PolicyRecord]:
+    """The rules in force after ``records`` (key, value), in the order written."""
+    latest: dict[str, PolicyRecord] = {}
+    for key, value in records:
+        found = decode_policy(key, value)
+        if found is None:
+            continue
+        name, record = found
+        if record is None:
+            latest.pop(name, None)
+        else:
+            latest[name] = record
+    return latest
+
+
+def set_policy(
+    settings: Settings, rule: PolicyRule, *, broker_conf: Mapping[str, Any] | None = None, by: str | None = None,
+    timeout: float = 10.0,
+) -> PolicyRecord:
+    """Write ``rule`` (replacing the rule of its name) once :meth:`PolicyRule.check` accepts it; wait for Kafka."""
+    rule.check(settings, broker_conf)
+    record = PolicyRecord(rule, by or who(), time.time())
+    _write(settings, policy_key(rule.name), record.encode(), what=f"rule {rule.name!r}", timeout=timeout)
+    return record
+
+
+def delete_policy(settings: Settings, name: str, *, timeout: float = 10.0) -> PolicyRecord:
+    """Delete rule ``name`` (a tombstone); :class:`UnknownPolicyError` when no such rule is in force."""
+    record = read_policies(settings, timeout=timeout).get(name)
+    if record is None:
+        raise UnknownPolicyError(f"no retry policy rule named {name!r} (see: redis-retry policy list)")
+    _write(settings, policy_key(name), None, what=f"rule {name!r}", timeout=timeout)
+    return record
+
+
+def read_policies(settings: Settings, *, timeout: float) -> dict[str, PolicyRecord]:
+    """The retry policy rules in force, reading the control topic to its end; none if it does not exist."""
+    messages = kafka.read_to_end(settings.kafka, settings.control_topic, timeout=timeout)
+    return latest_policies((m.key(), m.value()) for m in messages)
+
+
+class ControlWatch:
+    """Follows the control topic in a thread, from its beginning: which targets are paused now,
+    and which retry policy rules are in force (:meth:`rules`).
 
     For long-running processes (the bridge, a worker process). ``on_change(pause)`` is
     called, in the watch's thread, each time a target's pause starts or ends (also for
@@ -170,14 +249,16 @@ class PauseWatch:
         self._on_change = on_change
         self._poll = poll
         self._pauses: dict[str, TargetPause] = {}
+        self._policies: dict[str, PolicyRecord] = {}
+        self._rules = PolicyRules.of((), settings)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, *, wait: float = 0.0) -> PauseWatch:
+    def start(self, *, wait: float = 0.0) -> ControlWatch:
         """Start following; with ``wait``, return once the topic was read to its end (or ``wait`` passed)."""
-        self._thread = threading.Thread(target=self._follow, name="crr-pause-watch", daemon=True)
+        self._thread = threading.Thread(target=self._follow, name="crr-control-watch", daemon=True)
         self._thread.start()
         if wait:
             self.wait_ready(wait)
@@ -207,6 +288,15 @@ class PauseWatch:
         """Every target's last control record read so far."""
         with self._lock:
             return dict(self._pauses)
+
+    def rules(self) -> PolicyRules:
+        """The retry policy rules in force now: a snapshot, cheap to read for every op."""
+        return self._rules  # replaced whole, never changed in place: no lock needed
+
+    def policies(self) -> dict[str, PolicyRecord]:
+        """The rules in force now, with who set them and when."""
+        with self._lock:
+            return dict(self._policies)
 
     # -- the thread ----------------------------------------------------------------------
 
@@ -259,8 +349,25 @@ class PauseWatch:
             else:
                 logger.warning("reading control topic %s: %s", self.topic, error.str())
             return
-        for target, record in latest_pauses([(message.key(), message.value())]).items():
+        key, value = message.key(), message.value()
+        policy = decode_policy(key, value)
+        if policy is not None:
+            self._record_policy(*policy)
+            return
+        for target, record in latest_pauses([(key, value)]).items():
             self._record(target, record)
+
+    def _record_policy(self, name: str, record: PolicyRecord | None) -> None:
+        with self._lock:
+            if record is None:
+                self._policies.pop(name, None)
+            else:
+                self._policies[name] = record
+            self._rules = PolicyRules.of((r.rule for r in self._policies.values()), self.settings)
+        if record is None:
+            logger.info("retry policy rule %s deleted", name)
+        else:
+            logger.info("retry policy rule %s in force, set by %s", record.rule.describe(), record.by)
 
     def _record(self, target: str, record: TargetPause) -> None:
         with self._lock:

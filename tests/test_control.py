@@ -11,7 +11,7 @@ import pytest
 from celery_redis_retry import control
 from celery_redis_retry.bridge.circuits import CLOSED, PAUSED, RECOVERING, Circuits, LocalCircuit
 from celery_redis_retry.config import Settings
-from celery_redis_retry.control import PauseWatch, TargetPause
+from celery_redis_retry.control import ControlWatch, TargetPause
 from celery_redis_retry.errors import TargetPausedError, UnknownTargetNameError
 from celery_redis_retry.testing import wait_until
 
@@ -113,7 +113,7 @@ def test_a_pause_watch_follows_pauses_written_after_it_started(kafka: Any) -> No
     settings = _settings(kafka)
     control.pause(settings, "sessions", reason="before", by="a@h1")
     seen: list[tuple[str, bool]] = []
-    watch = PauseWatch(settings, on_change=lambda p: seen.append((p.target, p.paused))).start(wait=10)
+    watch = ControlWatch(settings, on_change=lambda p: seen.append((p.target, p.paused))).start(wait=10)
     try:
         assert watch.is_paused("sessions"), "a pause written before the watch started"
         assert not watch.is_paused("default")
@@ -135,7 +135,7 @@ def test_a_missing_control_topic_means_nothing_is_paused(
     # Tansu create one on the first lookup).
     settings = _settings(apache_kafka)
     caplog.set_level("INFO", logger="celery_redis_retry.control")
-    watch = PauseWatch(settings).start(wait=10)
+    watch = ControlWatch(settings).start(wait=10)
     try:
         assert watch.wait_ready(0)
         assert not watch.is_paused("default")

@@ -53,7 +53,7 @@ from celery_redis_retry.bridge.offsets import Consumed, InFlight, OffsetTracker,
 from celery_redis_retry.bridge.refetch import Refetcher
 from celery_redis_retry.bridge.waiting import Parked, ParkedHeaders, WaitingWriter
 from celery_redis_retry.config import confirm_task_publishing, settings_for, shown_broker_url, waiting_group
-from celery_redis_retry.control import PauseWatch, TargetPause
+from celery_redis_retry.control import ControlWatch, TargetPause
 from celery_redis_retry.dlq.record import DeadLetter, DeadLetterWriter, Origin
 from celery_redis_retry.errors import (
     BridgeUnavailableError,
@@ -64,6 +64,7 @@ from celery_redis_retry.errors import (
 )
 from celery_redis_retry.expiry import ends_expired
 from celery_redis_retry.message import Reader
+from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.outage_log import UnknownTargetLog
 
 logger = logging.getLogger(__name__)
@@ -194,8 +195,13 @@ class Bridge:
             self.settings.targets, lambda name: self._probes[name](), recovery_rate=self.settings.recovery_rate,
             on_change=self._circuit_changed,
         )
-        #: Operators' pauses (a compacted Kafka topic): a paused target is held like an open circuit.
-        self.pauses = PauseWatch(self.settings, on_change=self._pause_changed)
+        #: Operators' pauses and retry policy rules (a compacted Kafka topic): a paused target is
+        #: held like an open circuit; a rule's deadline ends ops here too.
+        self.pauses = ControlWatch(self.settings, on_change=self._pause_changed)
+
+    def priority_of(self, op: RedisOp) -> str | None:
+        """``critical``, ``ordinary``, or None: the priority the retry policy rules in force give ``op``."""
+        return self.pauses.rules().decide(op).priority
 
     @property
     def reading_paused(self) -> bool:
@@ -448,7 +454,7 @@ class Bridge:
             else:
                 self._ended([(topic, partition, offset)])
             return
-        if ends_expired(op, self.settings.max_age):
+        if ends_expired(op, self.settings.max_age, self.pauses.rules().decide(op)):
             self.stats.expired += 1
             self._ended([(topic, partition, offset)])
             return

@@ -68,13 +68,19 @@ def check_broker_visibility(settings: Settings, conf: Mapping[str, Any]) -> None
     held unacknowledged by the worker until then, so a cap at or above the timeout
     makes every long retry run twice.
     """
+    check_backoff_cap(settings.backoff.maximum, conf, what="redis_retry_backoff_max")
+
+
+def check_backoff_cap(maximum: float, conf: Mapping[str, Any], *, what: str) -> None:
+    """:class:`ConfigurationError` naming ``what`` when a backoff cap of ``maximum`` s reaches the
+    Celery broker's visibility timeout (see :func:`check_broker_visibility`); retry policy rules share it."""
     if _broker_scheme(conf) not in _VISIBILITY_TIMEOUT_BROKERS:
         return
     options = conf.get("broker_transport_options") or {}
     timeout = options.get("visibility_timeout", _DEFAULT_VISIBILITY_TIMEOUT)
-    if settings.backoff.maximum >= timeout:
+    if maximum >= timeout:
         raise ConfigurationError(
-            f"redis_retry_backoff_max ({settings.backoff.maximum:g} s) must be below the Celery broker's "
+            f"{what} ({maximum:g} s) must be below the Celery broker's "
             f"broker_transport_options['visibility_timeout'] ({timeout} s): a retry held longer than that "
             "is redelivered and would run twice"
         )

@@ -48,7 +48,8 @@ from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.replay.executor import Executor
 from celery_redis_retry.replay.outcomes import ReplayResult, final_error
 from celery_redis_retry.replay.reporting import report_outcome
-from celery_redis_retry.replay.worker import current_pause
+from celery_redis_retry.replay.worker import current_pause, current_rules
+from celery_redis_retry.retry_policy import Decision
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +73,16 @@ class _Runtime:
         self.waiting = WaitingWriter(settings, parked_by="worker")
         self.ends = EndsWriter(settings)
 
-    def limit(self, op: RedisOp) -> int:
-        """How many retries ``op`` may have for failures of its own."""
-        return self.settings.max_retries if op.max_retries is None else op.max_retries
+    def decide(self, op: RedisOp) -> Decision:
+        """``op``'s retry limit, backoff and deadline now: the retry policy rules in force, then the op and settings.
 
-    def expired(self, op: RedisOp) -> bool:
+        Asked at every attempt, so that ops in flight follow a rule set after their capture.
+        """
+        return current_rules(self.settings).decide(op)
+
+    def expired(self, op: RedisOp, decision: Decision) -> bool:
         """Whether ``op`` is past its deadline or ``redis_retry_max_age`` (logged with why)."""
-        return ends_expired(op, self.settings.max_age)
+        return ends_expired(op, self.settings.max_age, decision)
 
     def park(self, items: list[Parked], reason: str) -> bool:
         """Park ops of one target in its waiting topic; False when Kafka did not confirm them."""
@@ -133,7 +137,8 @@ def replay(
     rt = runtime(self.app)
     here = position_of(position)
     op = rt.reader.read(message)  # as the bridge did: the Celery broker is a boundary too
-    if rt.expired(op):
+    decision = rt.decide(op)
+    if rt.expired(op, decision):
         count_outcomes({"expired": 1})
         rt.ends.report([here], outcomes={"expired": 1})
         return "expired"
@@ -147,11 +152,11 @@ def replay(
             result = rt.executor.run(op)
         except Exception as exc:
             if not policy.is_outage(exc):
-                limit = rt.limit(op)
+                limit = decision.max_retries
                 error = final_error(op, exc, spent, limit)
                 if error is not None:
                     raise error from exc
-                countdown = rt.settings.backoff.countdown(spent)
+                countdown = decision.countdown(spent)
                 logger.info("op %s attempt %d/%d failed (%s); retrying in %.2f s", op.id, spent + 1, limit + 1,
                             type(exc).__name__, countdown, extra=op_fields(op, "retrying"))
                 count_outcomes({"retrying": 1})
@@ -202,7 +207,7 @@ def replay_batch(
         except DecodeError as exc:
             ended.append((message, origin, exc, here))
             continue
-        if rt.expired(op):
+        if rt.expired(op, rt.decide(op)):
             outcomes["expired"] += 1
             done.append(here)
             continue
@@ -217,7 +222,7 @@ def replay_batch(
     errback = self.app.signature(DEAD_LETTER_TASK)
     due: list[tuple[Position | None, float]] = []
     for message, origin, op, here, outages in retry_later:
-        countdown = rt.settings.backoff.countdown(0 if outages else op.attempt)
+        countdown = rt.settings.backoff.countdown(0) if outages else rt.decide(op).countdown(op.attempt)
         self.app.send_task(
             REPLAY_TASK, args=(message,),
             kwargs={"origin": _document(Origin.from_wire(origin)), "outages": outages, "position": _listed(here)},
@@ -263,7 +268,7 @@ def _run_target(
             to_park.append((message, origin, op, here))
             outage = result
         else:
-            error = final_error(op, result, op.attempt, rt.limit(op))
+            error = final_error(op, result, op.attempt, rt.decide(op).max_retries)
             if error is None:
                 retry_later.append((message, origin, op, here, 0))
             else:

@@ -3,8 +3,9 @@
 The replay queue (``redis_retry_queue``), ``worker_eta_task_limit`` for countdown
 retries, and three worker boot steps: one refuses to start with bad ``redis_retry_*``
 settings (one line, exit 3), one serves Prometheus metrics before the pool forks, and
-one follows the operators' pauses (:mod:`celery_redis_retry.control`) in every process
-that runs tasks, so that ops of a paused target are parked untried.
+one follows the operators' pauses and retry policy rules (:mod:`celery_redis_retry.control`)
+in every process that runs tasks, so that ops of a paused target are parked untried and
+every attempt follows the rules in force.
 install() imports :mod:`celery_redis_retry.tasks`, which registers the tasks.
 """
 
@@ -23,7 +24,7 @@ from celery.signals import after_setup_logger, after_setup_task_logger
 from kombu.entity import Queue
 
 from celery_redis_retry.config import Settings, pending_settings, settings_for
-from celery_redis_retry.control import PauseWatch, TargetPause
+from celery_redis_retry.control import ControlWatch, TargetPause
 from celery_redis_retry.errors import (
     ConfigurationError,
     SettingsRefusedError,
@@ -31,6 +32,7 @@ from celery_redis_retry.errors import (
 from celery_redis_retry.logs import use_format
 from celery_redis_retry.metrics import serve_worker_metrics
 from celery_redis_retry.names import EXIT_CONFIG
+from celery_redis_retry.retry_policy import PolicyRules
 
 logger = logging.getLogger(__name__)
 
@@ -86,27 +88,40 @@ class _ServeMetrics(bootsteps.Step):
 
 
 #: This process's follower of the control topic (None: not a worker, or not started yet).
-_pauses: PauseWatch | None = None
+_control: ControlWatch | None = None
 #: How long a task waits, once per process, for the control topic to be read to its end.
 PAUSES_READ_WAIT = 10.0
 
 
+def _ready_watch() -> ControlWatch | None:
+    watch = _control
+    if watch is not None:
+        watch.wait_ready(PAUSES_READ_WAIT)  # at once, but for the first tasks after a start
+    return watch
+
+
 def current_pause(target: str) -> TargetPause | None:
     """``target``'s pause if an operator paused it, as this worker process follows the control topic."""
-    watch = _pauses
-    if watch is None:
-        return None
-    watch.wait_ready(PAUSES_READ_WAIT)  # at once, but for the first tasks after a start
-    return watch.pause_of(target)
+    watch = _ready_watch()
+    return None if watch is None else watch.pause_of(target)
+
+
+def current_rules(settings: Settings) -> PolicyRules:
+    """The retry policy rules in force, as this worker process follows the control topic.
+
+    Outside a worker (no follower), none: ``settings`` alone decide.
+    """
+    watch = _ready_watch()
+    return PolicyRules.of((), settings) if watch is None else watch.rules()
 
 
 def _follow_pauses(settings: Settings) -> None:
-    global _pauses  # one follower per process, as one Kafka client per process
-    _pauses = PauseWatch(settings).start()
+    global _control  # one follower per process, as one Kafka client per process
+    _control = ControlWatch(settings).start()
 
 
 class _FollowPauses(bootsteps.Step):
-    """Worker boot step: follow the control topic in each process that runs tasks.
+    """Worker boot step: follow the control topic (pauses, retry policy rules) in each process that runs tasks.
 
     A thread does not survive a fork, nor may a forked child use its parent's Kafka
     client: with the prefork pool each child starts its own follower when it starts.
