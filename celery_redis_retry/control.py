@@ -227,8 +227,14 @@ def delete_policy(settings: Settings, name: str, *, timeout: float = 10.0) -> Po
 
 def read_policies(settings: Settings, *, timeout: float) -> dict[str, PolicyRecord]:
     """The retry policy rules in force, reading the control topic to its end; none if it does not exist."""
-    messages = kafka.read_to_end(settings.kafka, settings.control_topic, timeout=timeout)
-    return latest_policies((m.key(), m.value()) for m in messages)
+    return read_control(settings, timeout=timeout)[1]
+
+
+def read_control(settings: Settings, *, timeout: float) -> tuple[dict[str, TargetPause], dict[str, PolicyRecord]]:
+    """Every target's last pause record and the rules in force, in one read of the control topic."""
+    records = [(m.key(), m.value()) for m in kafka.read_to_end(settings.kafka, settings.control_topic,
+                                                              timeout=timeout)]
+    return latest_pauses(records), latest_policies(records)
 
 
 class ControlWatch:

@@ -27,6 +27,7 @@ from celery_redis_retry.cli.common import (
     timeout_option,
 )
 from celery_redis_retry.cli.dlq import dlq
+from celery_redis_retry.cli.policy import policy
 from celery_redis_retry.cli.target import target
 from celery_redis_retry.cli.topics import topics
 from celery_redis_retry.cli.ui import ui
@@ -55,6 +56,7 @@ def redis_retry(ctx: click.Context) -> None:
 redis_retry.add_command(dlq)
 redis_retry.add_command(topics)
 redis_retry.add_command(target)
+redis_retry.add_command(policy)
 redis_retry.add_command(ui)
 
 

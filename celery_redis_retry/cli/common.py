@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from celery_redis_retry.names import EXIT_CONFIG, EXIT_NO_TOPIC, EXIT_UNAVAILABLE
+from celery_redis_retry.names import EXIT_CONFIG, EXIT_FAILURE, EXIT_NO_TOPIC, EXIT_UNAVAILABLE
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -103,3 +103,27 @@ def quiet_kafka_logs() -> None:
     # no use for librdkafka's line per reconnect attempt.
     setup_logging("WARNING")
     logging.getLogger("celery_redis_retry.librdkafka").setLevel(logging.CRITICAL)
+
+
+def write_control(ctx: click.Context, timeout: float, call: Callable[[Any], Any]) -> Any:
+    """``call(settings)``'s control record (a pause, a retry policy rule), or the command's exit naming what
+    went wrong: 2 an unknown target or an invalid rule, 1 no such rule, 4 not confirmed, 5 no control topic."""
+    from celery_redis_retry import kafka
+    from celery_redis_retry.control import UnknownPolicyError
+    from celery_redis_retry.errors import PublishError, UnknownTargetNameError
+    from celery_redis_retry.retry_policy import PolicyRuleError
+
+    quiet_kafka_logs()
+    settings = settings_of(ctx)
+    try:
+        return require_kafka_answer(ctx, settings, lambda: call(settings), timeout)
+    except (UnknownTargetNameError, PolicyRuleError) as exc:
+        raise click.UsageError(str(exc)) from None
+    except UnknownPolicyError as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(EXIT_FAILURE)
+    except kafka.TopicMissingError as exc:
+        missing_topic(ctx, exc)
+    except PublishError as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(EXIT_UNAVAILABLE)

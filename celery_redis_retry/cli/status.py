@@ -9,7 +9,8 @@ One look at each place an op can wait, from the first to the last:
   Celery's ``inspect scheduled`` reports them);
 - the dead-letter topic (records past the operator cursor, see :mod:`.dlq_admin`);
 - each target: its circuit (a probe), whether an operator paused it (the control
-  topic), and the ops in its waiting topic.
+  topic), and the ops in its waiting topic;
+- the retry policy rules in force (the control topic), in the order they are tried.
 
 Every figure is read, not estimated; a place that cannot be reached is reported as such
 (``error``) rather than as zero, and so is a topic that does not exist (``missing_topics``:
@@ -28,9 +29,10 @@ from typing import Any
 
 from celery_redis_retry import kafka
 from celery_redis_retry.bridge.dispatch import TaskSender
+from celery_redis_retry.cli.policy import ordered_records, record_line
 from celery_redis_retry.cli.target import paused_document, paused_line
 from celery_redis_retry.config import Settings, waiting_group
-from celery_redis_retry.control import TargetPause, read_pauses
+from celery_redis_retry.control import TargetPause, read_control
 from celery_redis_retry.dlq.admin import DeadLetterQueue
 
 
@@ -80,6 +82,8 @@ class Status:
     missing_topics: list[kafka.TopicMissingError] = field(default_factory=list)
     targets: list[TargetStatus] = field(default_factory=list)
     retrying: Retrying = field(default_factory=lambda: Retrying(None, None, 0))
+    #: The retry policy rules in force (PolicyRecord), in the order they are tried.
+    rules: list[Any] = field(default_factory=list)
 
     @property
     def lag(self) -> int | None:
@@ -118,6 +122,7 @@ class Status:
             "errors": self.errors,
             "missing_topics": [m.topic for m in self.missing_topics],
             "targets": {t.name: t.document() for t in self.targets},
+            "rules": [record.document() for record in self.rules],
         }
 
 
@@ -156,9 +161,10 @@ def collect(app: Any, settings: Settings, *, timeout: float = 10.0) -> Status:
         retrying = _retrying(app, settings, timeout=min(timeout, RETRYING_REPLY_WAIT))
     spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes).status()
     pauses: dict[str, TargetPause] = {}
+    rules: dict[str, Any] = {}
     if "kafka" not in errors:
         try:
-            pauses = read_pauses(settings, timeout=timeout)
+            pauses, rules = read_control(settings, timeout=timeout)
         except kafka.KafkaException as exc:
             errors["control_topic"] = f"cannot read {settings.control_topic}: {exc}"
     targets = [_target_status(settings, name, timeout=timeout, kafka_ok="kafka" not in errors, pause=pauses.get(name))
@@ -178,6 +184,7 @@ def collect(app: Any, settings: Settings, *, timeout: float = 10.0) -> Status:
         missing_topics=missing,
         targets=targets,
         retrying=retrying,
+        rules=ordered_records(rules),
     )
 
 
@@ -287,6 +294,7 @@ def _text_lines(status: Status, settings: Settings) -> list[str]:
         paused = f", {paused_line(target.pause)}" if target.pause is not None and target.pause.paused else ""
         lines.append(f"target       {target.name}: circuit {target.circuit}{why}{paused}, "
                      f"{counted(target.waiting, 'op')} waiting in {settings.waiting_topic(target.name)}")
+    lines += [f"rule         {record_line(record)}" for record in status.rules]
     return lines
 
 

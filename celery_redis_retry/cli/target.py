@@ -9,19 +9,17 @@ not answer (or does not confirm the record), 5 the control topic does not exist.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import click
 
 from celery_redis_retry.cli.common import (
-    missing_topic,
     quiet_kafka_logs,
     require_kafka_answer,
     settings_of,
     timeout_option,
+    write_control,
 )
-from celery_redis_retry.names import EXIT_UNAVAILABLE
 
 
 @click.group("target")
@@ -32,24 +30,6 @@ def target() -> None:
     workers park the ones they already hold, without spending an attempt. Resuming lets
     them flow again. The pause lives in Kafka and survives bridge and worker restarts.
     """
-
-
-def _write(ctx: click.Context, timeout: float, call: Callable[[Any], Any]) -> Any:
-    """``call(settings)``'s control record, or the command's exit naming what went wrong."""
-    from celery_redis_retry import kafka
-    from celery_redis_retry.errors import PublishError, UnknownTargetNameError
-
-    quiet_kafka_logs()
-    settings = settings_of(ctx)
-    try:
-        return require_kafka_answer(ctx, settings, lambda: call(settings), timeout)
-    except UnknownTargetNameError as exc:
-        raise click.UsageError(str(exc)) from None
-    except kafka.TopicMissingError as exc:
-        missing_topic(ctx, exc)
-    except PublishError as exc:
-        click.echo(f"error: {exc}", err=True)
-        ctx.exit(EXIT_UNAVAILABLE)
 
 
 @target.command("pause")
@@ -67,7 +47,7 @@ def target_pause(ctx: click.Context, name: str, reason: str, timeout: float) -> 
     """
     from celery_redis_retry import control
 
-    pause = _write(ctx, timeout, lambda settings: control.pause(settings, name, reason=reason, timeout=timeout))
+    pause = write_control(ctx, timeout, lambda settings: control.pause(settings, name, reason=reason, timeout=timeout))
     click.echo(f"target {name} {pause.describe()}; its ops wait in {settings_of(ctx).waiting_topic(name)}")
 
 
@@ -84,7 +64,7 @@ def target_resume(ctx: click.Context, name: str, timeout: float) -> None:
     """
     from celery_redis_retry import control
 
-    pause = _write(ctx, timeout, lambda settings: control.resume(settings, name, timeout=timeout))
+    pause = write_control(ctx, timeout, lambda settings: control.resume(settings, name, timeout=timeout))
     click.echo(f"target {name} {pause.describe()}")
 
 
