@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+from celery import Celery
 from loop_stack import LoopStack
 
-from celery_redis_retry import ops
+from celery_redis_retry import control, ops
+from celery_redis_retry.bridge.loop import Bridge
+from celery_redis_retry.config import settings_for
+from celery_redis_retry.retry_policy import PolicyRule
+from celery_redis_retry.testing import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +109,32 @@ def test_an_invalid_rule_exits_2_naming_the_field(
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert message in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_a_bridges_watch_follows_rules_set_and_deleted_after_it_started(kafka: Any) -> None:
+    app = Celery("policy-watch", broker="memory://", set_as_current=False)
+    app.conf.update(
+        redis_retry_kafka=dict(kafka.config),
+        redis_retry_targets={"default": "redis://127.0.0.1:1/0"},
+        redis_retry_topic=f"ops-{uuid.uuid4().hex[:10]}",
+    )
+    settings = settings_for(app)
+    control.set_policy(settings, PolicyRule("before", key="session:*", max_retries=9, order=50), by="a@h1")
+    bridge = Bridge(app)
+    bridge.pauses.start(wait=10)
+    try:
+        session, other = ops.set("session:1", "v"), ops.set("user:1", "v")
+        assert bridge.pauses.rules().decide(session).max_retries == 9, "a rule written before the bridge started"
+        assert bridge.priority_of(session) is None
+        control.set_policy(settings, PolicyRule("urgent", key="session:*", priority="critical", order=10))
+        wait_until(lambda: bridge.priority_of(session) == "critical", 10, what="the new rule seen")
+        assert bridge.priority_of(other) is None
+        assert bridge.pauses.rules().decide(session).max_retries == settings.max_retries  # only the winner counts
+        assert set(control.read_policies(settings, timeout=10)) == {"before", "urgent"}
+        control.delete_policy(settings, "urgent")
+        wait_until(lambda: bridge.priority_of(session) is None, 10, what="the deletion seen")
+        assert bridge.pauses.rules().decide(session).rule == "before"
+        with pytest.raises(control.UnknownPolicyError, match="no retry policy rule named 'urgent'"):
+            control.delete_policy(settings, "urgent")
+    finally:
+        bridge.pauses.stop()
