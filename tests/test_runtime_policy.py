@@ -79,11 +79,22 @@ def test_a_rule_set_at_run_time_governs_ops_in_flight_and_new_processes(
     bridge = stack.start_bridge()
     bridge.wait_for_log(r"retry policy rule sessions \(order 100\): key=session:\* -> max_retries=50 .* in force",
                         timeout=30)
+    worker.wait_for_log(r"retry policy rule sessions \(order 100\): key=session:\* -> max_retries=50 .* in force",
+                        timeout=30)
     stack.wait_assigned(bridge)
     late = stack.publish_all([ops.incrby("session:late", 1)])[0]
     worker.wait_for_log(rf"op {re.escape(late.id)} attempt 2/51 failed", timeout=30)
     _memory(stack, 0)
     _all_applied(stack, ["session:late"])
+
+    # A rule's deadline ends ops at the bridge, before any hand-over.
+    short = stack.cli("redis-retry", "policy", "set", "stale", "--key", "stale:*", "--deadline", "0", "--order", "1")
+    assert short.returncode == 0, short.stderr
+    bridge.wait_for_log(r"retry policy rule stale .* in force", timeout=10)
+    stale = stack.publish_all([ops.incrby("stale:1", 1)])[0]
+    bridge.wait_for_log(rf"op {re.escape(stale.id)} expired: deadline of retry policy rule stale passed", timeout=30)
+    assert stack.worker_log_count(re.escape(stale.id)) == 0
+    assert stack.cli("redis-retry", "policy", "delete", "stale").returncode == 0
 
     deleted = stack.cli("redis-retry", "policy", "delete", "sessions")
     assert deleted.returncode == 0, deleted.stderr
