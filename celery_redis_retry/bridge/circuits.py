@@ -180,7 +180,7 @@ class Circuits:
         return circuit.shown_reason if circuit is not None else ""
 
     def set_pause(self, pause: TargetPause) -> None:
-        """An operator paused or resumed ``pause.target`` (a :class:`~celery_redis_retry.control.PauseWatch` says).
+        """An operator paused or resumed ``pause.target`` (a :class:`~celery_redis_retry.control.ControlWatch` says).
 
         Resuming starts the recovery ramp, as a circuit closing after an outage does, so
         that a backlog held by a long pause drains without a stampede on the target.
