@@ -32,8 +32,8 @@ from typing import Any, cast
 
 from celery_redis_retry import kafka
 from celery_redis_retry.config import Settings
-from celery_redis_retry.errors import PublishError, UnknownTargetNameError
-from celery_redis_retry.retry_policy import PolicyRecord, PolicyRule, PolicyRuleError, PolicyRules
+from celery_redis_retry.errors import PolicyRuleError, PublishError, UnknownPolicyError, UnknownTargetNameError
+from celery_redis_retry.retry_policy import PolicyRecord, PolicyRule, PolicyRules
 
 logger = logging.getLogger(__name__)
 
@@ -164,10 +164,6 @@ def read_pauses(settings: Settings, *, timeout: float) -> dict[str, TargetPause]
 
 
 # -- retry policy rules --------------------------------------------------------------------
-
-
-class UnknownPolicyError(LookupError):
-    """No retry policy rule of that name is in force."""
 
 
 def policy_key(name: str) -> bytes:

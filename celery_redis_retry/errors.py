@@ -228,6 +228,17 @@ class TargetPausedError(RedisRetryError):
     """
 
 
+# -- retry policy rules (celery_redis_retry.retry_policy, celery_redis_retry.control) ---------
+
+
+class PolicyRuleError(RedisRetryError, ValueError):
+    """A retry policy rule that cannot be used; the message names the field."""
+
+
+class UnknownPolicyError(RedisRetryError, LookupError):
+    """No retry policy rule of that name is in force."""
+
+
 # -- the test harness (celery_redis_retry.testing) ---------------------------------------
 
 
@@ -259,6 +270,7 @@ __all__ = [
     "HarnessTimeoutError",
     "KafkaCredentialsError",
     "PermanentReplayError",
+    "PolicyRuleError",
     "ProcessExitedError",
     "PublishError",
     "RedisRetryError",
@@ -271,6 +283,7 @@ __all__ = [
     "TargetURLError",
     "TopicMissingError",
     "TopicSetupError",
+    "UnknownPolicyError",
     "UnknownScriptError",
     "UnknownTargetError",
     "UnknownTargetNameError",

@@ -23,6 +23,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from celery_redis_retry.config import Settings
+from celery_redis_retry.errors import ConfigurationError, PolicyRuleError
 from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.policy import Backoff
 from celery_redis_retry.redis_commands import COMMANDS
@@ -34,10 +35,6 @@ DEFAULT_ORDER = 100
 _NAME = re.compile(r"[A-Za-z0-9_.:-]+")
 _MATCHERS = ("target", "command", "key", "source")
 _EFFECTS = ("max_retries", "backoff", "backoff_max", "deadline", "priority")
-
-
-class PolicyRuleError(ValueError):
-    """A retry policy rule that cannot be used; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +89,6 @@ class PolicyRule:
                                   f"{', '.join(sorted(settings.targets))}")
         if self.backoff_max is not None and broker_conf is not None:
             from celery_redis_retry.config.broker import check_backoff_cap
-            from celery_redis_retry.errors import ConfigurationError
-
             try:
                 check_backoff_cap(self.backoff_max, broker_conf, what="backoff_max")
             except ConfigurationError as exc:

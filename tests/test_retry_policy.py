@@ -6,9 +6,10 @@ import pytest
 
 from celery_redis_retry import ops
 from celery_redis_retry.config import Settings
+from celery_redis_retry.errors import PolicyRuleError
 from celery_redis_retry.expiry import expired
 from celery_redis_retry.policy import Backoff
-from celery_redis_retry.retry_policy import PolicyRecord, PolicyRule, PolicyRuleError, PolicyRules
+from celery_redis_retry.retry_policy import PolicyRecord, PolicyRule, PolicyRules
 
 SETTINGS = Settings.from_mapping({
     "redis_retry_kafka": {"bootstrap.servers": "localhost:9092"},

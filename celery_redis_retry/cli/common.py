@@ -109,9 +109,7 @@ def write_control(ctx: click.Context, timeout: float, call: Callable[[Any], Any]
     """``call(settings)``'s control record (a pause, a retry policy rule), or the command's exit naming what
     went wrong: 2 an unknown target or an invalid rule, 1 no such rule, 4 not confirmed, 5 no control topic."""
     from celery_redis_retry import kafka
-    from celery_redis_retry.control import UnknownPolicyError
-    from celery_redis_retry.errors import PublishError, UnknownTargetNameError
-    from celery_redis_retry.retry_policy import PolicyRuleError
+    from celery_redis_retry.errors import PolicyRuleError, PublishError, UnknownPolicyError, UnknownTargetNameError
 
     quiet_kafka_logs()
     settings = settings_of(ctx)

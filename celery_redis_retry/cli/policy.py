@@ -59,7 +59,8 @@ def policy_set(ctx: click.Context, /, name: str, command_name: str | None, timeo
     topic does not exist (see: redis-retry topics create).
     """
     from celery_redis_retry import control
-    from celery_redis_retry.retry_policy import PolicyRule, PolicyRuleError
+    from celery_redis_retry.errors import PolicyRuleError
+    from celery_redis_retry.retry_policy import PolicyRule
 
     try:
         rule = PolicyRule.parse({"name": name, "command": command_name, **fields})
