@@ -1,0 +1,172 @@
+"""wrap() and the on_failure guard with redis.asyncio clients, against a real redis-server and Kafka.
+
+The unit-ish tests drive a wrapped ``redis.asyncio.Redis`` with ``asyncio.run``; the ops it
+captures are collected through ``on_capture`` (what the producer was given) and the producer
+publishes them to the session's embedded broker. The end-to-end test runs the FastAPI example
+as a uvicorn subprocess with a real Celery worker and bridge loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+import celery_redis_retry
+from celery_redis_retry import ops
+from celery_redis_retry.capture.producer import RetryProducer
+from celery_redis_retry.config import Settings
+from celery_redis_retry.errors import CapturedWriteError
+from celery_redis_retry.ops import RedisOp
+from celery_redis_retry.testing import EmbeddedKafka, RedisServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def producer(
+    kafka: EmbeddedKafka, unique_topic: str, tmp_path: Path, redis_server: RedisServer
+) -> Iterator[RetryProducer]:
+    settings = Settings.from_mapping({
+        "redis_retry_kafka": kafka.config,
+        "redis_retry_targets": {"default": redis_server.url},
+        "redis_retry_topic": unique_topic,
+        "redis_retry_spool_path": str(tmp_path / "spool.sqlite3"),
+    })
+    p = RetryProducer(settings, handle_sigterm=False)
+    yield p
+    p.close(5)
+
+
+def async_client(server: RedisServer) -> redis.asyncio.Redis:
+    # No redis-py retries and short timeouts: a dead server shows at once.
+    return redis.asyncio.Redis(port=server.port, socket_timeout=1, socket_connect_timeout=1,
+                               retry=Retry(NoBackoff(), 0))
+
+
+def test_an_asyncio_client_returns_the_plain_replies(redis_server: RedisServer, producer: RetryProducer) -> None:
+    async def run() -> None:
+        plain = async_client(redis_server)
+        r = celery_redis_retry.wrap(plain, producer=producer)
+        assert isinstance(r, redis.asyncio.Redis)
+        assert r.uncaptured is plain
+        assert await r.set("k", "v") is True
+        assert await r.incrby("n", 5) == 5
+        assert await r.incrby("n", 2) == 7  # not idempotent: sent with an op id and a marker
+        assert await r.hset("h", mapping={"a": 1, "b": 2}) == 2
+        assert await r.get("k") == b"v"
+        for transaction, replies in ((True, [True, 1, b"1", 1]), (False, [True, 2, b"1", 0])):
+            async with r.pipeline(transaction=transaction) as pipe:
+                pipe.set("p", 1).incr("pn").get("p").hset("ph", "f", "x")
+                assert await pipe.execute() == replies
+        async with r.lock("lk", timeout=5):  # locks run on the plain client
+            pass
+        await plain.aclose()
+
+    asyncio.run(run())
+    with redis_server.client() as check:
+        assert check.get("n") == b"7"
+        assert check.hgetall("h") == {b"a": b"1", b"b": b"2"}
+
+
+def test_an_asyncio_client_captures_a_failed_write(redis_server: RedisServer, producer: RetryProducer) -> None:
+    captured: list[RedisOp] = []
+
+    async def run() -> None:
+        plain = async_client(redis_server)
+        r = celery_redis_retry.wrap(plain, producer=producer, on_capture=captured.append)
+        raising = celery_redis_retry.wrap(plain, producer=producer, raise_on_capture=True, on_capture=captured.append)
+        assert await r.set("warm", 1) is True
+        redis_server.stop()
+        assert await r.set("user:1", b"profile", ex=300) is None
+        assert await r.incrby("visits", 5) is None
+        async with r.pipeline() as pipe:
+            pipe.hset("order:7", mapping={"total": 12}).get("order:7").sadd("orders", 7)
+            assert await pipe.execute() is None
+        with pytest.raises(CapturedWriteError) as raised:
+            await raising.delete("gone")
+        assert raised.value.op is captured[-1]
+        with pytest.raises(redis.ConnectionError):
+            await r.get("user:1")  # reads are never captured
+        with pytest.raises(redis.ConnectionError):
+            await r.lpop("queue")  # nor writes whose reply is the point
+        async with r.pipeline() as pipe:
+            with pytest.raises((redis.ConnectionError, redis.WatchError)):
+                await pipe.watch("order:7")  # an optimistic check cannot be replayed
+        await plain.aclose()
+
+    asyncio.run(run())
+    assert producer.flush(10) == 0
+    set_op, incr, pipe_op, delete = captured
+    assert set_op.commands[0][:4] == ("SET", "user:1", b"profile", "PXAT")
+    assert incr.commands == (("INCRBY", "visits", 5),)
+    assert pipe_op.kind == "pipeline"
+    assert pipe_op.transaction is True
+    assert pipe_op.commands == (("HSET", "order:7", "total", 12), ("SADD", "orders", 7))
+    assert delete.commands == (("DEL", "gone"),)
+    for op in captured:
+        assert op.error is not None
+        assert op.error.type == "redis.exceptions.ConnectionError"
+        assert op.source == f"{__name__}.run"
+    assert producer.stats.published == 4
+
+
+def test_the_async_guard_publishes_a_failed_block(redis_server: RedisServer, producer: RetryProducer) -> None:
+    async def run() -> tuple[str | None, str | None]:
+        r = async_client(redis_server)
+        redis_server.stop()
+        async with celery_redis_retry.on_failure(ops.delete("k"), source="Repo.delete", producer=producer) as guard:
+            await r.delete("k")
+        async with celery_redis_retry.on_failure(ops.delete("k"), producer=producer) as untouched:
+            pass
+        with pytest.raises(ValueError, match="not a Redis error"):
+            async with celery_redis_retry.on_failure(ops.delete("k"), producer=producer):
+                raise ValueError("not a Redis error")
+        await r.aclose()
+        return guard.op_id, untouched.op_id
+
+    published, untouched = asyncio.run(run())
+    assert published is not None
+    assert untouched is None
+    assert producer.flush(10) == 0
+    assert producer.stats.published == 1
+
+
+def test_a_durable_publish_runs_in_a_thread_off_the_loop(
+    kafka: EmbeddedKafka, unique_topic: str, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    settings = Settings.from_mapping({
+        "redis_retry_kafka": kafka.config, "redis_retry_targets": {"default": redis_server.url},
+        "redis_retry_topic": unique_topic, "redis_retry_spool_path": str(tmp_path / "spool.sqlite3"),
+        "redis_retry_durable_publish": True,
+    })
+    durable = RetryProducer(settings, handle_sigterm=False)
+    ticks: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            ticks.append(time.perf_counter())
+            await asyncio.sleep(0.001)
+
+    async def run() -> str:
+        beat = asyncio.get_running_loop().create_task(ticker())
+        await asyncio.sleep(0.01)
+        op_id = await durable.publish_async(ops.set("k", "v"))
+        beat.cancel()
+        return op_id
+
+    try:
+        assert asyncio.run(run())
+    finally:
+        durable.close(5)
+    # The publish waited for Kafka's acknowledgement in a thread while the loop kept ticking.
+    assert len(ticks) > 3
+    assert max(b - a for a, b in itertools.pairwise(ticks)) < 0.05
