@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import sys
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -26,7 +32,16 @@ from celery_redis_retry.capture.producer import RetryProducer
 from celery_redis_retry.config import Settings
 from celery_redis_retry.errors import CapturedWriteError
 from celery_redis_retry.ops import RedisOp
-from celery_redis_retry.testing import EmbeddedKafka, RedisServer
+from celery_redis_retry.testing import (
+    CeleryCommand,
+    CeleryWorker,
+    EmbeddedKafka,
+    ManagedProcess,
+    RedisServer,
+    free_port,
+    read_topic,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -170,3 +185,80 @@ def test_a_durable_publish_runs_in_a_thread_off_the_loop(
     # The publish waited for Kafka's acknowledgement in a thread while the loop kept ticking.
     assert len(ticks) > 3
     assert max(b - a for a, b in itertools.pairwise(ticks)) < 0.05
+
+
+# -- the FastAPI example end to end -------------------------------------------------------------
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def http(base: str, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """One JSON request to the served example: its status and decoded body."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, method=method,  # noqa: S310 - a local test URL
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture
+def served(
+    kafka: EmbeddedKafka, redis_factory: Callable[..., RedisServer], tmp_path: Path
+) -> Iterator[dict[str, Any]]:
+    """examples/fastapi_service served by uvicorn, with its worker and bridge, on a target that keeps its data."""
+    target = redis_factory(free_port(), args=("--appendonly", "yes", "--appendfsync", "always"))
+    name = uuid.uuid4().hex[:8]
+    env = {
+        "SESSIONS_REDIS_URL": target.url, "CELERY_BROKER_URL": redis_factory().url,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "REDIS_RETRY_TOPIC": f"sessions-{name}",
+        "REDIS_RETRY_CONSUMER_GROUP": f"sessions-{name}", "REDIS_RETRY_SPOOL_PATH": str(tmp_path / "spool.sqlite3"),
+    }
+    app, port = "fastapi_service.celery_app", free_port()
+    web = ManagedProcess([sys.executable, "-m", "uvicorn", "fastapi_service.web:app", "--port", str(port)],
+                         env=env, cwd=str(EXAMPLES), log_dir=tmp_path)
+    replay = [CeleryWorker(app, queues=["redis-retry"], env=env, cwd=str(EXAMPLES), log_dir=tmp_path),
+              CeleryCommand(app, ["redis-retry", "bridge"], env=env, cwd=str(EXAMPLES), log_dir=tmp_path)]
+    with web, replay[1].start(ready_pattern=r"bridge consuming", timeout=90), replay[0].start(timeout=120):
+        web.wait_for_log(r"Application startup complete", timeout=60)
+        yield {"base": f"http://127.0.0.1:{port}", "target": target, "env": env, "logs": [web, *replay]}
+
+
+def test_the_fastapi_example_keeps_its_writes_through_an_outage_without_stalling_its_loop(
+    served: dict[str, Any], kafka: EmbeddedKafka
+) -> None:
+    base, target = served["base"], served["target"]
+    assert http(base, "PUT", "/sessions/before", {"user": "ada"}) == (200, {"session": "before", "status": "done"})
+    assert http(base, "POST", "/counters/hits/incr")[0] == 200
+
+    target.stop()
+    http(base, "POST", "/stall/reset")
+    for number in range(20):
+        assert http(base, "PUT", f"/sessions/s{number}", {"user": "grace", "n": number})[0] == 202
+    for _ in range(3):
+        assert http(base, "POST", "/counters/hits/incr") == (202, {"counter": "hits", "status": "accepted"})
+    assert http(base, "GET", "/counters/hits")[0] == 503  # reads are never captured
+    stall_ms = http(base, "GET", "/stall")[1]["longest_ms"]
+    print(f"longest event loop stall while 23 writes were captured: {stall_ms:.3f} ms")
+    assert stall_ms < 5.0
+
+    target.start()
+
+    def applied() -> bool:
+        return (http(base, "GET", "/counters/hits")[1].get("value") == 4
+                and http(base, "GET", "/sessions/s19")[0] == 200)
+
+    try:
+        wait_until(applied, 90, interval=0.25, what="the captured writes applied")
+    except TimeoutError as exc:
+        logs = "\n".join(f"--- {p.log_path}\n{p.log_tail(30)}" for p in served["logs"])
+        raise AssertionError(f"{exc}\n{logs}") from exc
+    time.sleep(2)  # a second application of an INCRBY would show by now
+    assert http(base, "GET", "/counters/hits")[1]["value"] == 4
+    with target.client() as r:
+        assert r.smembers("user:grace:sessions") == {f"s{n}".encode() for n in range(20)}
+        assert json.loads(r.get("session:s7") or b"{}") == {"user": "grace", "n": 7}
+        assert 0 < r.ttl("session:s7") <= 1800
+    assert read_topic(kafka.bootstrap_servers, f"{served['env']['REDIS_RETRY_TOPIC']}.dlq", idle=2) == []
