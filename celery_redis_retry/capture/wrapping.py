@@ -58,18 +58,34 @@ def capturing_class(base: type, mixin: type) -> type:
 
 def copy_with_capture(client: Any, capture: Capture, mixin: type) -> Any:
     """A copy of ``client`` (same pool, same options) whose class has ``mixin`` in front."""
-    copy: Any = object.__new__(capturing_class(type(client), mixin))
-    copy.__dict__.update(client.__dict__)
+    copy: Any = _copy_as(client, capturing_class(type(client), mixin))
     copy._crr_plain = client
     copy._crr_capture = capture
     return copy
 
 
 def capturing_pipeline(pipe: Any, capture: Capture, mixin: type) -> Any:
-    """``pipe`` itself, its class given ``mixin`` in front."""
-    pipe.__class__ = capturing_class(type(pipe), mixin)
+    """``pipe`` with ``mixin`` in front of its class (a copy sharing its state, if its class has slots)."""
+    cls = capturing_class(type(pipe), mixin)
+    if hasattr(pipe, "__dict__"):
+        pipe.__class__ = cls
+    else:  # redis.asyncio.cluster.ClusterPipeline: its class cannot be swapped for one with a __dict__
+        pipe = _copy_as(pipe, cls)
     pipe._crr_capture = capture
     return pipe
+
+
+def _copy_as(obj: Any, cls: type) -> Any:
+    """A shallow copy of ``obj`` as an instance of ``cls``: its ``__dict__`` and its slots
+    (redis.asyncio's cluster classes keep their state in slots)."""
+    copy: Any = object.__new__(cls)
+    copy.__dict__.update(getattr(obj, "__dict__", {}))
+    for klass in type(obj).__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
+                object.__setattr__(copy, name, getattr(obj, name))
+    return copy
 
 
 def failed_op(capture: Capture, args: tuple[Any, ...], write: StampedWrite | None, exc: Exception) -> RedisOp | None:
