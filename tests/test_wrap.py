@@ -302,6 +302,13 @@ def test_wrap_compares_unix_sockets_and_sentinel_services(redis_factory: Any, tm
     celery_redis_retry.wrap(sentinel.master_for("sessions"), producer=producer, target="sessions")
     with pytest.raises(celery_redis_retry.ConfigurationError, match="Sentinel service 'carts' db 0 but"):
         celery_redis_retry.wrap(sentinel.master_for("carts"), producer=producer, target="sessions")
+    # An asyncio Sentinel client's pool names its service too.
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+    async_sentinel = AsyncSentinel([("127.0.0.1", 26379)])
+    celery_redis_retry.wrap(async_sentinel.master_for("sessions"), producer=producer, target="sessions")
+    with pytest.raises(celery_redis_retry.ConfigurationError, match="Sentinel service 'carts' db 0 but"):
+        celery_redis_retry.wrap(async_sentinel.master_for("carts"), producer=producer, target="sessions")
 
 
 def test_wrap_accepts_a_cluster_client_whose_cluster_has_the_targets_node(tmp_path: Path, redis_factory: Any) -> None:
