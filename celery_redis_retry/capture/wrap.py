@@ -3,7 +3,9 @@
 ``wrap(client)`` returns a copy of a ``redis.Redis`` client (same connection pool,
 same options, same class plus capture) on which a write command that fails with a
 retryable error is built into an op and published for replay, exactly as the
-:class:`~celery_redis_retry.on_failure` guard would do by hand::
+:class:`~celery_redis_retry.on_failure` guard would do by hand. ``RedisCluster``,
+Sentinel clients and the ``redis.asyncio`` clients are wrapped the same way (the
+asyncio ones by :mod:`celery_redis_retry.capture.wrap_async`)::
 
     r = redis.Redis(host="cache", socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
     cache = celery_redis_retry.wrap(r)
