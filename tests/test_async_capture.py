@@ -262,3 +262,51 @@ def test_the_fastapi_example_keeps_its_writes_through_an_outage_without_stalling
         assert json.loads(r.get("session:s7") or b"{}") == {"user": "grace", "n": 7}
         assert 0 < r.ttl("session:s7") <= 1800
     assert read_topic(kafka.bootstrap_servers, f"{served['env']['REDIS_RETRY_TOPIC']}.dlq", idle=2) == []
+
+
+def test_asyncio_writes_are_stamped_reload_their_script_and_drop_their_markers(
+    redis_server: RedisServer, producer: RetryProducer
+) -> None:
+    from celery_redis_retry import stamps
+
+    with redis_server.client() as check:
+        async def run() -> None:
+            plain = async_client(redis_server)
+            r = celery_redis_retry.wrap(plain, producer=producer)
+            assert await r.set("s", "v") is True
+            assert check.exists(stamps.stamp_key("s")) == 1  # sent through write_stamped.lua
+            with pytest.raises(redis.ResponseError, match=r"^WRONGTYPE"):
+                await r.lpush("s", "x")  # not retryable: raised as it is
+            check.script_flush()  # a restarted server has no scripts: the client loads it again
+            assert await r.incr("after-flush") == 1
+            for transaction in (False, True):
+                check.script_flush()
+                async with r.pipeline(transaction=transaction) as pipe:
+                    assert await pipe.set("p", int(transaction)).get("p").execute() == [True, b"%d" % transaction]
+            # Confirmed INCRs leave no marker behind: unlinked in batches by a task of the loop.
+            for _ in range(300):
+                await r.incr("hot")
+            await asyncio.sleep(0.2)
+            await plain.aclose()
+
+        asyncio.run(run())
+        assert check.get("hot") == b"300"
+        # At most the last batch, not yet due, is left (to the markers' TTL): not one per INCR.
+        assert len(list(check.scan_iter(match="crr:*applied*", count=1000))) < 100
+
+
+def test_publishing_from_the_loop_costs_microseconds(producer: RetryProducer) -> None:
+    async def run() -> list[float]:
+        await producer.publish_async(ops.set("first", 1))  # starts the producer, in a thread
+        took = []
+        for i in range(200):
+            began = time.perf_counter()
+            await producer.publish_async(ops.set(f"k:{i}", i))
+            took.append(time.perf_counter() - began)
+        return sorted(took)
+
+    took = asyncio.run(run())
+    median, worst = took[len(took) // 2], took[-1]
+    print(f"publish_async inline: median {median * 1e6:.0f} µs, slowest {worst * 1e6:.0f} µs")
+    assert median < 0.0002
+    assert producer.flush(10) == 0
