@@ -58,6 +58,7 @@ def test_writes_to_every_master_are_captured_and_replayed_on_the_slot_owner(
     plain = redis.cluster.RedisCluster(host="127.0.0.1", port=port, retry=Retry(NoBackoff(), 0), **FAST)
     sync = celery_redis_retry.wrap(plain, producer=stack.producer, on_capture=captured.append)
     sync_keys, async_keys = [f"s:{i}" for i in range(KEYS)], [f"a:{i}" for i in range(KEYS)]
+    doomed = [f"d:{i}" for i in range(2 * KEYS)]  # deleted while the cluster is down
     masters = {cluster.master_of(slot_of(key)).port for key in sync_keys + async_keys}
     assert len(masters) == 3  # the keys fall on every master
 
@@ -67,11 +68,14 @@ def test_writes_to_every_master_are_captured_and_replayed_on_the_slot_owner(
         wrapped = celery_redis_retry.wrap(client, producer=stack.producer, on_capture=captured.append)
         assert isinstance(wrapped, redis.asyncio.cluster.RedisCluster)
         assert await wrapped.set("a:warm", 1) is True  # learns the slots while the cluster is up
+        await wrapped.mset_nonatomic(dict.fromkeys(doomed, 1))
+        assert await wrapped.delete("a:warm", "a:0", "a:1", "a:2") == 1  # a multi-slot DEL while up
         async with wrapped.pipeline() as pipe:
             assert await pipe.set("{p}:warm", 1).get("{p}:warm").execute() == [True, b"1"]
         for node in cluster.nodes:
             node.stop()
         replies = [await wrapped.set(key, key) for key in async_keys]
+        replies.append(await wrapped.delete(*doomed[:KEYS]))  # keys of every master: one DEL per slot
         async with wrapped.pipeline() as pipe:
             assert await pipe.set("{p}:1", "one").incrby("{p}:n", 1).execute() is None
         replies += [await wrapped.incrby(f"{key}:n", 1) for key in async_keys]
@@ -82,14 +86,19 @@ def test_writes_to_every_master_are_captured_and_replayed_on_the_slot_owner(
 
     try:
         assert sync.set("s:warm", 1) is True
+        assert sync.delete("s:warm", "s:0", "s:1", "s:2") == 1  # a multi-slot DEL while the cluster is up
         async_replies = asyncio.run(asyncio_writes())
         sync_replies = [sync.set(key, key) for key in sync_keys] + [sync.incrby(f"{key}:n", 1) for key in sync_keys]
+        sync_replies.append(sync.unlink(*doomed[KEYS:]))
     finally:
         plain.close()
-    assert async_replies + sync_replies == [None] * (4 * KEYS)
-    assert len(captured) == 4 * KEYS + 1
+    assert async_replies + sync_replies == [None] * (4 * KEYS + 2)
+    assert len(captured) == 4 * KEYS + 3
     pipelines = [op.commands for op in captured if op.kind == "pipeline"]
-    assert pipelines == [(("SET", "{p}:1", "one"), ("INCRBY", "{p}:n", 1))]
+    assert pipelines[1] == (("SET", "{p}:1", "one"), ("INCRBY", "{p}:n", 1))
+    for split, command in ((pipelines[0], "DEL"), (pipelines[2], "UNLINK")):  # one command per slot
+        assert {name for name, *_ in split} == {command}
+        assert all(len({slot_of(key) for key in keys}) == 1 for _, *keys in split)
 
     for node in cluster.nodes:
         node.start()
@@ -103,4 +112,5 @@ def test_writes_to_every_master_are_captured_and_replayed_on_the_slot_owner(
     time.sleep(2)  # a second application of an INCRBY would show by now
     assert _owner_values(cluster, counters) == [b"1"] * len(counters)
     assert _owner_values(cluster, ["{p}:1", "{p}:n"]) == [b"one", b"1"]  # the asyncio cluster pipeline's op
+    assert _owner_values(cluster, doomed) == [None] * len(doomed)  # the multi-slot DEL and UNLINK
     assert stack.dlq_is_empty()

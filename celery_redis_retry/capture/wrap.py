@@ -67,6 +67,7 @@ from celery_redis_retry.capture.capturing import (
 from celery_redis_retry.capture.producer import RetryProducer
 from celery_redis_retry.capture.wrap_async import AsyncCapturingClient
 from celery_redis_retry.capture.wrapping import (
+    SPLITTING,
     WrappedClient,
     capturing_pipeline,
     copy_with_capture,
@@ -75,10 +76,12 @@ from celery_redis_retry.capture.wrapping import (
     pipeline_mode,
     pipeline_replies,
     pipeline_requeue,
+    slot_groups,
+    split_failed_op,
+    splitting,
 )
 from celery_redis_retry.errors import CapturedWriteError
 from celery_redis_retry.ops import RedisOp
-from celery_redis_retry.slots import slot_of
 from celery_redis_retry.stamps import WRITE_STAMPED
 
 logger = logging.getLogger(__name__)
@@ -106,17 +109,23 @@ class _CapturingClient(WrappedClient):
         capture.succeeded()
         return reply
 
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        pipe = super().pipeline(transaction, shard_hint)  # type: ignore[misc]
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        # The client's own defaults: a cluster client's pipeline is not a transaction unless asked.
+        pipe = super().pipeline(*args, **kwargs)  # type: ignore[misc]
         return capturing_pipeline(pipe, self._crr_capture, _CapturingPipeline)
 
     def _split_command_across_slots(self, command: str, *keys: Any) -> Any:
         # A cluster client sends DEL/UNLINK through a pipeline per slot; keys of one slot
         # go through execute_command instead, so the write is stamped like any other
         # (and a captured one returns None, as everywhere).
-        if len({slot_of(key) for key in keys}) == 1:
+        groups = slot_groups(keys)
+        if len(groups) == 1:
             return self.execute_command(command, *keys)
-        return super()._split_command_across_slots(command, *keys)  # type: ignore[misc]
+        try:
+            with splitting():
+                return super()._split_command_across_slots(command, *keys)  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001 - split_failed_op raises what cannot be captured
+            return self._crr_capture.captured(split_failed_op(self._crr_capture, command, groups, exc), exc)
 
     def client(self) -> Any:
         return copy_with_capture(self._crr_plain.client(), self._crr_capture, _CapturingClient)
@@ -163,7 +172,9 @@ class _CapturingPipeline:
                 for index, reply in zip(again, super().execute(False), strict=True):  # type: ignore[misc]
                     replies[index] = reply
         except Exception as exc:  # noqa: BLE001 - pipeline_failed_op raises what cannot be captured
-            op = pipeline_failed_op(capture, stack, exc, transaction=transaction, stamped=stamped, watched=watched)
+            # A pipeline of a split DEL/UNLINK raises: the split command is captured whole.
+            op = pipeline_failed_op(capture, stack, exc, transaction=transaction, stamped=stamped,
+                                    watched=watched or SPLITTING.get())
             return capture.captured(op, exc)
         return pipeline_replies(self, stack, stamped, replies, raise_on_error)
 

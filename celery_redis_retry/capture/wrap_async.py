@@ -16,7 +16,6 @@ from typing import Any
 
 from celery_redis_retry.capture import wrapping
 from celery_redis_retry.capture.capturing import Capture
-from celery_redis_retry.slots import slot_of
 from celery_redis_retry.stamps import WRITE_STAMPED
 
 logger = logging.getLogger(__name__)
@@ -53,9 +52,16 @@ class AsyncCapturingClient(wrapping.WrappedClient):
 
     async def _split_command_across_slots(self, command: str, *keys: Any) -> Any:
         # As the synchronous cluster client: keys of one slot go through execute_command, stamped.
-        if len({slot_of(key) for key in keys}) == 1:
+        groups = wrapping.slot_groups(keys)
+        if len(groups) == 1:
             return await self.execute_command(command, *keys)
-        return await super()._split_command_across_slots(command, *keys)  # type: ignore[misc]
+        try:
+            with wrapping.splitting():
+                return await super()._split_command_across_slots(command, *keys)  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001 - split_failed_op raises what cannot be captured
+            return await self._crr_capture.captured_async(
+                wrapping.split_failed_op(self._crr_capture, command, groups, exc), exc
+            )
 
     def client(self) -> Any:
         return wrapping.copy_with_capture(self._crr_plain.client(), self._crr_capture, AsyncCapturingClient)
@@ -126,7 +132,8 @@ class _ClusterPipeline:
         strategy = self._execution_strategy
         stack = [(command.args, command.kwargs) for command in strategy._command_queue]
         transaction = type(strategy).__name__ == "TransactionStrategy"
-        watched = bool(getattr(strategy, "_watching", False))
+        # A pipeline of a split DEL/UNLINK raises: the split command is captured whole.
+        watched = bool(getattr(strategy, "_watching", False)) or wrapping.SPLITTING.get()
         capture = self._crr_capture
         try:
             replies = await super().execute(raise_on_error, allow_redirections)  # type: ignore[misc]

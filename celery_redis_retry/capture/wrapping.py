@@ -8,6 +8,9 @@ of a pipeline's capture that both kinds of pipelines run between their own sends
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import msgspec
@@ -17,6 +20,7 @@ from celery_redis_retry import policy
 from celery_redis_retry.capture.capturing import Capture, stacked_args
 from celery_redis_retry.capture.stamped import StampedStack, StampedWrite
 from celery_redis_retry.ops import RedisOp
+from celery_redis_retry.slots import slot_of
 
 
 class WrappedClient:
@@ -99,6 +103,39 @@ def failed_op(capture: Capture, args: tuple[Any, ...], write: StampedWrite | Non
     if op is not None and write is not None:
         op = write.issued(op)
     return op
+
+
+#: Set while a cluster client splits a DEL/UNLINK into a pipeline per slot: that pipeline
+#: raises, and the split command is captured whole (see :func:`split_failed_op`).
+SPLITTING: ContextVar[bool] = ContextVar("crr_splitting", default=False)
+
+
+@contextlib.contextmanager
+def splitting() -> Iterator[None]:
+    """Within: the pipelines a cluster client makes for a split command are not captured."""
+    token = SPLITTING.set(True)
+    try:
+        yield
+    finally:
+        SPLITTING.reset(token)
+
+
+def slot_groups(keys: tuple[Any, ...]) -> list[list[Any]]:
+    """``keys`` grouped by their cluster hash slot, in the order first seen."""
+    groups: dict[int, list[Any]] = {}
+    for key in keys:
+        groups.setdefault(slot_of(key), []).append(key)
+    return list(groups.values())
+
+
+def split_failed_op(capture: Capture, command: str, groups: list[list[Any]], exc: Exception) -> RedisOp:
+    """The op of a failed multi-slot ``DEL``/``UNLINK`` of a cluster client: one command per
+    slot in a non-transactional pipeline op, which is replayed one atomic step per slot.
+
+    :raises: ``exc`` itself when it cannot be captured.
+    """
+    stack: list[Any] = [((command, *keys), {}) for keys in groups]
+    return pipeline_failed_op(capture, stack, exc, transaction=False, stamped=None, watched=False)
 
 
 def pipeline_mode(pipe: Any) -> tuple[list[Any], bool, bool]:
