@@ -100,6 +100,10 @@ def test_an_asyncio_client_captures_a_failed_write(redis_server: RedisServer, pr
         r = celery_redis_retry.wrap(plain, producer=producer, on_capture=captured.append)
         raising = celery_redis_retry.wrap(plain, producer=producer, raise_on_capture=True, on_capture=captured.append)
         assert await r.set("warm", 1) is True
+        watched = r.pipeline()
+        await watched.watch("order:7")
+        watched.multi()
+        watched.set("order:7", 1)
         redis_server.stop()
         assert await r.set("user:1", b"profile", ex=300) is None
         assert await r.incrby("visits", 5) is None
@@ -113,9 +117,9 @@ def test_an_asyncio_client_captures_a_failed_write(redis_server: RedisServer, pr
             await r.get("user:1")  # reads are never captured
         with pytest.raises(redis.ConnectionError):
             await r.lpop("queue")  # nor writes whose reply is the point
-        async with r.pipeline() as pipe:
-            with pytest.raises((redis.ConnectionError, redis.WatchError)):
-                await pipe.watch("order:7")  # an optimistic check cannot be replayed
+        with pytest.raises((redis.ConnectionError, redis.WatchError)):
+            await watched.execute()  # an optimistic check cannot be replayed
+        await watched.reset()
         await plain.aclose()
 
     asyncio.run(run())

@@ -327,6 +327,13 @@ def test_wrap_accepts_a_cluster_client_whose_cluster_has_the_targets_node(tmp_pa
             with cluster.nodes[-1].client() as node, \
                     pytest.raises(celery_redis_retry.ConfigurationError, match=r"but .* Redis Cluster"):
                 celery_redis_retry.wrap(node, producer=producer)
+            # An asyncio cluster client is compared by its nodes too (before it connects: its startup node).
+            import redis.asyncio.cluster
+
+            async_client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=last)
+            celery_redis_retry.wrap(async_client, producer=producer)
+            with pytest.raises(celery_redis_retry.ConfigurationError, match=r"Redis Cluster of .* but"):
+                celery_redis_retry.wrap(async_client, producer=producer, target="other")
         finally:
             client.close()
 
