@@ -67,3 +67,45 @@ def test_sentinel_urls_keep_their_query_options(tmp_path: Any) -> None:
             assert kwargs["health_check_interval"] == 7
         finally:
             client.close()
+
+
+def test_an_asyncio_sentinel_client_captures_writes_while_its_master_is_dead(
+    make_loop: Callable[..., LoopStack],
+) -> None:
+    import asyncio
+
+    import redis.asyncio.sentinel
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    import celery_redis_retry
+
+    stack = make_loop(sentinel=True, max_retries=10)
+    target = stack.target
+    assert isinstance(target, RedisSentinel)
+    stack.start_worker()
+    bridge = stack.start_bridge()
+    old = target.master()
+    sessions = [f"session:{i}" for i in range(10)]
+
+    async def writes() -> list[Any]:
+        sentinel = redis.asyncio.sentinel.Sentinel([("127.0.0.1", target.port)], socket_timeout=1)
+        client = sentinel.master_for(target.service, socket_timeout=1, socket_connect_timeout=1,
+                                     retry=Retry(NoBackoff(), 0))
+        wrapped = celery_redis_retry.wrap(client, producer=stack.producer)  # its target names the same service
+        assert await wrapped.set("warm", 1) is True
+        old.kill()  # the Sentinel still names the dead master for a second: the writes below fail
+        replies = [await wrapped.set(key, "v") for key in sessions]
+        replies += [await wrapped.incrby("visits", 1) for _ in range(3)]
+        await client.aclose()
+        for sentinel_client in sentinel.sentinels:
+            await sentinel_client.aclose()
+        return replies
+
+    assert asyncio.run(writes()) == [None] * 13
+    stack.wait_for(lambda: target.master_port() not in (None, old.port), 60, "the Sentinel to promote the replica")
+    stack.wait_assigned(bridge)
+    stack.wait_for(lambda: _values(target, [*sessions, "visits"]) == [b"v"] * 10 + [b"3"], 90,
+                   "the captured writes applied on the new master")
+    assert stack.dlq_is_empty()
+    assert _values(target, ["visits"]) == [b"3"]  # each INCRBY applied once

@@ -243,8 +243,9 @@ def test_wrap_keeps_the_client_usable_and_refuses_what_it_cannot_capture(redis_s
     assert again.uncaptured is plain  # wrapping a wrapped client wraps the original
     assert type(r.client()) is type(r)  # a single-connection client keeps capturing
     assert r.client().set("k", "v") is True
-    with pytest.raises(TypeError, match="asyncio"):
-        celery_redis_retry.wrap(redis.asyncio.Redis())
+    wrapped_async = celery_redis_retry.wrap(redis.asyncio.Redis(port=redis_server.port), producer=producer)
+    assert isinstance(wrapped_async, redis.asyncio.Redis)  # asyncio clients: see tests/test_async_capture.py
+    assert type(wrapped_async.client()) is type(wrapped_async)
     with pytest.raises(TypeError, match="redis-py client"):
         celery_redis_retry.wrap(object())
     r.close()
@@ -301,6 +302,13 @@ def test_wrap_compares_unix_sockets_and_sentinel_services(redis_factory: Any, tm
     celery_redis_retry.wrap(sentinel.master_for("sessions"), producer=producer, target="sessions")
     with pytest.raises(celery_redis_retry.ConfigurationError, match="Sentinel service 'carts' db 0 but"):
         celery_redis_retry.wrap(sentinel.master_for("carts"), producer=producer, target="sessions")
+    # An asyncio Sentinel client's pool names its service too.
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+    async_sentinel = AsyncSentinel([("127.0.0.1", 26379)])
+    celery_redis_retry.wrap(async_sentinel.master_for("sessions"), producer=producer, target="sessions")
+    with pytest.raises(celery_redis_retry.ConfigurationError, match="Sentinel service 'carts' db 0 but"):
+        celery_redis_retry.wrap(async_sentinel.master_for("carts"), producer=producer, target="sessions")
 
 
 def test_wrap_accepts_a_cluster_client_whose_cluster_has_the_targets_node(tmp_path: Path, redis_factory: Any) -> None:
@@ -319,6 +327,13 @@ def test_wrap_accepts_a_cluster_client_whose_cluster_has_the_targets_node(tmp_pa
             with cluster.nodes[-1].client() as node, \
                     pytest.raises(celery_redis_retry.ConfigurationError, match=r"but .* Redis Cluster"):
                 celery_redis_retry.wrap(node, producer=producer)
+            # An asyncio cluster client is compared by its nodes too (before it connects: its startup node).
+            import redis.asyncio.cluster
+
+            async_client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=last)
+            celery_redis_retry.wrap(async_client, producer=producer)
+            with pytest.raises(celery_redis_retry.ConfigurationError, match=r"Redis Cluster of .* but"):
+                celery_redis_retry.wrap(async_client, producer=producer, target="other")
         finally:
             client.close()
 

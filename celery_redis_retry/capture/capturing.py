@@ -257,8 +257,9 @@ class Capture:
             self.marker_ttl = settings.marker_ttl_ms(settings.max_retries)
         return settings
 
-    def forget_marker(self, marker: bytes, client: Any) -> None:
-        """Drop the marker of a write whose reply arrived: nothing will replay it.
+    def confirmed(self, marker: bytes) -> list[bytes]:
+        """Note the marker of a write whose reply arrived (nothing will replay it); the batch
+        of markers to unlink now, if one is due.
 
         Only writes whose reply was lost need their marker until their replay; the
         others are unlinked in batches, so a hot counter does not leave one key per
@@ -268,15 +269,9 @@ class Capture:
             self._confirmed.append(marker)
             now = time.monotonic()
             if len(self._confirmed) < _FORGET_BATCH and now - self._forgotten_at < _FORGET_EVERY_S:
-                return
+                return []
             markers, self._confirmed, self._forgotten_at = self._confirmed, [], now
-        try:
-            pipe = client.pipeline(transaction=False)
-            for key in markers:
-                pipe.unlink(key)
-            pipe.execute(raise_on_error=False)
-        except Exception as exc:  # noqa: BLE001 - the markers expire on their own
-            logger.debug("could not unlink %d confirmed write markers: %s", len(markers), exc)
+        return markers
 
     def stamp_stack(self, stack: list[Any]) -> StampedStack | None:
         """Rewrite a pipeline's stacked writes (in place) into stamped steps, all with one
@@ -342,15 +337,29 @@ class Capture:
 
     def captured(self, op: RedisOp | None, exc: BaseException) -> Any:
         """Publish ``op`` for the failed call and return what the call returns (or raise)."""
-        if op is None:
-            raise exc
-        op = op.with_error(exc).with_source(self.source or _caller())
-        if self.target != "default":
-            op = op.with_target(self.target)
+        op = self._publishable(op, exc)
         try:
             self.producer.publish(op)
         except RedisRetryError as error:
             raise error from exc
+        return self._published(op, exc)
+
+    async def captured_async(self, op: RedisOp | None, exc: BaseException) -> Any:
+        """:meth:`captured` for a coroutine: a publish that may block runs in a thread."""
+        op = self._publishable(op, exc)
+        try:
+            await self.producer.publish_async(op)
+        except RedisRetryError as error:
+            raise error from exc
+        return self._published(op, exc)
+
+    def _publishable(self, op: RedisOp | None, exc: BaseException) -> RedisOp:
+        if op is None:
+            raise exc
+        op = op.with_error(exc).with_source(self.source or _caller())
+        return op.with_target(self.target) if self.target != "default" else op
+
+    def _published(self, op: RedisOp, exc: BaseException) -> None:
         self.tell_captured(op, exc)
         if self.on_capture is not None:
             self.on_capture(op)
@@ -358,7 +367,6 @@ class Capture:
             raise CapturedWriteError(
                 f"{op_summary(op)} failed ({type(exc).__name__}: {exc}); captured for replay as op {op.id}", op
             ) from exc
-        return None
 
 
 def _caller() -> str:

@@ -7,7 +7,9 @@ current app when none was installed).
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -81,6 +83,9 @@ class on_failure:
         with celery_redis_retry.on_failure(ops.delete(key), source="UserRepo.delete"):
             r.delete(key)
 
+        async with celery_redis_retry.on_failure(ops.delete(key)):   # redis.asyncio
+            await r.delete(key)
+
     A retryable failure (connection lost, timeout, LOADING, READONLY, MASTERDOWN,
     TRYAGAIN, CLUSTERDOWN, BUSY...) is recorded on the op, the op is published and the
     exception is swallowed: the write will happen later. Every other exception passes
@@ -104,13 +109,35 @@ class on_failure:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
-        if exc is None or not isinstance(exc, redis.exceptions.RedisError) or not policy.is_retryable(exc):
+        op = self._op_for(exc)
+        if op is None:
             return False
-        op = self.op.with_error(exc)
-        if self.source is not None:
-            op = op.with_source(self.source)
-        try:
+        with _raised_from(exc):
             self.op_id = (self.producer or default_producer()).publish(op)
-        except RedisRetryError as error:
-            raise error from exc
         return True
+
+    async def __aenter__(self) -> on_failure:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool:
+        """As :meth:`__exit__`, for ``async with``: a publish that may block runs in a thread."""
+        if (op := self._op_for(exc_info[1])) is not None:
+            with _raised_from(exc_info[1]):
+                self.op_id = await (self.producer or default_producer()).publish_async(op)
+        return op is not None
+
+    def _op_for(self, exc: BaseException | None) -> RedisOp | None:
+        """The op to publish for ``exc``, or None when the exception must pass through."""
+        if exc is None or not isinstance(exc, redis.exceptions.RedisError) or not policy.is_retryable(exc):
+            return None
+        op = self.op.with_error(exc)
+        return op if self.source is None else op.with_source(self.source)
+
+
+@contextlib.contextmanager
+def _raised_from(exc: BaseException | None) -> Iterator[None]:
+    """A publish that fails raises the error that says why from the Redis error: the write is not safe."""
+    try:
+        yield
+    except RedisRetryError as error:
+        raise error from exc

@@ -40,6 +40,7 @@ spool itself, which stands alone, is :mod:`celery_redis_retry.capture.spool`.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import functools
 import logging
@@ -248,6 +249,19 @@ class RetryProducer:
                 self._to_spool([(self._topic, key, raw)], reason)
         self.stats.published += 1
         return op.id
+
+    async def publish_async(self, op: RedisOp) -> str:
+        """:meth:`publish` from a coroutine, never blocking its event loop.
+
+        The common case (librdkafka takes the op) costs a few microseconds and runs
+        inline; a publish that may wait (durable mode: Kafka's acknowledgement or an
+        fsync; Kafka unavailable: a spool write; the first one: starting the producer)
+        runs in a thread and is awaited.
+        """
+        state = self._state
+        if state is None or state.diverting or self.durable:
+            return await asyncio.to_thread(self.publish, op)
+        return self.publish(op)
 
     def _send_elsewhere(self, state: _ProcessState | None, key: bytes, value: bytes) -> None:
         """Durable mode, or the process is shutting down (``state`` None), or Kafka cannot take ops now."""

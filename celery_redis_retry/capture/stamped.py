@@ -45,6 +45,15 @@ class StampedWrite:
             reply = execute(*self.call, **options)
         return self.parsed(client, reply, options)
 
+    async def run_async(self, execute: Callable[..., Any], client: Any, options: dict[str, Any]) -> Any:
+        """:meth:`run` with an asyncio client's ``execute``."""
+        try:
+            reply = await execute(*self.call, **options)
+        except NoScriptError:
+            await execute("SCRIPT LOAD", WRITE_STAMPED)
+            reply = await execute(*self.call, **options)
+        return self.parsed(client, reply, options)
+
     def parsed(self, client: Any, reply: Any, options: dict[str, Any]) -> Any:
         """``reply`` as redis-py returns it for the plain command (``SET`` -> True...)."""
         if isinstance(reply, Exception):

@@ -3,7 +3,9 @@
 ``wrap(client)`` returns a copy of a ``redis.Redis`` client (same connection pool,
 same options, same class plus capture) on which a write command that fails with a
 retryable error is built into an op and published for replay, exactly as the
-:class:`~celery_redis_retry.on_failure` guard would do by hand::
+:class:`~celery_redis_retry.on_failure` guard would do by hand. ``RedisCluster``,
+Sentinel clients and the ``redis.asyncio`` clients are wrapped the same way (the
+asyncio ones by :mod:`celery_redis_retry.capture.wrap_async`)::
 
     r = redis.Redis(host="cache", socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
     cache = celery_redis_retry.wrap(r)
@@ -55,22 +57,31 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import msgspec
-from redis.commands import READ_COMMANDS
-
-from celery_redis_retry import policy
 from celery_redis_retry.capture.capturing import (
     REPLY_CONSUMING,
     WRITE_OUTAGES,
     Capture,
     op_summary,
     script_names,
-    stacked_args,
 )
 from celery_redis_retry.capture.producer import RetryProducer
+from celery_redis_retry.capture.wrap_async import AsyncCapturingClient
+from celery_redis_retry.capture.wrapping import (
+    SPLITTING,
+    WrappedClient,
+    capturing_pipeline,
+    copy_with_capture,
+    failed_op,
+    pipeline_failed_op,
+    pipeline_mode,
+    pipeline_replies,
+    pipeline_requeue,
+    slot_groups,
+    split_failed_op,
+    splitting,
+)
 from celery_redis_retry.errors import CapturedWriteError
 from celery_redis_retry.ops import RedisOp
-from celery_redis_retry.slots import slot_of
 from celery_redis_retry.stamps import WRITE_STAMPED
 
 logger = logging.getLogger(__name__)
@@ -79,28 +90,8 @@ logger = logging.getLogger(__name__)
 R = TypeVar("R")
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-class _CapturingClient:
-    """Mixed in before the client's own class: capture around ``execute_command``."""
-
-    _crr_capture: Capture
-    _crr_plain: Any
+class _CapturingClient(WrappedClient):
+    """Mixed in before a synchronous client's own class: capture around ``execute_command``."""
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
         capture = self._crr_capture
@@ -111,70 +102,58 @@ class _CapturingClient:
                 capture.succeeded(args)
                 return reply
             reply = write.run(super().execute_command, self, options)  # type: ignore[misc]
-        except Exception as exc:
-            if not policy.is_retryable(exc):
-                raise
-            op = capture.command_op(args)
-            if op is not None and write is not None:
-                op = write.issued(op)
-            return capture.captured(op, exc)
-        if write.op_id is not None:
-            capture.forget_marker(write.keys[-1], self._crr_plain)
+        except Exception as exc:  # noqa: BLE001 - failed_op raises what is not retryable
+            return capture.captured(failed_op(capture, args, write, exc), exc)
+        if write.op_id is not None and (markers := capture.confirmed(write.keys[-1])):
+            _unlink(markers, self._crr_plain)
         capture.succeeded()
         return reply
 
-    @property
-    def uncaptured(self) -> Any:
-        """The client that was wrapped: its failed writes are not captured."""
-        return self._crr_plain
-
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        pipe = super().pipeline(transaction, shard_hint)  # type: ignore[misc]
-        pipe.__class__ = _capturing_class(type(pipe), _CapturingPipeline)
-        pipe._crr_capture = self._crr_capture
-        return pipe
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        # The client's own defaults: a cluster client's pipeline is not a transaction unless asked.
+        pipe = super().pipeline(*args, **kwargs)  # type: ignore[misc]
+        return capturing_pipeline(pipe, self._crr_capture, _CapturingPipeline)
 
     def _split_command_across_slots(self, command: str, *keys: Any) -> Any:
         # A cluster client sends DEL/UNLINK through a pipeline per slot; keys of one slot
         # go through execute_command instead, so the write is stamped like any other
         # (and a captured one returns None, as everywhere).
-        if len({slot_of(key) for key in keys}) == 1:
+        groups = slot_groups(keys)
+        if len(groups) == 1:
             return self.execute_command(command, *keys)
-        return super()._split_command_across_slots(command, *keys)  # type: ignore[misc]
-
-    def lock(self, *args: Any, **kwargs: Any) -> Any:
-        # A lock taken later by a replay would be held by nobody: locks are never captured.
-        return self._crr_plain.lock(*args, **kwargs)
+        try:
+            with splitting():
+                return super()._split_command_across_slots(command, *keys)  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001 - split_failed_op raises what cannot be captured
+            return self._crr_capture.captured(split_failed_op(self._crr_capture, command, groups, exc), exc)
 
     def client(self) -> Any:
-        return _copy_with_capture(self._crr_plain.client(), self._crr_capture)
+        return copy_with_capture(self._crr_plain.client(), self._crr_capture, _CapturingClient)
 
     def close(self) -> None:
         # The pool belongs to the wrapped client, which closes it when it goes away.
         self._crr_plain.close()
 
-    def __del__(self) -> None:
-        pass
 
-    def __repr__(self) -> str:
-        return f"wrap({self._crr_plain!r})"
+def _unlink(markers: list[bytes], client: Any) -> None:
+    """Unlink a batch of confirmed writes' markers; a batch that fails is left to their TTL."""
+    try:
+        pipe = client.pipeline(transaction=False)
+        for key in markers:
+            pipe.unlink(key)
+        pipe.execute(raise_on_error=False)
+    except Exception as exc:  # noqa: BLE001 - the markers expire on their own
+        logger.debug("could not unlink %d confirmed write markers: %s", len(markers), exc)
 
 
 class _CapturingPipeline:
-    """Mixed in before the pipeline's own class: capture around ``execute``."""
+    """Mixed in before a synchronous pipeline's own class: capture around ``execute``."""
 
     _crr_capture: Capture
     command_stack: list[Any]
-    watching: bool
-    transaction: bool
-    explicit_transaction: bool
 
     def execute(self, raise_on_error: bool = True) -> Any:
-        # execute() empties the stack whatever happens: keep what it held.
-        stack = list(self.command_stack)
-        # A cluster pipeline has neither WATCH nor an explicit MULTI.
-        watched = getattr(self, "watching", False)
-        transaction = bool(getattr(self, "transaction", False) or getattr(self, "explicit_transaction", False))
+        stack, watched, transaction = pipeline_mode(self)
         capture = self._crr_capture
         stamped = None if watched else capture.stamp_stack(self.command_stack)
         try:
@@ -187,58 +166,24 @@ class _CapturingPipeline:
                 self.scripts.add(capture.apply_script(self))  # type: ignore[attr-defined]
             replies = super().execute(False)  # type: ignore[misc]
             if not transaction and (missing := stamped.missing_script(replies)):
-                # The server lost its scripts (a restart): those writes did not run. Send them
-                # again, with the reads of the pipeline, so that a read still follows its write.
+                # The server lost its scripts (a restart): those writes did not run. Send them again.
                 self.immediate_execute_command("SCRIPT LOAD", WRITE_STAMPED)  # type: ignore[attr-defined]
-                again = [i for i, entry in enumerate(stack) if i in missing or _is_read(entry)]
-                for index in again:
-                    write_options = stamped.writes.get(index)
-                    self.command_stack.append(stack[index] if write_options is None else
-                                              (write_options[0].call, write_options[1]))
+                again = pipeline_requeue(self, stack, stamped, missing)
                 for index, reply in zip(again, super().execute(False), strict=True):  # type: ignore[misc]
                     replies[index] = reply
-        except Exception as exc:
-            if not policy.is_retryable(exc) or watched or not stack:
-                raise
-            commands = [stacked_args(entry) for entry in stack]
-            op = None if None in commands else capture.pipeline_op(commands, transaction)  # type: ignore[arg-type]
-            if op is not None and stamped is not None:
-                op = msgspec.structs.replace(op, created_at=stamped.issued_at)
+        except Exception as exc:  # noqa: BLE001 - pipeline_failed_op raises what cannot be captured
+            # A pipeline of a split DEL/UNLINK raises: the split command is captured whole.
+            op = pipeline_failed_op(capture, stack, exc, transaction=transaction, stamped=stamped,
+                                    watched=watched or SPLITTING.get())
             return capture.captured(op, exc)
-        replies = stamped.parsed(self, replies)
-        capture.succeeded()
-        if raise_on_error:
-            self.raise_first_error(stack, replies)  # type: ignore[attr-defined]
-        return replies
+        return pipeline_replies(self, stack, stamped, replies, raise_on_error)
 
 
-def _is_read(entry: Any) -> bool:
-    args = stacked_args(entry)
-    name = args[0] if args else b""
-    return (name.decode() if isinstance(name, bytes) else str(name)).upper() in READ_COMMANDS
-
-
-
-
-_classes: dict[tuple[type, type], type] = {}
-
-
-def _capturing_class(base: type, mixin: type) -> type:
-    """``base`` with ``mixin`` in front, made once per class."""
-    cls = _classes.get((base, mixin))
-    if cls is None:
-        if issubclass(base, mixin):
-            return base
-        cls = _classes[(base, mixin)] = type(f"Capturing{base.__name__}", (mixin, base), {"__module__": __name__})
-    return cls
-
-
-def _copy_with_capture(client: Any, capture: Capture) -> Any:
-    copy: Any = object.__new__(_capturing_class(type(client), _CapturingClient))
-    copy.__dict__.update(client.__dict__)
-    copy._crr_plain = client
-    copy._crr_capture = capture
-    return copy
+def _mixin_for(client: Any) -> type:
+    """The capturing mixin for ``client``'s class: asyncio clients await their commands."""
+    if inspect.iscoroutinefunction(client.execute_command):
+        return AsyncCapturingClient
+    return _CapturingClient
 
 
 def wrap(
@@ -260,25 +205,23 @@ def wrap(
     ``redis_retry_targets`` this client writes to. See the module documentation for
     what is captured and what a captured call returns.
 
-    :raises TypeError: for an asyncio client (not supported yet) or a non-client.
+    :raises TypeError: for an object that is not a redis-py client.
     :raises ConfigurationError: when ``target`` is not in ``redis_retry_targets`` or its
         URL names another server than the client's (host, port and db; socket path;
         Sentinel service; for a cluster, a node in common). Checked here when the
         settings can be read, else at the first write, which then raises it.
     """
     plain: Any = client
-    if isinstance(plain, _CapturingClient):
+    if isinstance(plain, WrappedClient):
         plain = plain.uncaptured
     execute = getattr(plain, "execute_command", None)
     if execute is None or not hasattr(plain, "__dict__"):
         raise TypeError(f"wrap() takes a redis-py client, got {type(client).__name__}")
-    if inspect.iscoroutinefunction(execute):
-        raise TypeError("wrap() does not support redis.asyncio clients yet; use the on_failure guard")
     if not isinstance(target, str) or not target:
         raise TypeError(f"target must be a non-empty string, got {target!r}")
     capture = Capture(producer, source, target, raise_on_capture, on_capture)
     capture.check_server(plain)
-    wrapped: R = _copy_with_capture(plain, capture)
+    wrapped: R = copy_with_capture(plain, capture, _mixin_for(plain))
     return wrapped
 
 

@@ -1,0 +1,1 @@
+"""A FastAPI service writing to Redis through a wrapped ``redis.asyncio`` client."""
