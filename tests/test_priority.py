@@ -9,6 +9,8 @@ The drain: 20,000 ordinary ops, then 500 critical ones, all handed to Celery whi
 worker runs; then the worker starts. 450 critical ops are for keys of their own: each
 must be applied before half the ordinary backlog is. 50 are for keys that also have
 ordinary ops in the backlog: those must stay behind them (their lists in publish order).
+Then critical ops that arrive mid-drain, with the default prefetch multiplier and with 1:
+the figures of docs/operations.md (Priorities).
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ CRITICAL_OWN = 450  # critical ops for keys of their own
 MIXED_KEYS = 5  # keys with ordinary ops in the backlog, then critical ones
 MIXED_ORDINARY, MIXED_CRITICAL = 20, 10  # per mixed key
 ORDINARY_KEYS = 200
+PADDING = 10  # SETs in each op of the mid-drain backlog
 
 
-def _logged(key: str, tag: str) -> RedisOp:
-    """An op that appends ``tag`` to ``key``'s list and to the ``applied`` list, atomically."""
-    return ops.pipeline([ops.rpush(key, tag), ops.rpush("applied", tag)], transaction=True)
+def _logged(key: str, tag: str, padding: tuple[RedisOp, ...] = ()) -> RedisOp:
+    """An op that appends ``tag`` to ``key``'s list and to the ``applied`` list (then runs ``padding``), atomically."""
+    return ops.pipeline([ops.rpush(key, tag), ops.rpush("applied", tag), *padding], transaction=True)
 
 
 def _backlog() -> tuple[list[RedisOp], dict[str, list[str]]]:
@@ -116,3 +119,40 @@ def test_critical_ops_are_applied_ahead_of_the_backlog_and_never_ahead_of_their_
     first_sticky = min(ordinary_before[f"m{seq}"] for seq in range(MIXED_KEYS * MIXED_CRITICAL))
     assert first_sticky > last_critical, "a critical op of a key with ordinary ops in flight went ahead of them"
     assert stack.dlq_is_empty()
+
+
+@pytest.mark.parametrize("prefetch", [4, 1])
+def test_critical_ops_arriving_mid_drain_wait_for_the_tasks_workers_prefetched(
+    make_loop: Callable[..., LoopStack], prefetch: int
+) -> None:
+    """Batches of 1000 (the default) and two worker processes, as deployed; critical ops come mid-drain.
+
+    What a worker prefetched (``prefetch multiplier x concurrency`` tasks) is replayed
+    before anything that reaches Celery after it: this prints, per multiplier, how many
+    ordinary ops were applied between the critical ops' publish and the last of them.
+    """
+    batch, concurrency = 1000, 2
+    stack = make_loop(extra_env={"CRR_HIGH_WATER": "0", "CRR_PREFETCH": str(prefetch), "CRR_BATCH_SIZE": str(batch)})
+    # A slower drain (the hand-over of the critical ops takes some 0.3 s): SETs of keys of
+    # each op's own (a write stamp never lets an op overwrite a newer write, and two
+    # processes replay batches out of order).
+    backlog = [_logged(f"ordinary:{seq % ORDINARY_KEYS}", f"o{seq}",
+                       tuple(ops.set(f"padding:{seq}:{i}", "x") for i in range(PADDING)))
+               for seq in range(ORDINARY)]
+    critical = [_logged(f"critical:{seq % 50}", f"c{seq}").with_priority("critical") for seq in range(CRITICAL_OWN)]
+    bridge = stack.start_bridge()
+    stack.wait_assigned(bridge)
+    stack.publish_all(backlog)
+    stack.wait_for(lambda: _queued(stack)[0] >= ORDINARY // batch, 60, "the backlog handed to Celery")
+    stack.start_worker(concurrency=concurrency)
+    with stack.client() as r:
+        stack.wait_for(lambda: r.llen("applied") >= 2 * batch, 60, "the drain under way")
+        stack.publish_all(critical)
+        at_publish = r.llen("applied")
+        stack.wait_for(lambda: r.llen("applied") >= ORDINARY + CRITICAL_OWN, 120, "every op applied")
+        applied = [tag.decode() for tag in r.lrange("applied", 0, -1)]
+    last_critical = max(applied.index(f"c{seq}") for seq in range(CRITICAL_OWN))
+    ahead = sum(1 for tag in applied[at_publish:last_critical] if tag.startswith("o"))
+    print(f"\nprefetch multiplier {prefetch}, concurrency {concurrency}, batches of {batch}: {ahead} ordinary ops "
+          f"applied between the critical ops' publish and the last of them ({ORDINARY - at_publish} were left)")
+    assert ahead < ORDINARY - at_publish, "critical ops waited for the whole backlog"
