@@ -119,6 +119,8 @@ def test_critical_ops_are_applied_ahead_of_the_backlog_and_never_ahead_of_their_
     first_sticky = min(ordinary_before[f"m{seq}"] for seq in range(MIXED_KEYS * MIXED_CRITICAL))
     assert first_sticky > last_critical, "a critical op of a key with ordinary ops in flight went ahead of them"
     assert stack.dlq_is_empty()
+    # Started with -Q naming the replay queue alone: the critical one was added by install()'s boot step.
+    assert stack.worker_log_count(rf"consuming queue-{stack.name}\.critical too") == 1
 
 
 @pytest.mark.parametrize("prefetch", [4, 1])
