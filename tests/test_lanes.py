@@ -203,9 +203,38 @@ def test_the_critical_queue_defaults_beside_the_replay_queue_and_cannot_be_it() 
         _settings(redis_retry_queue="rr", redis_retry_critical_queue="rr")
 
 
-def test_an_op_sent_again_by_a_worker_goes_back_in_the_lane_its_task_came_in() -> None:
-    settings = _settings()
-    assert lane_queue(settings, {"routing_key": "redis-retry.critical"}) == "redis-retry.critical"
-    assert lane_queue(settings, {"routing_key": "redis-retry"}) == "redis-retry"
-    assert lane_queue(settings, None) == "redis-retry"
+def _installed_app(**conf: Any) -> Any:
+    """A Celery app with ``install()`` done, on an in-memory broker."""
+    from celery import Celery
 
+    import celery_redis_retry
+
+    app = Celery("lanes", broker="memory://", set_as_current=False)
+    app.conf.update(redis_retry_kafka={"bootstrap.servers": "localhost:9092"},
+                    redis_retry_targets={"default": "redis://localhost:6379/0"}, **conf)
+    celery_redis_retry.install(app)
+    return app
+
+
+def test_an_op_sent_again_by_a_worker_goes_back_in_the_lane_its_task_came_in() -> None:
+    from kombu import Queue
+
+    app = _installed_app(task_queues=[Queue("redis-retry.critical", routing_key="urgent")])
+    assert lane_queue(app, {"routing_key": "redis-retry.critical"}) == "redis-retry.critical"
+    assert lane_queue(app, {"routing_key": "urgent"}) == "redis-retry.critical"  # the app's own binding
+    assert lane_queue(app, {"routing_key": "redis-retry"}) == "redis-retry"
+    assert lane_queue(app, None) == "redis-retry"
+
+
+@pytest.mark.parametrize(("selected", "consumed"), [
+    (["redis-retry"], {"redis-retry", "redis-retry.critical"}),
+    (["billing", "redis-retry"], {"billing", "redis-retry", "redis-retry.critical"}),
+    (["billing"], {"billing"}),  # a worker of other queues is left alone
+])
+def test_a_worker_of_the_replay_queue_consumes_the_critical_queue_too(selected: list[str], consumed: set[str]) -> None:
+    from celery_redis_retry.replay.worker import _ConsumeCriticalQueue
+
+    app = _installed_app()
+    app.amqp.queues.select(selected)  # what -Q does
+    _ConsumeCriticalQueue(SimpleNamespace(app=app))
+    assert set(app.amqp.queues.consume_from) == consumed

@@ -221,7 +221,7 @@ def replay_batch(
         self.app.send_task(
             REPLAY_TASK, args=(message,),
             kwargs={"origin": _document(Origin.from_wire(origin)), "outages": outages, "position": _listed(here)},
-            queue=lane_queue(rt.settings, self.request.delivery_info), link_error=errback, retries=1,
+            queue=lane_queue(self.app, self.request.delivery_info), link_error=errback, retries=1,
             countdown=countdown,
         )
         due.append((here, time.time() + countdown))

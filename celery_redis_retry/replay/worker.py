@@ -210,14 +210,22 @@ def _add_queue(app: Any, settings: Settings) -> None:
         app.conf.task_queues = [*queues, *(Queue(name, routing_key=name) for name in missing)]  # type: ignore[no-untyped-call]
 
 
-def lane_queue(settings: Settings, delivery_info: Mapping[str, Any] | None) -> str:
+def lane_queue(app: Any, delivery_info: Mapping[str, Any] | None) -> str:
     """The queue of the lane a task came in: the critical queue, or else the replay queue.
 
     A replay task sent again (a batch's op retried on its own) goes back in its lane, so
     that a critical op stays ahead and an op put behind another of its key stays behind it.
+    The task's routing key tells: the critical queue's name, or the routing key an app's
+    own ``task_queues`` gives that queue.
     """
+    settings = settings_for(app)
     routing_key = (delivery_info or {}).get("routing_key")
-    return settings.critical_queue if routing_key == settings.critical_queue else settings.queue
+    if routing_key == settings.critical_queue:
+        return settings.critical_queue
+    declared = app.amqp.queues.get(settings.critical_queue)
+    if routing_key is not None and declared is not None and routing_key == declared.routing_key:
+        return settings.critical_queue
+    return settings.queue
 
 
 def _check_given_settings(app: Any) -> None:
