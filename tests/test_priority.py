@@ -69,13 +69,16 @@ def _queued(stack: LoopStack) -> tuple[int, int]:
         return int(broker.llen(queue)), int(broker.llen(f"{queue}.critical"))
 
 
-def _all_handed_over(stack: LoopStack) -> Callable[[], bool]:
-    """True once both queues held tasks and kept their length for two looks in a row."""
+def _all_handed_over(stack: LoopStack, batch: int) -> Callable[[], bool]:
+    """True once both queues hold at least the full batches of the backlog and kept their length
+    for two looks in a row (batches sent on linger hold fewer ops: there may be more tasks)."""
+    ordinary_ops = ORDINARY + MIXED_KEYS * MIXED_CRITICAL  # the mixed keys' critical ops stay ordinary
+    least = (ordinary_ops // batch, CRITICAL_OWN // batch)
     last: list[tuple[int, int]] = []
 
     def check() -> bool:
         now = _queued(stack)
-        steady = bool(last) and last[-1] == now and now[1] > 0
+        steady = bool(last) and last[-1] == now and now[0] >= least[0] and now[1] >= least[1]
         last.append(now)
         return steady
 
@@ -86,12 +89,13 @@ def _all_handed_over(stack: LoopStack) -> Callable[[], bool]:
 def test_critical_ops_are_applied_ahead_of_the_backlog_and_never_ahead_of_their_key(
     make_loop: Callable[..., LoopStack], prefetch: int
 ) -> None:
-    stack = make_loop(extra_env={"CRR_HIGH_WATER": "0", "CRR_PREFETCH": str(prefetch)})
+    batch = 100
+    stack = make_loop(extra_env={"CRR_HIGH_WATER": "0", "CRR_PREFETCH": str(prefetch), "CRR_BATCH_SIZE": str(batch)})
     built, per_key = _backlog()
     bridge = stack.start_bridge()
     stack.wait_assigned(bridge)
     stack.publish_all(built)
-    stack.wait_for(_all_handed_over(stack), 60, "every op handed to Celery, in both lanes")
+    stack.wait_for(_all_handed_over(stack, batch), 60, "every op handed to Celery, in both lanes")
     ordinary_tasks, critical_tasks = _queued(stack)
 
     started = time.monotonic()
