@@ -116,6 +116,7 @@ class _WireOp(msgspec.Struct, forbid_unknown_fields=True):
     source: _Text | None = None
     error: _WireError | None = None
     guard: _WireGuard | None = None
+    priority: Literal["critical"] | None = None
     sig: _WireSig | None = None
 
 
@@ -204,6 +205,8 @@ def _untagged_document(op: RedisOp) -> tuple[dict[str, Any], bool]:
             **({"version": guard.version} if guard.version is not None else {}),
         }
         finite = finite and _all_finite((guard.key, guard.field, guard.expected))
+    if op.priority is not None:
+        doc["priority"] = op.priority
     return doc, finite
 
 
@@ -391,6 +394,7 @@ def decode(raw: bytes, *, max_bytes: int = 1_000_000, signer: Signer | None = No
         ),
         attempt=wire.attempt,
         guard=None if wire.guard is None else _guard(wire.guard),
+        priority=wire.priority,
     )
 
 

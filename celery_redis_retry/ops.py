@@ -35,6 +35,9 @@ Arg = str | bytes | int | float
 #: One command: its name (upper case) followed by its arguments.
 Command = tuple[Arg, ...]
 Kind = Literal["command", "pipeline", "script"]
+#: An op's priority: ``"critical"`` goes ahead of ordinary ops (None) during a drain.
+Priority = Literal["critical"]
+CRITICAL: Priority = "critical"
 
 EMPTY_CONTEXT: Mapping[str, str] = MappingProxyType({})
 _ARG_TYPES = frozenset((str, bytes, int, float))
@@ -136,6 +139,8 @@ class RedisOp(msgspec.Struct, frozen=True, kw_only=True):
     attempt: int = 0
     #: A stale-write guard (see :class:`Guard`), or None.
     guard: Guard | None = None
+    #: ``"critical"``: handed to Celery in the critical lane, ahead of ordinary ops (None).
+    priority: Priority | None = None
 
     # -- chainable copies ----------------------------------------------------------------
 
@@ -176,6 +181,16 @@ class RedisOp(msgspec.Struct, frozen=True, kw_only=True):
         if not isinstance(target, str) or not target:
             raise EncodeError(f"target must be a non-empty string, got {target!r}")
         return msgspec.structs.replace(self, target=target)
+
+    def with_priority(self, priority: str | None) -> RedisOp:
+        """Copy with a priority: ``"critical"`` replays ahead of ordinary ops, None is ordinary.
+
+        Ops of one key are never reordered: a critical op waits behind an earlier op of its
+        key that is still in flight in the ordinary lane (see docs/operations.md, Priorities).
+        """
+        if priority is not None and priority != CRITICAL:
+            raise EncodeError(f"priority must be 'critical' or None, got {priority!r}")
+        return msgspec.structs.replace(self, priority=priority)
 
     def with_error(self, exc: BaseException) -> RedisOp:
         """Copy recording the error the application saw (type, message, outcome unknown)."""
@@ -532,11 +547,13 @@ def script(name: str, keys: Iterable[Arg] = (), args: Iterable[Arg] = ()) -> Red
 
 
 __all__ = [
+    "CRITICAL",
     "EMPTY_CONTEXT",
     "Arg",
     "Command",
     "ErrorInfo",
     "Guard",
+    "Priority",
     "RedisOp",
     "command",
     "delete",

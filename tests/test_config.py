@@ -628,7 +628,7 @@ def test_install_checks_updated_keys_without_loading_the_configuration() -> None
         celery_redis_retry.install(app)
         assert not app.configured
         app.conf.task_queues = [Queue("billing")]  # set after install(): the queue is still added
-        assert [q.name for q in app.conf.task_queues] == ["billing", "redis-retry"]
+        assert [q.name for q in app.conf.task_queues] == ["billing", "redis-retry", "redis-retry.critical"]
     finally:
         use_app(None)
 

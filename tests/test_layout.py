@@ -216,7 +216,7 @@ RELEASED_KEYS = {
     "redis_retry_queue_high_water", "redis_retry_max_age", "redis_retry_max_countdown_tasks",
     "redis_retry_recovery_rate", "redis_retry_commit_after", "redis_retry_redelivery_timeout",
     "redis_retry_max_in_flight", "redis_retry_bridge_metrics_port", "redis_retry_worker_metrics_port",
-    "redis_retry_bridge_health_port",
+    "redis_retry_bridge_health_port", "redis_retry_critical_queue",
 }
 
 

@@ -49,6 +49,7 @@ from celery_redis_retry import kafka
 from celery_redis_retry.bridge.circuits import OPEN, PAUSED, RECOVERING, Circuits, CircuitState, TargetProbe
 from celery_redis_retry.bridge.dispatch import Batcher, TaskSender
 from celery_redis_retry.bridge.ends import EndsReader
+from celery_redis_retry.bridge.lanes import Lanes, PriorityRule
 from celery_redis_retry.bridge.offsets import Consumed, InFlight, OffsetTracker, Partition
 from celery_redis_retry.bridge.refetch import Refetcher
 from celery_redis_retry.bridge.waiting import Parked, ParkedHeaders, WaitingWriter
@@ -63,7 +64,7 @@ from celery_redis_retry.errors import (
     UnknownTargetError,
 )
 from celery_redis_retry.expiry import ends_expired
-from celery_redis_retry.message import Reader
+from celery_redis_retry.message import Reader, message_key
 from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.outage_log import UnknownTargetLog
 
@@ -75,6 +76,9 @@ STOP_WAIT_FOR_ENDS = 5.0
 
 #: Hand-overs of one op without an end after which each further one is logged as an error.
 HANDOVERS_TO_ALERT = 3
+
+#: Seconds between two sweeps of the lanes' per-key entries (see bridge/lanes.py).
+LANES_SWEEP_INTERVAL = 5.0
 
 #: How long a starting bridge waits to have read the control topic (the operators' pauses).
 PAUSES_READ_WAIT = 10.0
@@ -139,6 +143,7 @@ class Bridge:
         kafka_overrides: Mapping[str, Any] | None = None,
         max_stall: float = 30.0,
         name: str | None = None,
+        priority_of: PriorityRule | None = None,
     ) -> None:
         self.app = app
         self.settings = settings_for(app)
@@ -158,7 +163,11 @@ class Bridge:
         self._offsets = OffsetTracker(hold_until_end=self.holds_until_end,
                                       redelivery_timeout=self.settings.redelivery_timeout)
         self._sender = TaskSender(app, self.settings.queue, one_task_per_op=self.batch_size == 1,
-                                  with_positions=self.holds_until_end)
+                                  with_positions=self.holds_until_end, critical_queue=self.settings.critical_queue)
+        #: Each op's Celery lane; ``priority_of`` is the run-time priority rule (see bridge/lanes.py),
+        #: by default the retry policy rules this bridge follows.
+        self._lanes = Lanes(self._offsets.is_open, priority_of or self.priority_of)
+        self._next_lanes_sweep = 0.0
         self._ends = EndsReader(self.settings, self.group, self._overrides) if self.holds_until_end else None
         self._refetcher = Refetcher(self.settings.kafka, self.group, self._overrides)
         self._to_store: set[Partition] = set()  # partitions whose commit point or metadata changed
@@ -201,7 +210,8 @@ class Bridge:
 
     def priority_of(self, op: RedisOp) -> str | None:
         """``critical``, ``ordinary``, or None: the priority the retry policy rules in force give ``op``."""
-        return self.pauses.rules().decide(op).priority
+        rule = self.pauses.rules().winner(op)  # for every op read: no Decision built
+        return None if rule is None else rule.priority
 
     @property
     def reading_paused(self) -> bool:
@@ -309,8 +319,9 @@ class Bridge:
         self.circuits.start()
         instance = self._membership.get("group.instance.id")
         logger.info(
-            "bridge consuming %s as group %s%s -> Celery queue %s",
+            "bridge consuming %s as group %s%s -> Celery queue %s (critical ops: %s)",
             self.settings.topic, self.group, f" (static member {instance})" if instance else "", self.settings.queue,
+            self.settings.critical_queue,
         )
         fetch = max(500, self.batch_size)
         next_report = time.monotonic() + 30
@@ -336,6 +347,7 @@ class Bridge:
                 self._hand_over_overdue()
                 self._store_offsets()
                 self._measure_lag()
+                self._sweep_lanes()
                 if time.monotonic() >= next_report:
                     self._report()
                     next_report = time.monotonic() + 30
@@ -361,6 +373,13 @@ class Bridge:
             if high >= 0 and point is not None:
                 lag[(topic, partition)] = max(0, high - point[0])
         self.partition_lag = lag  # replaced whole: the metrics thread reads one or the other
+
+    def _sweep_lanes(self) -> None:
+        """Every few seconds: forget the lanes of keys whose last op ended (they bound nothing now)."""
+        now = time.monotonic()
+        if now >= self._next_lanes_sweep:
+            self._next_lanes_sweep = now + LANES_SWEEP_INTERVAL
+            self._lanes.forget_ended()
 
     def install_signal_handlers(self) -> None:
         """Stop gracefully on SIGTERM and SIGINT."""
@@ -458,7 +477,8 @@ class Bridge:
             self.stats.expired += 1
             self._ended([(topic, partition, offset)])
             return
-        item = Consumed(topic, partition, offset, raw.decode(), op, parked.origin if parked else None)
+        lane = self._lanes.lane(message_key(op), op, topic, partition, offset)
+        item = Consumed(topic, partition, offset, raw.decode(), op, parked.origin if parked else None, lane)
         full = self._batcher.add(op.target, item)
         if full is not None:
             self._ready.append(full)
@@ -723,9 +743,9 @@ class Bridge:
                 self.settings.queue, HANDOVERS_TO_ALERT, stubborn[0].op_id, stubborn[0].topic,
                 stubborn[0].partition, stubborn[0].offset, self.settings.ends_topic,
             )
-        again: dict[str, list[Consumed]] = {}
+        again: dict[tuple[str, str | None], list[Consumed]] = {}
         for item in items:
-            again.setdefault(item.op.target, []).append(item)
+            again.setdefault((item.op.target, item.lane), []).append(item)
         size = self.batch_size
         self._send_all(batch[i:i + size] for batch in again.values() for i in range(0, len(batch), size))
 
@@ -747,8 +767,10 @@ class Bridge:
         for record in records:
             raw = found.get((record.topic, record.partition, record.offset))
             if raw is not None:
-                again.append(Consumed(record.topic, record.partition, record.offset, raw.decode(),
-                                      self._reader.read(raw), record.first_origin))
+                op = self._reader.read(raw)
+                lane = self._lanes.lane(message_key(op), op, record.topic, record.partition, record.offset)
+                again.append(Consumed(record.topic, record.partition, record.offset, raw.decode(), op,
+                                      record.first_origin, lane))
         return again
 
     # -- backpressure --------------------------------------------------------------------

@@ -37,6 +37,8 @@ class Consumed:
     op: RedisOp = field(compare=False)
     #: Where a parked op was first read (the retry topic), when it was read from a waiting topic.
     first_origin: tuple[str, int, int] | None = None
+    #: Its Celery lane: None (the replay queue) or "critical" (see bridge/lanes.py).
+    lane: str | None = None
 
     @property
     def op_id(self) -> str:
@@ -280,6 +282,12 @@ class OffsetTracker:
             for offset, (first_origin, due, handovers, sent_mark, _) in log.flights()
             if due <= now and (taken is None or sent_mark <= taken)
         ]
+
+    def is_open(self, topic: str, partition: int, offset: int) -> bool:
+        """Whether the op read at this offset has not ended (read, or in flight); False once ended or forgotten."""
+        log = self._logs.get((topic, partition))
+        state = None if log is None else log.state.get(offset)
+        return state is not None and state != ENDED
 
     def first_open(self, topic: str, partition: int) -> int | None:
         """The smallest offset of the partition not handed over yet (where to rewind to)."""

@@ -149,7 +149,7 @@ def collect(app: Any, settings: Settings, *, timeout: float = 10.0) -> Status:
             missing.append(exc)
     except kafka.KafkaException as exc:
         errors["kafka"] = kafka.no_answer_message(settings.kafka, timeout) if kafka.did_not_answer(exc) else str(exc)
-    sender = TaskSender(app, settings.queue, one_task_per_op=False)
+    sender = TaskSender(app, settings.queue, one_task_per_op=False, critical_queue=settings.critical_queue)
     try:
         queued = sender.queued_tasks()
     finally:
@@ -210,7 +210,8 @@ def _retrying(app: Any, settings: Settings, *, timeout: float) -> Retrying:
         for entry in held or ():
             request = entry.get("request") or {}
             routed = (request.get("delivery_info") or {}).get("routing_key")
-            if request.get("name") not in (REPLAY_TASK, REPLAY_BATCH_TASK) or routed not in (None, settings.queue):
+            lanes = (None, settings.queue, settings.critical_queue)
+            if request.get("name") not in (REPLAY_TASK, REPLAY_BATCH_TASK) or routed not in lanes:
                 continue
             args: list[Any] = list(request.get("args") or [])
             if not args:

@@ -77,6 +77,9 @@ class Settings:
     control_topic: str = ""
     consumer_group: str = "redis-retry-consumer-group"
     queue: str = "redis-retry"
+    #: The Celery queue of critical ops' replay tasks, consumed ahead of ``queue``.
+    #: "" (not given): ``<queue>.critical``.
+    critical_queue: str = ""
     max_retries: int = 3
     backoff: Backoff = field(default_factory=Backoff)
     scripts: Mapping[str, str] = field(default_factory=dict)
@@ -126,6 +129,8 @@ class Settings:
             object.__setattr__(self, "ends_topic", f"{self.topic}.ends")
         if not self.control_topic:
             object.__setattr__(self, "control_topic", f"{self.topic}.control")
+        if not self.critical_queue:
+            object.__setattr__(self, "critical_queue", f"{self.queue}.critical")
 
     def check_op(self, op: RedisOp) -> None:
         """Refuse an op these settings would never replay: unknown target, command not allowed."""
@@ -218,7 +223,7 @@ def _key_defaults() -> dict[str, Any]:
 _BACKOFF_TRUE_FACTOR = 1.0
 #: The keys without a default of their own: required, or derived from ``redis_retry_topic``.
 WITHOUT_DEFAULT = ("redis_retry_kafka", "redis_retry_targets", "redis_retry_dlq_topic", "redis_retry_ends_topic",
-                   "redis_retry_control_topic")
+                   "redis_retry_control_topic", "redis_retry_critical_queue")
 #: Each key's default, as written in an app's config (None: derived, see the table in docs/configuration.md).
 DEFAULTS: Mapping[str, Any] = MappingProxyType(_key_defaults())
 #: Every key read here; any other ``redis_retry_*`` key is a mistake and refused.
@@ -413,6 +418,7 @@ def _read(reader: _Reader) -> Settings:
         control_topic=_derived_string(reader, "redis_retry_control_topic"),
         consumer_group=reader.string("redis_retry_consumer_group"),
         queue=reader.string("redis_retry_queue"),
+        critical_queue=_critical_queue(reader),
         max_retries=reader.integer("redis_retry_max_retries", 0),
         backoff=backoff,
         scripts=MappingProxyType(_scripts(reader)),
@@ -443,6 +449,17 @@ def _read(reader: _Reader) -> Settings:
 def _derived_string(reader: _Reader, key: str) -> str:
     """A name given as a non-empty string, or "" when not set (Settings derives it from the topic)."""
     return "" if reader.get(key) is None else reader.string(key)
+
+
+def _critical_queue(reader: _Reader) -> str:
+    """``redis_retry_critical_queue`` as given ("" when not set), never the replay queue itself."""
+    queue = _derived_string(reader, "redis_retry_critical_queue")
+    if queue and queue == reader.string("redis_retry_queue"):
+        raise ConfigurationError(
+            f"redis_retry_critical_queue must differ from redis_retry_queue (both are {queue!r}): "
+            "critical ops need a queue of their own to go ahead of the others"
+        )
+    return queue
 
 
 def _commit_after(reader: _Reader) -> str:

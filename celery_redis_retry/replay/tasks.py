@@ -48,7 +48,7 @@ from celery_redis_retry.ops import RedisOp
 from celery_redis_retry.replay.executor import Executor
 from celery_redis_retry.replay.outcomes import ReplayResult, final_error
 from celery_redis_retry.replay.reporting import report_outcome
-from celery_redis_retry.replay.worker import current_pause, current_rules
+from celery_redis_retry.replay.worker import current_pause, current_rules, lane_queue
 from celery_redis_retry.retry_policy import Decision
 
 logger = logging.getLogger(__name__)
@@ -226,7 +226,8 @@ def replay_batch(
         self.app.send_task(
             REPLAY_TASK, args=(message,),
             kwargs={"origin": _document(Origin.from_wire(origin)), "outages": outages, "position": _listed(here)},
-            queue=rt.settings.queue, link_error=errback, retries=1, countdown=countdown,
+            queue=lane_queue(self.app, self.request.delivery_info), link_error=errback, retries=1,
+            countdown=countdown,
         )
         due.append((here, time.time() + countdown))
     outcomes["retrying"] += len(retry_later)

@@ -1,11 +1,12 @@
 """Step 5's worker side: what ``install(app)`` adds to a Celery app besides the tasks.
 
-The replay queue (``redis_retry_queue``), ``worker_eta_task_limit`` for countdown
-retries, and three worker boot steps: one refuses to start with bad ``redis_retry_*``
-settings (one line, exit 3), one serves Prometheus metrics before the pool forks, and
-one follows the operators' pauses and retry policy rules (:mod:`celery_redis_retry.control`)
-in every process that runs tasks, so that ops of a paused target are parked untried and
-every attempt follows the rules in force.
+The replay queue (``redis_retry_queue``) and the critical one (``redis_retry_critical_queue``),
+``worker_eta_task_limit`` for countdown retries, and four worker boot steps: one refuses
+to start with bad ``redis_retry_*`` settings (one line, exit 3), one has a worker that
+consumes the replay queue consume the critical one too (``-Q redis-retry`` is enough), one
+serves Prometheus metrics before the pool forks, and one follows the operators' pauses and
+retry policy rules (:mod:`celery_redis_retry.control`) in every process that runs tasks, so
+that ops of a paused target are parked untried and every attempt follows the rules in force.
 install() imports :mod:`celery_redis_retry.tasks`, which registers the tasks.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import click
@@ -69,6 +70,25 @@ def _refused_in_one_line() -> Iterator[None]:
         raise
     except ConfigurationError as exc:
         raise _WorkerSettingsRefused(exc) from exc
+
+
+class _ConsumeCriticalQueue(bootsteps.Step):
+    """Worker boot step: a worker that consumes the replay queue consumes the critical queue too.
+
+    Critical ops are handed over in ``redis_retry_critical_queue``; a worker started with
+    ``-Q redis-retry`` must take them without its command line naming that queue. It runs
+    after the worker selected its queues (``-Q``) and before its consumer starts.
+    """
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        with _refused_in_one_line():
+            settings = settings_for(worker.app)
+        queues = worker.app.amqp.queues
+        consumed = queues.consume_from
+        if settings.queue in consumed and settings.critical_queue not in consumed:
+            queues.select_add(settings.critical_queue)
+            logger.info("consuming %s too: critical ops of %s", settings.critical_queue, settings.queue)
+        super().__init__(worker, **kwargs)
 
 
 class _ServeMetrics(bootsteps.Step):
@@ -145,7 +165,7 @@ def attach(app: Any) -> None:
     ones raise :class:`ConfigurationError`), except inside the ``celery`` command line,
     where the command reports them (see :func:`_celery_command`).
     """
-    for step in (_ValidateSettings, _ServeMetrics, _FollowPauses):
+    for step in (_ValidateSettings, _ConsumeCriticalQueue, _ServeMetrics, _FollowPauses):
         if step not in app.steps["worker"]:
             app.steps["worker"].add(step)
     install_worker_logging(app)
@@ -198,8 +218,28 @@ def _add_queue(app: Any, settings: Settings) -> None:
         app.conf.worker_eta_task_limit = settings.max_countdown_tasks
     queues = app.conf.task_queues
     # Without an explicit task_queues, Celery creates queues on demand (-Q redis-retry).
-    if queues is not None and settings.queue not in {q.name for q in queues}:
-        app.conf.task_queues = [*queues, Queue(settings.queue, routing_key=settings.queue)]  # type: ignore[no-untyped-call]
+    if queues is not None:
+        names = {q.name for q in queues}
+        missing = [name for name in (settings.queue, settings.critical_queue) if name not in names]
+        app.conf.task_queues = [*queues, *(Queue(name, routing_key=name) for name in missing)]  # type: ignore[no-untyped-call]
+
+
+def lane_queue(app: Any, delivery_info: Mapping[str, Any] | None) -> str:
+    """The queue of the lane a task came in: the critical queue, or else the replay queue.
+
+    A replay task sent again (a batch's op retried on its own) goes back in its lane, so
+    that a critical op stays ahead and an op put behind another of its key stays behind it.
+    The task's routing key tells: the critical queue's name, or the routing key an app's
+    own ``task_queues`` gives that queue.
+    """
+    settings = settings_for(app)
+    routing_key = (delivery_info or {}).get("routing_key")
+    if routing_key == settings.critical_queue:
+        return settings.critical_queue
+    declared = app.amqp.queues.get(settings.critical_queue)
+    if routing_key is not None and declared is not None and routing_key == declared.routing_key:
+        return settings.critical_queue
+    return settings.queue
 
 
 def _check_given_settings(app: Any) -> None:
