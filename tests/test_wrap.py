@@ -66,6 +66,24 @@ def fast_client(server: RedisServer, **kwargs: Any) -> redis.Redis:
     return server.client(socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0), **kwargs)
 
 
+def test_a_client_wrapped_with_a_priority_marks_every_op_it_captures(
+    redis_server: RedisServer, published: Published
+) -> None:
+    plain = fast_client(redis_server)
+    critical = celery_redis_retry.wrap(plain, producer=published.producer, priority="critical")
+    ordinary = celery_redis_retry.wrap(plain, producer=published.producer)
+    with pytest.raises(ValueError, match="priority must be 'critical' or None, got 'urgent'"):
+        celery_redis_retry.wrap(plain, producer=published.producer, priority="urgent")  # type: ignore[arg-type]
+    redis_server.stop()
+    assert critical.set("payment:1", "captured") is None
+    assert ordinary.set("cart:1", "x") is None
+    pipe = critical.pipeline()
+    pipe.incrby("payment:count", 1)
+    assert pipe.execute() is None
+    assert sorted((op.first_key, op.priority) for op in published.ops()) == [
+        ("cart:1", None), ("payment:1", "critical"), ("payment:count", "critical")]
+
+
 def test_failed_writes_are_published_as_ops(redis_server: RedisServer, published: Published) -> None:
     plain = fast_client(redis_server)
     r = celery_redis_retry.wrap(plain, producer=published.producer)

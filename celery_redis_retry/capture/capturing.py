@@ -25,7 +25,7 @@ from celery_redis_retry.capture.producer import RetryProducer
 from celery_redis_retry.capture.stamped import StampedStack, StampedWrite
 from celery_redis_retry.config import Settings
 from celery_redis_retry.errors import CapturedWriteError, ConfigurationError, EncodeError, RedisRetryError
-from celery_redis_retry.ops import RedisOp
+from celery_redis_retry.ops import Priority, RedisOp
 from celery_redis_retry.outage_log import Outages
 from celery_redis_retry.redis_commands import COMMANDS, LUA_MAX_ARGS, is_idempotent
 from celery_redis_retry.slots import marker_for
@@ -91,8 +91,11 @@ class Capture:
         target: str,
         raise_on_capture: bool,
         on_capture: Callable[[RedisOp], None] | None,
+        *,
+        priority: Priority | None = None,
     ) -> None:
         self._producer = producer
+        self.priority = priority
         self.source = source
         self.target = target
         self.raise_on_capture = raise_on_capture
@@ -357,6 +360,8 @@ class Capture:
         if op is None:
             raise exc
         op = op.with_error(exc).with_source(self.source or _caller())
+        if self.priority is not None:
+            op = op.with_priority(self.priority)
         return op.with_target(self.target) if self.target != "default" else op
 
     def _published(self, op: RedisOp, exc: BaseException) -> None:

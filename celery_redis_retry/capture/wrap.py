@@ -81,7 +81,7 @@ from celery_redis_retry.capture.wrapping import (
     splitting,
 )
 from celery_redis_retry.errors import CapturedWriteError
-from celery_redis_retry.ops import RedisOp
+from celery_redis_retry.ops import CRITICAL, Priority, RedisOp
 from celery_redis_retry.stamps import WRITE_STAMPED
 
 logger = logging.getLogger(__name__)
@@ -194,6 +194,7 @@ def wrap(
     target: str = "default",
     raise_on_capture: bool = False,
     on_capture: Callable[[RedisOp], None] | None = None,
+    priority: Priority | None = None,
 ) -> R:
     """A copy of a redis-py ``client`` whose failed writes are published for replay.
 
@@ -202,10 +203,12 @@ def wrap(
     as it is. ``producer`` defaults to the process-wide one of the app given to
     :func:`celery_redis_retry.install`. ``source`` names the code in DLQ records
     (default: the calling ``module.function``); ``target`` is the entry of
-    ``redis_retry_targets`` this client writes to. See the module documentation for
-    what is captured and what a captured call returns.
+    ``redis_retry_targets`` this client writes to; ``priority="critical"`` marks every op
+    it captures critical (see ``docs/operations.md``, Priorities). See the module
+    documentation for what is captured and what a captured call returns.
 
     :raises TypeError: for an object that is not a redis-py client.
+    :raises ValueError: for a ``priority`` other than ``"critical"`` or None.
     :raises ConfigurationError: when ``target`` is not in ``redis_retry_targets`` or its
         URL names another server than the client's (host, port and db; socket path;
         Sentinel service; for a cluster, a node in common). Checked here when the
@@ -219,7 +222,9 @@ def wrap(
         raise TypeError(f"wrap() takes a redis-py client, got {type(client).__name__}")
     if not isinstance(target, str) or not target:
         raise TypeError(f"target must be a non-empty string, got {target!r}")
-    capture = Capture(producer, source, target, raise_on_capture, on_capture)
+    if priority not in (None, CRITICAL):
+        raise ValueError(f"priority must be 'critical' or None, got {priority!r}")
+    capture = Capture(producer, source, target, raise_on_capture, on_capture, priority=priority)
     capture.check_server(plain)
     wrapped: R = copy_with_capture(plain, capture, _mixin_for(plain))
     return wrapped
