@@ -21,6 +21,7 @@ from loop_stack import LoopStack
 from celery_redis_retry import control, ops
 from celery_redis_retry.bridge.loop import Bridge
 from celery_redis_retry.config import settings_for
+from celery_redis_retry.message import message_key
 from celery_redis_retry.retry_policy import PolicyRule
 from celery_redis_retry.testing import wait_until
 
@@ -139,6 +140,9 @@ def test_a_bridges_watch_follows_rules_set_and_deleted_after_it_started(kafka: A
         assert bridge.priority_of(session) is None
         control.set_policy(settings, PolicyRule("urgent", key="session:*", priority="critical", order=10))
         wait_until(lambda: bridge.priority_of(session) == "critical", 10, what="the new rule seen")
+        # ...and the bridge's lanes ask the rules: a session op read now goes in the critical lane.
+        assert bridge._lanes.lane(message_key(session), session, settings.topic, 0, 0) == "critical"
+        assert bridge._lanes.lane(message_key(other), other, settings.topic, 0, 1) is None
         assert bridge.priority_of(other) is None
         assert bridge.pauses.rules().decide(session).max_retries == settings.max_retries  # only the winner counts
         assert set(control.read_policies(settings, timeout=10)) == {"before", "urgent"}
