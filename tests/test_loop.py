@@ -446,7 +446,7 @@ def test_install_keeps_the_apps_own_queues_and_routes() -> None:
         redis_retry_queue="replays",
     )
     celery_redis_retry.install(app)
-    assert [q.name for q in app.conf.task_queues] == ["billing", "emails", "replays"]
+    assert [q.name for q in app.conf.task_queues] == ["billing", "emails", "replays", "replays.critical"]
     assert app.conf.task_routes == routes
     assert REPLAY_TASK in app.tasks
     assert DEAD_LETTER_TASK in app.tasks
