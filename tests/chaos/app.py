@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 ledger.line("A", i)
         while producer.flush(5.0):
             pass  # Kafka is slow to acknowledge: the batch is not durable until it does (or spools)
-        ledger.line("D", last - 1)
+        ledger.line("D", last - 1, index)
         index = last
         ahead = (index - args.start) / args.rate - (time.monotonic() - started)
         if ahead > 0:

@@ -7,11 +7,15 @@ every line written before a SIGKILL of the app is kept (the kernel has it). Line
                                 ``app`` write, which only gets an op if it is captured)
 ``C <i> <op id>``               the wrapped client captured ``app`` write ``i`` as this op
 ``A <i>``                       ``app`` write ``i`` returned (applied at once, or captured)
-``D <i>``                       every write up to ``i`` is durable: Kafka acknowledged it or
-                                it is committed in the app's spool (the app flushed)
+``D <i> <first>``               writes ``first`` to ``i`` (one batch of this app process) are
+                                durable: Kafka acknowledged them or they are committed in the
+                                app's spool (the app flushed)
 
 A write with an ``I`` line and no ``D`` line covering it was in flight when the app died:
 it may have been captured or not, so it may end applied once or not at all (never twice).
+A ``D`` line names its batch's first write because a restarted app goes on after every
+write ever intended: "every write up to ``i``" would also cover the writes its killed
+predecessor left in flight.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class Ledger:
     created_at: dict[int, float] = field(default_factory=dict)
     captured: dict[int, str] = field(default_factory=dict)  # app writes captured: index -> op id
     returned: set[int] = field(default_factory=set)  # app writes that returned
-    durable_upto: int = -1
+    durable: set[int] = field(default_factory=set)
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> Ledger:
@@ -61,7 +65,7 @@ class Ledger:
             elif kind == "A":
                 ledger.returned.add(index)
             elif kind == "D":
-                ledger.durable_upto = max(ledger.durable_upto, index)
+                ledger.durable.update(range(int(parts[2]), index + 1))
         return ledger
 
     @property
@@ -71,7 +75,7 @@ class Ledger:
 
     def certain(self, index: int) -> bool:
         """Whether write ``index`` surely happened: durable, or an ``app`` write that applied at once."""
-        return index <= self.durable_upto or (index in self.returned and index not in self.captured)
+        return index in self.durable or (index in self.returned and index not in self.captured)
 
     def op_ids(self) -> dict[str, int]:
         """Op id -> write index, for every op the app built or captured."""
